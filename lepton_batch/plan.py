@@ -1,0 +1,118 @@
+"""Everything checked and decided before a model loads: model dir, inputs, shards.
+
+``make_plan`` collects every problem into one :class:`JobSpecError`, so a user fixes a
+job file in one pass instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lepton_batch.modeldir import ModelInfo, inspect_model_dir, resolve_model_dir
+from lepton_batch.shards import InputFile, Shard, check_columns, describe_files, plan_shards
+from lepton_batch.spec import JobSpec, JobSpecError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    job: JobSpec
+    model: ModelInfo
+    files: list[InputFile]
+    shards: list[Shard]
+    job_fingerprint: str
+    output_root: Path
+
+    @property
+    def rows(self) -> int:
+        return sum(s.num_rows for s in self.shards)
+
+
+def resolve_output_root(path: str) -> Path:
+    """A local directory; URLs other than ``file://`` are refused for now."""
+    if "://" in path and not path.startswith("file://"):
+        raise ValueError(f"output.path: only local directories are supported, got {path!r}")
+    return Path(path.removeprefix("file://")).expanduser().resolve()
+
+
+def make_plan(job: JobSpec, source: str = "job file") -> Plan:
+    """Check the model directory, the input files and columns; cut shards."""
+    from lepton_batch.pipelines import make_pipeline
+
+    problems: list[str] = []
+    model = None
+    try:
+        model = inspect_model_dir(resolve_model_dir(job.model.path))
+    except (FileNotFoundError, ValueError) as exc:
+        problems.append(str(exc))
+    if model is not None:
+        if model.max_positions and job.model.max_length > model.max_positions:
+            problems.append(
+                f"model.max_length: {job.model.max_length} exceeds the model's "
+                f"max_position_embeddings ({model.max_positions})"
+            )
+        if not model.has_safetensors:
+            log.warning("%s has no safetensors weights; loading a pickled checkpoint", model.path)
+        try:
+            make_pipeline(job.task, model)
+        except ValueError as exc:
+            problems.append(str(exc))
+    files: list[InputFile] = []
+    try:
+        files = describe_files(job.input.path)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        problems.append(str(exc) if str(exc).startswith("input.") else f"input.path: {exc}")
+    inp = job.input
+    problems += check_columns(files, inp.text_column, inp.id_column, inp.passthrough_columns)
+    output_root = None
+    try:
+        output_root = resolve_output_root(job.output.path)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if output_root is not None and "://" not in inp.path:
+        for f in files:
+            if Path(f.path).resolve().is_relative_to(output_root):
+                problems.append(f"output.path: {output_root} contains input file {f.path}")
+                break
+    if problems:
+        raise JobSpecError(problems, source)
+    assert model is not None and output_root is not None
+    return Plan(
+        job=job,
+        model=model,
+        files=files,
+        shards=plan_shards(files, inp.rows_per_shard),
+        job_fingerprint=job.fingerprint(model.revision),
+        output_root=output_root,
+    )
+
+
+def estimate_tokens(plan: Plan, sample_rows: int = 2000) -> tuple[int, float]:
+    """Estimate the tokens the job will run (after truncation), from a sample of rows.
+
+    Loads the tokenizer only, never the model. Returns ``(total_estimate, mean_per_row)``.
+    """
+    from transformers import AutoTokenizer
+
+    from lepton_batch.pipelines import prepare_text
+    from lepton_batch.shards import read_shard
+
+    tok = AutoTokenizer.from_pretrained(
+        str(plan.model.path), trust_remote_code=plan.job.model.trust_remote_code
+    )
+    sampled = plan.shards[:: max(1, len(plan.shards) // 20)][:20]
+    per_shard = max(1, sample_rows // max(1, len(sampled)))
+    lengths: list[int] = []
+    for shard in sampled:
+        column = read_shard(shard, [plan.job.input.text_column]).column(0).slice(0, per_shard)
+        texts = prepare_text(column).texts
+        if texts:
+            ids = tok(texts, truncation=True, max_length=plan.job.model.max_length)["input_ids"]
+            lengths += [len(x) for x in ids]
+    mean = float(np.mean(lengths)) if lengths else 0.0
+    return int(mean * plan.rows), mean

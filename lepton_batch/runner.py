@@ -1,0 +1,122 @@
+"""One shard, start to finish, on whichever worker runs it. Knows nothing of Dask.
+
+read (only the needed columns) -> prepare text (bad rows recorded) -> tokenize -> token-
+budget batches -> pipeline -> Arrow table in input order -> part file (atomic) -> record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lepton_batch.engine import BatchStats, EngineCache, EngineConfig
+from lepton_batch.manifest import ShardRecord, write_atomic, write_record
+from lepton_batch.modeldir import ModelInfo
+from lepton_batch.pipelines import make_pipeline, prepare_text
+from lepton_batch.shards import Shard, read_shard
+from lepton_batch.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every shard of one run shares; small and picklable, sent with each task."""
+
+    run_id: str
+    run_date: str  # YYYY-MM-DD, the Hive partition the run writes into
+    job_fingerprint: str
+    output_root: Path
+    model: ModelInfo
+    file_metadata: dict[str, str] = field(default_factory=dict)
+
+    def engine_config(self, job: JobSpec, head: str) -> EngineConfig:
+        return EngineConfig(
+            model_dir=str(self.model.path),
+            head=head,
+            dtype=job.model.dtype,
+            device=job.model.device,
+            max_length=job.model.max_length,
+            trust_remote_code=job.model.trust_remote_code,
+            threads=job.engine.threads,
+        )
+
+
+def _expand(values: pa.Array, valid: np.ndarray, n: int) -> pa.Array:
+    """Place k results at their rows in a length-n array; every other row is null."""
+    positions = np.zeros(n, dtype=np.int64)
+    positions[valid] = np.arange(len(valid))
+    missing = np.ones(n, dtype=bool)
+    missing[valid] = False
+    return values.take(pa.array(positions, mask=missing))
+
+
+def output_schema(job: JobSpec, id_type: pa.DataType, passthrough: list[pa.Field],
+                  task_fields: list[pa.Field], metadata: dict[str, str]) -> pa.Schema:
+    """The dataset's column order: id, passthrough, task columns, row bookkeeping."""
+    fields = [pa.field(job.input.id_column, id_type), *passthrough, *task_fields,
+              pa.field("num_tokens", pa.int32()), pa.field("truncated", pa.bool_()),
+              pa.field("error", pa.string())]
+    return pa.schema(fields, metadata={"lepton_batch": json.dumps(metadata)})
+
+
+def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCache) -> ShardRecord:
+    """Run the job's task over one shard and write its part file and manifest record."""
+    start = time.perf_counter()
+    inp = job.input
+    columns = [inp.id_column, inp.text_column, *inp.passthrough_columns]
+    table = read_shard(shard, columns)
+    n = table.num_rows
+    prep = prepare_text(table[inp.text_column])
+
+    pipeline = make_pipeline(job.task, ctx.model)
+    engine = cache.get(ctx.engine_config(job, pipeline.head))
+    tok = engine.tokenize(prep.texts)
+    stats = BatchStats()
+    results = pipeline.run(engine, tok, job.engine, stats)
+
+    meta = {**ctx.file_metadata, "shard": shard.fingerprint, "source": shard.path,
+            "row_groups": ",".join(map(str, shard.row_groups)),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "attention": engine.attn_implementation}
+    passthrough = [table.schema.field(c) for c in inp.passthrough_columns]
+    schema = output_schema(job, table.schema.field(inp.id_column).type, passthrough,
+                           pipeline.fields(), meta)
+    columns_out = {inp.id_column: table[inp.id_column]}
+    columns_out |= {c: table[c] for c in inp.passthrough_columns}
+    columns_out |= {name: _expand(arr, prep.valid, n) for name, arr in results.items()}
+    columns_out["num_tokens"] = _expand(pa.array(tok.lengths, pa.int32()), prep.valid, n)
+    columns_out["truncated"] = _expand(pa.array(tok.truncated, pa.bool_()), prep.valid, n)
+    columns_out["error"] = prep.errors
+    out = pa.table(columns_out, schema=schema)
+
+    rel = Path(f"run_date={ctx.run_date}") / shard.part_name
+    codec = None if job.output.compression == "none" else job.output.compression
+    write_atomic(ctx.output_root / rel, lambda fh: pq.write_table(out, fh, compression=codec))
+    record = ShardRecord(
+        shard_index=shard.index,
+        shard_fingerprint=shard.fingerprint,
+        job_fingerprint=ctx.job_fingerprint,
+        run_id=ctx.run_id,
+        source=shard.path,
+        row_groups=list(shard.row_groups),
+        part=str(rel),
+        rows=n,
+        error_rows=n - len(prep.valid),
+        truncated_rows=int(tok.truncated.sum()),
+        tokens=stats.tokens,
+        padded_tokens=stats.padded_tokens,
+        batches=stats.batches,
+        seconds=round(time.perf_counter() - start, 4),
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    write_record(ctx.output_root, record)
+    return record

@@ -1,0 +1,154 @@
+"""Input discovery and sharding: a shard is one file's contiguous range of row groups.
+
+Files are found with fsspec (local paths, directories, globs, and URLs such as
+``memory://`` or ``s3://``); row-group sizes come from the Parquet footers, so planning
+reads no data. A shard's fingerprint covers the file's identity (path, size, mtime or
+etag) and its row range, so a changed input file gets new shards and new part files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work. ``row_groups`` index into ``path``'s Parquet row groups."""
+
+    index: int
+    path: str  # fsspec URL or local path, as given to fsspec
+    row_groups: tuple[int, ...]
+    first_row: int  # offset of the shard's first row inside the file
+    num_rows: int
+    fingerprint: str
+
+    @property
+    def part_name(self) -> str:
+        return f"part-{self.fingerprint}.parquet"
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    schema: pa.Schema
+    num_rows: int
+    row_group_rows: tuple[int, ...]
+    identity: str  # size + mtime/etag: changes when the file's content changes
+
+
+def _protocol_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
+
+
+def find_files(path: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """All ``*.parquet`` files under a file, directory, glob or URL, sorted by name."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if any(ch in root for ch in "*?["):
+        candidates = fs.glob(root)
+    elif fs.isdir(root):
+        candidates = fs.find(root)
+    elif fs.exists(root):
+        candidates = [root]
+    else:
+        raise FileNotFoundError(f"input.path: {path} does not exist")
+    files = sorted(
+        p
+        for p in candidates
+        if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(("_", "."))
+    )
+    if not files:
+        raise FileNotFoundError(f"input.path: no *.parquet files found under {path}")
+    return fs, files
+
+
+def describe_files(path: str) -> list[InputFile]:
+    """Footer-only look at every input file: schema, row groups, identity."""
+    fs, files = find_files(path)
+    out = []
+    for f in files:
+        info = fs.info(f)
+        stamp = info.get("mtime") or info.get("LastModified") or info.get("etag") or ""
+        if not stamp and info.get("created") is not None:
+            stamp = info["created"]
+        with fs.open(f, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+            schema = meta.schema.to_arrow_schema()
+        out.append(
+            InputFile(
+                path=_protocol_path(fs, f),
+                schema=schema,
+                num_rows=meta.num_rows,
+                row_group_rows=tuple(
+                    meta.row_group(i).num_rows for i in range(meta.num_row_groups)
+                ),
+                identity=f"{info.get('size')}:{stamp}",
+            )
+        )
+    return out
+
+
+def check_columns(files: list[InputFile], text_column: str, id_column: str,
+                  passthrough: list[str]) -> list[str]:
+    """Problems with the named columns across all files (empty list when all is well)."""
+    problems = []
+    for f in files:
+        names = f.schema.names
+        for role, col in [("text_column", text_column), ("id_column", id_column)] + [
+            ("passthrough_columns", c) for c in passthrough
+        ]:
+            if col not in names:
+                problems.append(f"input.{role}: column {col!r} not in {f.path} (has {names})")
+        if text_column in names and f.schema.field(text_column).type not in TEXT_TYPES:
+            kind = f.schema.field(text_column).type
+            problems.append(
+                f"input.text_column: {text_column!r} in {f.path} is {kind}, expected a string "
+                "(or binary UTF-8) column"
+            )
+        if id_column in names and pa.types.is_nested(f.schema.field(id_column).type):
+            problems.append(f"input.id_column: {id_column!r} in {f.path} is a nested type")
+    return problems
+
+
+def plan_shards(files: list[InputFile], rows_per_shard: int) -> list[Shard]:
+    """Cut each file's row groups into contiguous ranges of about ``rows_per_shard`` rows.
+
+    A row group is never split: one larger than ``rows_per_shard`` is a shard of its own.
+    """
+    shards: list[Shard] = []
+    for f in files:
+        start, groups, rows, first = 0, [], 0, 0
+        for i, n in enumerate(f.row_group_rows):
+            if groups and rows + n > rows_per_shard:
+                shards.append(_shard(len(shards), f, groups, first, rows))
+                groups, rows, first = [], 0, start
+            groups.append(i)
+            rows += n
+            start += n
+        if groups:
+            shards.append(_shard(len(shards), f, groups, first, rows))
+    return shards
+
+
+def _shard(index: int, f: InputFile, groups: list[int], first: int, rows: int) -> Shard:
+    key = f"{f.path}|{f.identity}|{groups[0]}-{groups[-1]}|{first}+{rows}"
+    return Shard(
+        index=index,
+        path=f.path,
+        row_groups=tuple(groups),
+        first_row=first,
+        num_rows=rows,
+        fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16],
+    )
+
+
+def read_shard(shard: Shard, columns: list[str]) -> pa.Table:
+    """Read only ``columns`` of the shard's row groups."""
+    with fsspec.open(shard.path, "rb") as fh:
+        return pq.ParquetFile(fh).read_row_groups(list(shard.row_groups), columns=columns)

@@ -1,0 +1,23 @@
+"""Task pipelines (installed as ``lepton_batch.pipelines``): prepare, engine call, finish."""
+
+from __future__ import annotations
+
+from lepton_batch.pipelines.classify import ClassifyPipeline
+from lepton_batch.pipelines.embed import EmbedPipeline
+from lepton_batch.pipelines.text import PreparedText, prepare_text
+
+from lepton_batch.modeldir import ModelInfo
+from lepton_batch.spec import TaskSpec
+
+Pipeline = EmbedPipeline | ClassifyPipeline
+
+
+def make_pipeline(task: TaskSpec, info: ModelInfo) -> Pipeline:
+    """The pipeline for ``task.kind``; raises ValueError when the model cannot serve it."""
+    if task.kind == "embed":
+        return EmbedPipeline(task, info)
+    return ClassifyPipeline(task, info)
+
+
+__all__ = ["ClassifyPipeline", "EmbedPipeline", "Pipeline", "PreparedText", "make_pipeline",
+           "prepare_text"]

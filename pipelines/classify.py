@@ -1,0 +1,72 @@
+"""``task.kind: classify`` — a sequence-classification head, or zero-shot by label embeddings.
+
+Zero-shot: every label (or its description, when ``labels`` is a mapping) is embedded by
+the same model with the same pooling; a row's scores are cosine similarities to the labels.
+With a head, scores are softmax probabilities (sigmoid for multi-label models).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from lepton_batch.engine import BatchStats, Engine, Tokenized
+from lepton_batch.modeldir import ModelInfo
+from lepton_batch.spec import EngineSpec, TaskSpec
+
+
+class ClassifyPipeline:
+    """Output columns: ``label``, ``score`` (top 1) and ``labels``, ``scores`` (top k)."""
+
+    def __init__(self, task: TaskSpec, info: ModelInfo) -> None:
+        self.task = task
+        self.zero_shot = task.labels is not None
+        self.head = "base" if self.zero_shot else "classifier"
+        if self.zero_shot:
+            self.names, self.label_texts = task.label_texts()
+        elif not info.has_classifier_head:
+            arch = ", ".join(info.architectures) or "no architecture"
+            raise ValueError(
+                f"task.labels: model {info.path.name} ({arch}) has no sequence-classification "
+                "head; give task.labels for zero-shot classification"
+            )
+        else:
+            self.names = [info.id2label.get(i, str(i)) for i in range(len(info.id2label) or 2)]
+        if task.top_k > len(self.names):
+            raise ValueError(f"task.top_k: {task.top_k} > the model's {len(self.names)} labels")
+        self.multi_label = info.problem_type == "multi_label_classification"
+
+    def fields(self) -> list[pa.Field]:
+        return [
+            pa.field("label", pa.string()),
+            pa.field("score", pa.float32()),
+            pa.field("labels", pa.list_(pa.string())),
+            pa.field("scores", pa.list_(pa.float32())),
+        ]
+
+    def _scores(self, engine: Engine, tok: Tokenized, spec: EngineSpec,
+                stats: BatchStats) -> torch.Tensor:
+        """(n, num_labels) float32 scores for the tokenized rows."""
+        budget, rows = engine.token_budget(spec.max_tokens_per_batch), spec.max_rows_per_batch
+        if self.zero_shot:
+            pooling = self.task.pooling
+            label_emb = engine.embed(engine.tokenize(self.label_texts), pooling, True, budget, rows)
+            return engine.embed(tok, pooling, True, budget, rows, stats) @ label_emb.T
+        logits = engine.logits(tok, budget, rows, stats)
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+
+    def run(self, engine: Engine, tok: Tokenized, spec: EngineSpec,
+            stats: BatchStats) -> dict[str, pa.Array]:
+        """Top-k labels and scores for the tokenized rows, in their order."""
+        k = self.task.top_k
+        top = torch.topk(self._scores(engine, tok, spec, stats), k, dim=-1)
+        idx, val = top.indices.numpy(), top.values.numpy()
+        names = [[self.names[j] for j in row] for row in idx]
+        flat_names = [n for row in names for n in row]
+        offsets = pa.array(range(0, len(idx) * k + 1, k), pa.int32())
+        return {
+            "label": pa.array([n[0] for n in names], pa.string()),
+            "score": pa.array(val[:, 0], pa.float32()),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(flat_names, pa.string())),
+            "scores": pa.ListArray.from_arrays(offsets, pa.array(val.reshape(-1), pa.float32())),
+        }
