@@ -54,7 +54,8 @@ def open_client(spec: ClusterSpec) -> Iterator[Client]:
         n_workers=spec.n_workers,
         threads_per_worker=spec.threads_per_worker,
         processes=spec.processes,
-        host="127.0.0.1",
+        # Process workers talk TCP, bound to loopback; thread workers use in-process comms.
+        host="127.0.0.1" if spec.processes else None,
         dashboard_address=spec.dashboard_address,
         silence_logs=logging.WARNING,
     ) as cluster, Client(cluster) as client:

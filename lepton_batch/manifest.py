@@ -35,6 +35,7 @@ class ShardRecord:
     padded_tokens: int
     batches: int
     seconds: float
+    model_load_seconds: float  # 0.0 when the worker's cached engine was reused
     worker: str
     finished_at: str
 

@@ -77,7 +77,9 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
     prep = prepare_text(table[inp.text_column])
 
     pipeline = make_pipeline(job.task, ctx.model)
+    loads, load_start = cache.loads, time.perf_counter()
     engine = cache.get(ctx.engine_config(job, pipeline.head))
+    load_seconds = time.perf_counter() - load_start if cache.loads > loads else 0.0
     tok = engine.tokenize(prep.texts)
     stats = BatchStats()
     results = pipeline.run(engine, tok, job.engine, stats)
@@ -115,6 +117,7 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
         padded_tokens=stats.padded_tokens,
         batches=stats.batches,
         seconds=round(time.perf_counter() - start, 4),
+        model_load_seconds=round(load_seconds, 4),
         worker=f"{socket.gethostname()}:{os.getpid()}",
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

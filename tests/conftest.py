@@ -1,0 +1,107 @@
+"""Fixtures: tiny random BERT models and a WordPiece tokenizer built offline, saved with
+``save_pretrained`` and loaded back through the real ``from_pretrained(local_dir)`` path;
+small Parquet corpora cut from the real sample corpus."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "data" / "samples"
+LABELS = ["negative", "neutral", "positive"]
+
+
+def sample_texts(n: int) -> list[str]:
+    """The first ``n`` usable texts of the real sample corpus."""
+    texts: list[str] = []
+    for f in sorted(SAMPLES.glob("*.parquet")):
+        texts += [t for t in pq.read_table(f)["text"].to_pylist() if t and t.strip()]
+    return texts[:n]
+
+
+def _tokenizer(path: Path) -> None:
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(sample_texts(400), vocab_size=600, min_frequency=1)
+    BertTokenizerFast(tokenizer_object=wp._tokenizer, model_max_length=128).save_pretrained(path)
+
+
+def _bert_config(vocab_size: int, **extra):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                      **extra)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A random BertModel + WordPiece tokenizer in a local directory (safetensors)."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    _tokenizer(path)
+    torch.manual_seed(0)
+    vocab = len(AutoTokenizer.from_pretrained(path))
+    BertModel(_bert_config(vocab)).eval().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_cls(tmp_path_factory) -> Path:
+    """A random BertForSequenceClassification with 3 named labels."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-bert-cls")
+    _tokenizer(path)
+    torch.manual_seed(1)
+    vocab = len(AutoTokenizer.from_pretrained(path))
+    config = _bert_config(vocab, num_labels=3, id2label=dict(enumerate(LABELS)),
+                          label2id={v: i for i, v in enumerate(LABELS)})
+    BertForSequenceClassification(config).eval().save_pretrained(path)
+    return path
+
+
+def write_corpus(folder: Path, n_files: int = 3, rows: int = 45, group: int = 10,
+                 bad: bool = True) -> list[dict]:
+    """Parquet files cut from the sample corpus; returns all rows as dicts, in id order.
+
+    With ``bad``, each file gets a null, an empty and a whitespace-only row.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = sample_texts(n_files * rows)
+    all_rows = []
+    for f in range(n_files):
+        chunk = texts[f * rows : (f + 1) * rows]
+        if bad:
+            chunk[3], chunk[7], chunk[12] = None, "", "  \n"
+        ids = list(range(1000 * f, 1000 * f + len(chunk)))
+        table = pa.table({"id": pa.array(ids, pa.int64()), "text": pa.array(chunk, pa.string()),
+                          "lang": pa.array(["en"] * len(chunk))})
+        pq.write_table(table, folder / f"corpus-{f}.parquet", row_group_size=group)
+        all_rows += [{"id": i, "text": t} for i, t in zip(ids, chunk, strict=True)]
+    return all_rows
+
+
+def write_job(path: Path, **sections) -> Path:
+    """A job file; each keyword is a top-level section dict."""
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path) -> tuple[Path, list[dict]]:
+    folder = tmp_path / "in"
+    return folder, write_corpus(folder)

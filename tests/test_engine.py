@@ -1,0 +1,89 @@
+"""The engine against a direct, unbatched transformers forward on the same tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import sample_texts
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from lepton_batch.engine import BatchStats, Engine, EngineCache, EngineConfig, plan_batches
+
+
+def test_plan_batches_respects_budget_and_covers_all():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=500)
+    batches = plan_batches(lengths, max_tokens=1024, max_rows=64)
+    seen = np.concatenate(batches)
+    assert sorted(seen.tolist()) == list(range(500))
+    for b in batches:
+        assert len(b) <= 64
+        assert len(b) * lengths[b].max() <= 1024 or len(b) == 1
+    longest_first = [lengths[b].max() for b in batches]
+    assert longest_first == sorted(longest_first, reverse=True)
+
+
+def test_plan_batches_single_row_over_budget():
+    batches = plan_batches(np.array([5000, 3, 3]), max_tokens=100, max_rows=8)
+    assert [b.tolist() for b in batches] == [[0], [1, 2]]
+
+
+def _reference_embed(model_dir, texts, max_length, pooling="mean"):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    out = []
+    with torch.inference_mode():
+        for t in texts:  # one row at a time: no padding at all
+            enc = tok(t, truncation=True, max_length=max_length, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state[0]
+            out.append(hidden.mean(0) if pooling == "mean" else hidden[0])
+    return F.normalize(torch.stack(out), dim=-1)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_embed_matches_unbatched_forward(tiny_bert, pooling):
+    texts = sample_texts(120)
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64))
+    tok = engine.tokenize(texts)
+    stats = BatchStats()
+    got = engine.embed(tok, pooling, True, max_tokens=512, max_rows=16, stats=stats)
+    want = _reference_embed(tiny_bert, texts, 64, pooling)
+    assert got.shape == (120, 32) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert stats.batches > 1 and stats.tokens == int(tok.lengths.sum())
+    assert stats.padded_tokens >= stats.tokens
+
+
+def test_truncation_is_flagged(tiny_bert):
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=16))
+    long_text = " ".join(sample_texts(50))
+    tok = engine.tokenize(["short text", long_text])
+    assert tok.truncated.tolist() == [False, True]
+    assert tok.lengths[1] == 16
+    sep = engine.tokenizer.sep_token_id
+    assert tok.ids[1][-1] == sep and tok.ids[0][-1] == sep
+
+
+def test_logits_match_direct_forward(tiny_bert_cls):
+    texts = sample_texts(40)
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert_cls), head="classifier", max_length=64))
+    got = engine.logits(engine.tokenize(texts), max_tokens=256, max_rows=8)
+    tok = AutoTokenizer.from_pretrained(tiny_bert_cls)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_cls).eval()
+    with torch.inference_mode():
+        want = torch.cat([model(**tok(t, truncation=True, max_length=64,
+                                      return_tensors="pt")).logits for t in texts])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_cache_loads_once_and_cpu_defaults(tiny_bert):
+    cache = EngineCache()
+    cfg = EngineConfig(model_dir=str(tiny_bert), head="base", max_length=32)
+    assert cache.get(cfg) is cache.get(cfg)
+    assert cache.loads == 1
+    engine = cache.get(cfg)
+    assert engine.dtype == torch.float32 and engine.device == "cpu"
+    assert engine.attn_implementation == "sdpa"
+    assert engine.token_budget(None) == 4096 and engine.token_budget(100) == 100

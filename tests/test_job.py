@@ -1,0 +1,204 @@
+"""Whole jobs through Dask (an in-process LocalCluster) on tiny real models.
+
+Outputs are checked against a direct transformers forward on the same rows; resume,
+overwrite and changed inputs are checked for lost or duplicated rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import LABELS, write_corpus, write_job
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from lepton_batch.cluster import run_job
+from lepton_batch.output import OutputError
+from lepton_batch.plan import make_plan
+from lepton_batch.spec import load_job
+
+MAX_LEN = 48
+
+
+def _job(tmp_path, model_dir, task, overrides=(), **input_extra):
+    path = write_job(
+        tmp_path / "job.yaml",
+        name="test-job",
+        input={"path": str(tmp_path / "in"), "text_column": "text", "id_column": "id",
+               "passthrough_columns": ["lang"], "rows_per_shard": 20, **input_extra},
+        model={"path": str(model_dir), "max_length": MAX_LEN},
+        task=task,
+        engine={"max_tokens_per_batch": 256, "max_rows_per_batch": 16},
+        output={"path": str(tmp_path / "out")},
+        cluster={"processes": False, "n_workers": 1, "dashboard_address": "127.0.0.1:0"},
+    )
+    return make_plan(load_job(path, list(overrides)))
+
+
+def _read(plan) -> pl.DataFrame:
+    files = sorted(plan.output_root.glob("run_date=*/*.parquet"))
+    return pl.read_parquet(files).sort("id")
+
+
+def _direct(model_dir, texts, head="base"):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cls = AutoModelForSequenceClassification if head == "classifier" else AutoModel
+    model = cls.from_pretrained(model_dir).eval()
+    out = []
+    with torch.inference_mode():
+        for t in texts:
+            enc = tok(t, truncation=True, max_length=MAX_LEN, return_tensors="pt")
+            res = model(**enc)
+            out.append(res.logits[0] if head == "classifier"
+                       else res.last_hidden_state[0].mean(0))
+    return torch.stack(out)
+
+
+def test_embed_job_matches_direct_forward(tmp_path, tiny_bert, corpus):
+    _, rows = corpus
+    plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
+    assert len(plan.shards) == 9 and len({s.path for s in plan.shards}) == 3
+    result = run_job(plan)
+    assert result.ok and len(result.records) == 9 and result.skipped == 0
+
+    df = _read(plan)
+    assert df["id"].to_list() == [r["id"] for r in rows]
+    ok = [r for r in rows if r["text"] and r["text"].strip()]
+    good = df.filter(pl.col("error").is_null())
+    assert good["id"].to_list() == [r["id"] for r in ok]
+    got = torch.tensor(good["embedding"].to_list())
+    want = F.normalize(_direct(tiny_bert, [r["text"] for r in ok]), dim=-1)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+    bad = df.filter(pl.col("error").is_not_null())
+    assert sorted(bad["error"].to_list()) == ["empty text"] * 6 + ["null text"] * 3
+    assert bad["embedding"].null_count() == 9
+    assert df["lang"].unique().to_list() == ["en"]
+    assert df.filter(pl.col("truncated"))["num_tokens"].unique().to_list() == [MAX_LEN]
+
+    part = next(plan.output_root.glob("run_date=*/*.parquet"))
+    schema = pq.read_schema(part)
+    assert schema.names == ["id", "lang", "embedding", "num_tokens", "truncated", "error"]
+    emb_type = schema.field("embedding").type
+    assert pa.types.is_fixed_size_list(emb_type) and emb_type.list_size == 32
+    assert emb_type.value_type == pa.float32()
+    meta = json.loads(schema.metadata[b"lepton_batch"])
+    assert meta["job_fingerprint"] == plan.job_fingerprint and meta["dtype"] == "float32"
+    assert meta["model_revision"] == plan.model.revision and "torch==" in meta["versions"]
+    assert json.loads((plan.output_root / "_SUCCESS").read_text())["rows"] == len(rows)
+    # one worker, one model load: every later shard reused the cached engine
+    assert sum(r.model_load_seconds > 0 for r in result.records) == 1
+
+
+def test_classify_with_head_matches_softmax(tmp_path, tiny_bert_cls, corpus):
+    _, rows = corpus
+    plan = _job(tmp_path, tiny_bert_cls, {"kind": "classify", "top_k": 2})
+    assert run_job(plan).ok
+    good = _read(plan).filter(pl.col("error").is_null())
+    texts = [r["text"] for r in rows if r["text"] and r["text"].strip()]
+    probs = torch.softmax(_direct(tiny_bert_cls, texts, "classifier"), -1)
+    top = torch.topk(probs, 2, dim=-1)
+    assert good["label"].to_list() == [LABELS[i] for i in top.indices[:, 0].tolist()]
+    assert good["labels"].to_list() == [[LABELS[i] for i in r] for r in top.indices.tolist()]
+    torch.testing.assert_close(torch.tensor(good["scores"].to_list()), top.values,
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_zero_shot_classify_uses_label_embeddings(tmp_path, tiny_bert, corpus):
+    _, rows = corpus
+    labels = {"files": "files and directories", "net": "network sockets", "math": "numbers"}
+    plan = _job(tmp_path, tiny_bert, {"kind": "classify", "labels": labels, "top_k": 3})
+    assert run_job(plan).ok
+    good = _read(plan).filter(pl.col("error").is_null())
+    texts = [r["text"] for r in rows if r["text"] and r["text"].strip()]
+    row_emb = F.normalize(_direct(tiny_bert, texts), dim=-1)
+    label_emb = F.normalize(_direct(tiny_bert, list(labels.values())), dim=-1)
+    sims = row_emb @ label_emb.T
+    names = list(labels)
+    assert good["label"].to_list() == [names[i] for i in sims.argmax(-1).tolist()]
+    torch.testing.assert_close(torch.tensor(good["score"].to_list()), sims.max(-1).values,
+                               atol=1e-5, rtol=1e-4)
+    assert all(len(x) == 3 for x in good["labels"].to_list())
+
+
+def test_resume_recomputes_only_the_missing_shard(tmp_path, tiny_bert, corpus):
+    plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
+    assert run_job(plan).ok
+    first = _read(plan)
+    victim = plan.shards[4]
+    part = next(plan.output_root.glob(f"run_date=*/{victim.part_name}"))
+    part.unlink()
+    (plan.output_root / "_manifest" / f"{victim.fingerprint}.json").unlink()
+
+    again = run_job(plan)
+    assert again.ok and again.skipped == 8
+    assert [r.shard_fingerprint for r in again.records] == [victim.fingerprint]
+    second = _read(plan)
+    assert second.equals(first)
+
+    nothing = run_job(plan)
+    assert nothing.skipped == 9 and nothing.records == []
+
+
+def test_crash_between_part_and_record_leaves_no_duplicate(tmp_path, tiny_bert, corpus):
+    plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
+    assert run_job(plan).ok
+    victim = plan.shards[0]
+    part = next(plan.output_root.glob(f"run_date=*/{victim.part_name}"))
+    # A crash after the rename but before the record: the part exists, the record does not;
+    # a half-written temp file is also left behind, in an older partition.
+    (plan.output_root / "_manifest" / f"{victim.fingerprint}.json").unlink()
+    old = plan.output_root / "run_date=2000-01-01"
+    old.mkdir()
+    part.rename(old / part.name)
+    (old / f".{part.name}.tmp-123").write_bytes(b"partial")
+    again = run_job(plan)
+    assert [r.shard_fingerprint for r in again.records] == [victim.fingerprint]
+    assert not any(old.iterdir())
+    df = _read(plan)
+    assert df["id"].n_unique() == df.height == 135
+
+
+def test_changed_input_replaces_its_shards(tmp_path, tiny_bert, corpus):
+    plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
+    assert run_job(plan).ok
+    write_corpus(tmp_path / "in", n_files=1, rows=30, bad=False)  # rewrites corpus-0
+    os.utime(tmp_path / "in" / "corpus-0.parquet", ns=(1, 1))
+    plan2 = make_plan(plan.job)
+    result = run_job(plan2)
+    assert result.ok and len(result.records) == 2 and result.skipped == 6
+    df = _read(plan2)
+    assert df.height == 30 + 90 and df["id"].n_unique() == df.height
+
+
+def test_overwrite_and_foreign_output(tmp_path, tiny_bert, corpus):
+    plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
+    assert run_job(plan).ok
+    plan_ow = _job(tmp_path, tiny_bert, {"kind": "embed"}, ["output.mode=overwrite"])
+    again = run_job(plan_ow)
+    assert len(again.records) == 9 and again.skipped == 0
+    assert _read(plan_ow).height == 135
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "precious.csv").write_text("keep me")
+    plan_f = _job(tmp_path, tiny_bert, {"kind": "embed"}, [f"output.path={foreign}"])
+    with pytest.raises(OutputError, match="holds no lepton-batch output"):
+        run_job(plan_f)
+    assert (foreign / "precious.csv").read_text() == "keep me"
+
+
+def test_changed_task_is_recomputed_not_mixed(tmp_path, tiny_bert, corpus):
+    plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
+    assert run_job(plan).ok
+    plan_cls = _job(tmp_path, tiny_bert, {"kind": "embed", "pooling": "cls"})
+    assert plan_cls.job_fingerprint != plan.job_fingerprint
+    result = run_job(plan_cls)
+    assert len(result.records) == 9 and result.skipped == 0
+    assert len(list(plan.output_root.glob("_manifest/*.json"))) == 9

@@ -1,0 +1,99 @@
+"""Job file parsing: every bad field is named, with the fix, before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from lepton_batch.spec import JobSpecError, load_job
+
+GOOD = """
+name: t
+input: {path: data/, text_column: text, id_column: id}
+model: {path: /models/x}
+task: {kind: embed}
+output: {path: out/}
+"""
+
+
+def _load(tmp_path, text: str, overrides=None):
+    f = tmp_path / "job.yaml"
+    f.write_text(text)
+    return load_job(f, overrides)
+
+
+def test_good_job_gets_defaults(tmp_path):
+    job = _load(tmp_path, GOOD)
+    assert job.input.rows_per_shard == 20_000
+    assert job.engine.max_tokens_per_batch is None  # device default, resolved by the engine
+    assert job.output.mode == "resume"
+    assert job.cluster.address is None and job.cluster.dashboard_address.startswith("127.0.0.1")
+    assert job.model.trust_remote_code is False
+
+
+BAD = [
+    # (job text, overrides, the field the message must name, a phrase of the fix)
+    (GOOD.replace("text_column", "text_colum"), [], "input.text_colum", "did you mean 'text_column'"),
+    (GOOD.replace("kind: embed", "kind: embedd"), [], "task.kind", "'embed'"),
+    (GOOD.replace("{path: /models/x}", "{path: /models/x, dtype: fp8}"), [], "model.dtype",
+     "float16"),
+    (GOOD.replace("output: {path: out/}", "output: {path: out/, mode: append}"), [],
+     "output.mode", "overwrite"),
+    (GOOD.replace("name: t", "name: 'bad name/..'"), [], "name", "pattern"),
+    (GOOD.replace("output: {path: out/}\n", ""), [], "output", "required"),
+    (GOOD, ["input.rows_per_shard=0"], "input.rows_per_shard", "greater than 0"),
+    (GOOD, ["task.labels=[a, b]"], "task", "labels only apply to kind: classify"),
+    (GOOD, ["task.kind=classify", "task.labels=[a, b]", "task.top_k=3"], "task",
+     "only 2 labels"),
+    (GOOD, ["modle.path=/x"], "modle", "did you mean 'model'"),
+    (GOOD, ["cluster.n_wokers=2"], "cluster.n_wokers", "did you mean 'n_workers'"),
+    (GOOD.replace("id_column: id", "id_column: text"), [], "input.text_column and input.id_column",
+     "must differ"),
+    (GOOD, ["engine.max_tokens_per_batch=lots"], "engine.max_tokens_per_batch", "integer"),
+]
+
+
+@pytest.mark.parametrize(("text", "overrides", "field", "fix"), BAD)
+def test_bad_job_names_the_field(tmp_path, text, overrides, field, fix):
+    with pytest.raises(JobSpecError) as exc:
+        _load(tmp_path, text, overrides)
+    message = str(exc.value)
+    assert field in message
+    assert fix in message
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    text = GOOD.replace("text_column", "txt").replace("kind: embed", "kind: nope")
+    with pytest.raises(JobSpecError) as exc:
+        _load(tmp_path, text)
+    assert len(exc.value.problems) == 2
+    assert "input.txt" in str(exc.value) and "task.kind" in str(exc.value)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    # A Python object tag would run code under yaml.load; safe_load refuses it.
+    with pytest.raises(JobSpecError, match="not valid YAML"):
+        _load(tmp_path, GOOD + "evil: !!python/object/apply:os.system ['true']\n")
+
+
+def test_not_a_mapping_and_missing_file(tmp_path):
+    with pytest.raises(JobSpecError, match="top level must be a mapping"):
+        _load(tmp_path, "- a\n- b\n")
+    with pytest.raises(JobSpecError, match="no such file"):
+        load_job(tmp_path / "missing.yaml")
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    job = _load(tmp_path, GOOD, ["task.kind=classify", "task.labels=[x, y, z]", "task.top_k=2",
+                                 "cluster.address=tcp://10.0.0.1:8786"])
+    assert job.task.labels == ["x", "y", "z"] and job.task.top_k == 2
+    assert job.cluster.address == "tcp://10.0.0.1:8786"
+    with pytest.raises(JobSpecError, match="expected key.path=value"):
+        _load(tmp_path, GOOD, ["task.top_k"])
+
+
+def test_fingerprint_tracks_outputs_not_scheduling(tmp_path):
+    base = _load(tmp_path, GOOD).fingerprint("rev")
+    assert _load(tmp_path, GOOD, ["cluster.n_workers=4"]).fingerprint("rev") == base
+    assert _load(tmp_path, GOOD, ["engine.max_tokens_per_batch=999"]).fingerprint("rev") == base
+    assert _load(tmp_path, GOOD, ["model.max_length=64"]).fingerprint("rev") != base
+    assert _load(tmp_path, GOOD).fingerprint("other-revision") != base
