@@ -109,7 +109,7 @@ def _preview(plan, n: int = 5) -> Table:
 
     df = pl.scan_parquet(str(plan.output_root / "run_date=*" / "*.parquet"),
                          hive_partitioning=True).head(n).collect()
-    table = Table(title=f"first {min(n, df.height)} rows")
+    table = Table(title=f"first {min(n, df.height)} rows of the output")
     cols = [c for c in df.columns if c not in ("labels", "scores")]
     for c in cols:
         table.add_column(c, overflow="fold", max_width=48)
@@ -118,7 +118,7 @@ def _preview(plan, n: int = 5) -> Table:
         for c in cols:
             v = row[c]
             if isinstance(v, list):
-                v = "[" + ", ".join(f"{x:.4f}" for x in v[:4]) + f", … ({len(v)} dims)]"
+                v = "[" + ", ".join(f"{x:.3f}" for x in v[:3]) + f", …] ({len(v)})"
             elif isinstance(v, float):
                 v = f"{v:.4f}"
             cells.append("" if v is None else str(v))

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from importlib.metadata import version
 
-import dask
 from dask.distributed import Client, LocalCluster, as_completed, get_worker, performance_report
 
 from lepton_batch.engine import EngineCache
@@ -46,11 +45,7 @@ def open_client(spec: ClusterSpec) -> Iterator[Client]:
         with Client(spec.address) as client:
             yield client
         return
-    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 and OMP_NUM_THREADS=1:
-    # the first makes glibc hand every freed activation buffer back to the OS (high system
-    # time in torch), the second is overridden by the engine's torch.set_num_threads.
-    environ = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 1 << 30}
-    with dask.config.set(environ), LocalCluster(
+    with LocalCluster(
         n_workers=spec.n_workers,
         threads_per_worker=spec.threads_per_worker,
         processes=spec.processes,

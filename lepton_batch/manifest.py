@@ -8,6 +8,7 @@ so a retried or resumed shard overwrites its own files and never duplicates rows
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 MANIFEST_DIR = "_manifest"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,13 @@ def read_records(root: Path) -> dict[str, ShardRecord]:
         return {}
     records = {}
     for f in sorted(folder.glob("*.json")):
-        rec = ShardRecord(**json.loads(f.read_text()))
+        try:
+            rec = ShardRecord(**json.loads(f.read_text()))
+        except (ValueError, TypeError) as exc:
+            # Unreadable (or from an incompatible version): its shard is simply run again.
+            log.warning("ignoring unreadable shard record %s: %s", f.name, exc)
+            f.unlink()
+            continue
         records[rec.shard_fingerprint] = rec
     return records
 

@@ -32,7 +32,8 @@ def test_good_job_gets_defaults(tmp_path):
 
 BAD = [
     # (job text, overrides, the field the message must name, a phrase of the fix)
-    (GOOD.replace("text_column", "text_colum"), [], "input.text_colum", "did you mean 'text_column'"),
+    (GOOD.replace("text_column", "text_colum"), [], "input.text_colum",
+     "did you mean 'text_column'"),
     (GOOD.replace("kind: embed", "kind: embedd"), [], "task.kind", "'embed'"),
     (GOOD.replace("{path: /models/x}", "{path: /models/x, dtype: fp8}"), [], "model.dtype",
      "float16"),

