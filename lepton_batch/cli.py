@@ -108,9 +108,9 @@ def _preview(plan, n: int = 5) -> Table:
     import polars as pl
 
     df = pl.scan_parquet(str(plan.output_root / "run_date=*" / "*.parquet"),
-                         hive_partitioning=True).head(n).collect()
+                         hive_partitioning=False).head(n).collect()
     table = Table(title=f"first {min(n, df.height)} rows of the output")
-    cols = [c for c in df.columns if c not in ("labels", "scores")]
+    cols = [c for c in df.columns if c not in ("labels", "scores", "num_tokens", "truncated")]
     for c in cols:
         table.add_column(c, overflow="fold", max_width=48)
     for row in df.iter_rows(named=True):
@@ -123,6 +123,20 @@ def _preview(plan, n: int = 5) -> Table:
                 v = f"{v:.4f}"
             cells.append("" if v is None else str(v))
         table.add_row(*cells)
+    return table
+
+
+def _label_counts(plan) -> Table:
+    import polars as pl
+
+    df = (pl.scan_parquet(str(plan.output_root / "run_date=*" / "*.parquet"))
+          .group_by("label").agg(pl.len().alias("rows"), pl.col("score").mean().alias("mean"))
+          .sort("rows", descending=True).collect())
+    table = Table(title="rows per label (top 1)")
+    for c in ("label", "rows", "mean score"):
+        table.add_column(c)
+    for label, rows, mean in df.iter_rows():
+        table.add_row(label or "(error)", f"{rows:,}", "" if mean is None else f"{mean:.3f}")
     return table
 
 
@@ -182,6 +196,8 @@ def submit(
     )
     if any(plan.output_root.glob("run_date=*/*.parquet")):
         console.print(_preview(plan))
+        if plan.job.task.kind == "classify":
+            console.print(_label_counts(plan))
     if not result.ok:
         for key, err in result.failures.items():
             console.print(f"[bold red]failed:[/] {key}: {err}")

@@ -40,6 +40,16 @@ def _is_ours(root: Path) -> bool:
     )
 
 
+def check_output_dir(root: Path) -> str | None:
+    """Why ``root`` cannot hold this job's output, or None when it can."""
+    if root.exists() and not root.is_dir():
+        return f"output.path: {root} is a file, not a directory"
+    if root.is_dir() and any(root.iterdir()) and not _is_ours(root):
+        return (f"output.path: {root} is not empty and holds no lepton-batch output; "
+                "choose an empty or new directory")
+    return None
+
+
 def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str
                    ) -> dict[str, ShardRecord]:
     """Make ``root`` ready for a run; return the records of shards that can be skipped.
@@ -48,13 +58,9 @@ def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str
     resume: keep parts whose record matches a planned shard and this job's fingerprint;
     delete every other part and record, so no row is ever left twice in the dataset.
     """
-    if root.exists() and not root.is_dir():
-        raise OutputError(f"output.path: {root} is a file, not a directory")
-    if root.is_dir() and any(root.iterdir()) and not _is_ours(root):
-        raise OutputError(
-            f"output.path: {root} is not empty and holds no lepton-batch output; "
-            "choose an empty or new directory"
-        )
+    problem = check_output_dir(root)
+    if problem:
+        raise OutputError(problem)
     root.mkdir(parents=True, exist_ok=True)
     (root / SUCCESS).unlink(missing_ok=True)
     if mode == "overwrite":

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lepton_batch.modeldir import ModelInfo, inspect_model_dir, resolve_model_dir
+from lepton_batch.output import check_output_dir
 from lepton_batch.shards import InputFile, Shard, check_columns, describe_files, plan_shards
 from lepton_batch.spec import JobSpec, JobSpecError
 
@@ -74,6 +75,8 @@ def make_plan(job: JobSpec, source: str = "job file") -> Plan:
         output_root = resolve_output_root(job.output.path)
     except ValueError as exc:
         problems.append(str(exc))
+    if output_root is not None and (problem := check_output_dir(output_root)):
+        problems.append(problem)
     if output_root is not None and "://" not in inp.path:
         for f in files:
             if Path(f.path).resolve().is_relative_to(output_root):

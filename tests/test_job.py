@@ -6,6 +6,7 @@ overwrite and changed inputs are checked for lost or duplicated rows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -21,7 +22,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 from lepton_batch.cluster import run_job
 from lepton_batch.output import OutputError
 from lepton_batch.plan import make_plan
-from lepton_batch.spec import load_job
+from lepton_batch.spec import JobSpecError, load_job
 
 MAX_LEN = 48
 
@@ -188,9 +189,10 @@ def test_overwrite_and_foreign_output(tmp_path, tiny_bert, corpus):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "precious.csv").write_text("keep me")
-    plan_f = _job(tmp_path, tiny_bert, {"kind": "embed"}, [f"output.path={foreign}"])
+    with pytest.raises(JobSpecError, match="holds no lepton-batch output"):
+        _job(tmp_path, tiny_bert, {"kind": "embed"}, [f"output.path={foreign}"])
     with pytest.raises(OutputError, match="holds no lepton-batch output"):
-        run_job(plan_f)
+        run_job(dataclasses.replace(plan, output_root=foreign))
     assert (foreign / "precious.csv").read_text() == "keep me"
 
 
@@ -202,3 +204,18 @@ def test_changed_task_is_recomputed_not_mixed(tmp_path, tiny_bert, corpus):
     result = run_job(plan_cls)
     assert len(result.records) == 9 and result.skipped == 0
     assert len(list(plan.output_root.glob("_manifest/*.json"))) == 9
+
+
+def test_failed_shard_keeps_the_others_and_resumes(tmp_path, tiny_bert, corpus):
+    plan = _job(tmp_path, tiny_bert, {"kind": "embed"}, ["cluster.retries=0"])
+    target = tmp_path / "in" / "corpus-2.parquet"
+    good_bytes = target.read_bytes()
+    target.write_bytes(b"not parquet at all")  # breaks after planning, as a flaky disk would
+    result = run_job(plan)
+    assert not result.ok and len(result.failures) == 3 and len(result.records) == 6
+    assert not (plan.output_root / "_SUCCESS").exists()
+
+    target.write_bytes(good_bytes)
+    again = run_job(make_plan(plan.job))
+    assert again.ok and again.skipped == 6 and len(again.records) == 3
+    assert _read(plan).height == 135 and (plan.output_root / "_SUCCESS").exists()
