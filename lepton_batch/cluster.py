@@ -60,7 +60,14 @@ def open_client(spec: ClusterSpec) -> Iterator[Client]:
         dashboard_address=spec.dashboard_address,
         silence_logs=logging.WARNING,
     ) as cluster, Client(cluster) as client:
+        # Dask's statistical profiler records torch's deep call stacks; sizing them for the
+        # dashboard overflows the recursion limit and logs a harmless warning per run.
+        client.run(_quiet_sizeof)
         yield client
+
+
+def _quiet_sizeof() -> None:
+    logging.getLogger("distributed.sizeof").setLevel(logging.ERROR)
 
 
 def _worker_cache() -> EngineCache:
