@@ -46,32 +46,35 @@ def _bert_config(vocab_size: int, **extra):
                       **extra)
 
 
+def _save_tiny_model(path: Path, model_cls, seed: int, **config) -> Path:
+    """Tokenizer + a randomly initialised ``model_cls`` saved with ``save_pretrained``."""
+    from transformers import AutoTokenizer
+
+    _tokenizer(path)
+    torch.manual_seed(seed)
+    vocab = len(AutoTokenizer.from_pretrained(path))
+    model_cls(_bert_config(vocab, **config)).eval().save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A random BertModel + WordPiece tokenizer in a local directory (safetensors)."""
-    from transformers import AutoTokenizer, BertModel
+    from transformers import BertModel
 
-    path = tmp_path_factory.mktemp("tiny-bert")
-    _tokenizer(path)
-    torch.manual_seed(0)
-    vocab = len(AutoTokenizer.from_pretrained(path))
-    BertModel(_bert_config(vocab)).eval().save_pretrained(path)
-    return path
+    return _save_tiny_model(tmp_path_factory.mktemp("tiny-bert"), BertModel, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_bert_cls(tmp_path_factory) -> Path:
     """A random BertForSequenceClassification with 3 named labels."""
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    path = tmp_path_factory.mktemp("tiny-bert-cls")
-    _tokenizer(path)
-    torch.manual_seed(1)
-    vocab = len(AutoTokenizer.from_pretrained(path))
-    config = _bert_config(vocab, num_labels=3, id2label=dict(enumerate(LABELS)),
-                          label2id={v: i for i, v in enumerate(LABELS)})
-    BertForSequenceClassification(config).eval().save_pretrained(path)
-    return path
+    return _save_tiny_model(
+        tmp_path_factory.mktemp("tiny-bert-cls"), BertForSequenceClassification, seed=1,
+        num_labels=3, id2label=dict(enumerate(LABELS)),
+        label2id={v: i for i, v in enumerate(LABELS)},
+    )
 
 
 def write_corpus(folder: Path, n_files: int = 3, rows: int = 45, group: int = 10,

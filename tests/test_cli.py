@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import write_job
+from conftest import REPO, write_job
 
 CLI = [sys.executable, "-m", "lepton_batch"]
 
@@ -76,3 +76,13 @@ def test_submit_then_resume_then_status(tmp_path, tiny_bert, corpus):
     res = _run("status", str(job))
     out = " ".join(res.stdout.split())
     assert res.returncode == 0 and "9 / 9" in out and "135 / 135" in out
+
+
+@pytest.mark.parametrize("job_file", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_jobs_validate(job_file, monkeypatch):
+    from lepton_batch.plan import make_plan
+    from lepton_batch.spec import load_job
+
+    monkeypatch.chdir(REPO)
+    plan = make_plan(load_job(job_file))
+    assert plan.rows == 2230 and len(plan.files) == 3
