@@ -164,9 +164,12 @@ def submit(
     totals = {"rows": 0, "tokens": 0, "t0": time.perf_counter()}
 
     def on_start(result: RunResult) -> None:
-        console.print(f"dashboard: [link={result.dashboard}]{result.dashboard}[/link]")
+        if result.dashboard:
+            console.print(f"dashboard: [link={result.dashboard}]{result.dashboard}[/link]")
         if result.skipped:
             console.print(f"resume: {result.skipped} shard(s) already done, skipped")
+        if result.skipped == result.planned:
+            console.print("nothing to run: every shard is done (mode: overwrite recomputes)")
         progress.start()
         progress.update(bar, completed=result.skipped)
 

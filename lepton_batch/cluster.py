@@ -16,8 +16,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from importlib.metadata import version
+from pathlib import Path
 
 import dask
 from dask.distributed import Client, LocalCluster, as_completed, get_worker, performance_report
@@ -131,29 +132,11 @@ def _default_threads(job: JobSpec) -> int | None:
     return max(1, (os.cpu_count() or 1) // job.cluster.n_workers)
 
 
-def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
-            on_shard: Callable[[ShardRecord], None] | None = None) -> RunResult:
-    """Run every shard not already done; write ``_SUCCESS`` when all are."""
-    job = plan.job
-    started = time.perf_counter()
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    done = prepare_output(plan.output_root, job.output.mode,
-                          {s.fingerprint for s in plan.shards}, plan.job_fingerprint)
-    todo = [s for s in plan.shards if s.fingerprint not in done]
-    result = RunResult(run_id=run_id, planned=len(plan.shards), skipped=len(done))
-    report = run_dir(plan.output_root, run_id)
-    result.report_dir = str(report)
-    threads = _default_threads(job)
-    if threads != job.engine.threads:
-        job = job.model_copy(update={"engine": job.engine.model_copy(update={"threads": threads})})
-    ctx = RunContext(
-        run_id=run_id,
-        run_date=date.today().isoformat(),
-        job_fingerprint=plan.job_fingerprint,
-        output_root=plan.output_root,
-        model=plan.model,
-        file_metadata=_file_metadata(plan, run_id),
-    )
+def _run_on_cluster(todo: list[Shard], job: JobSpec, ctx: RunContext, result: RunResult,
+                    on_start: Callable[[RunResult], None] | None,
+                    on_shard: Callable[[ShardRecord], None] | None) -> None:
+    """Submit one task per shard and collect records (or failures) as they finish."""
+    report = Path(result.report_dir)
     with open_client(job.cluster) as client:
         result.dashboard = client.dashboard_link
         if on_start:
@@ -161,7 +144,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
         with performance_report(filename=str(report / "dask-report.html")):
             futures = [
                 client.submit(_run_shard, shard, job, ctx, key=f"{job.task.kind}-shard-"
-                              f"{shard.index:04d}-{run_id[-6:]}", retries=job.cluster.retries,
+                              f"{shard.index:04d}-{ctx.run_id[-6:]}", retries=job.cluster.retries,
                               pure=False)
                 for shard in todo
             ]
@@ -175,6 +158,36 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
                 if on_shard:
                     on_shard(record)
                 future.release()
+
+
+def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
+            on_shard: Callable[[ShardRecord], None] | None = None) -> RunResult:
+    """Run every shard not already done; write ``_SUCCESS`` when all are."""
+    job = plan.job
+    started = time.perf_counter()
+    now = datetime.now(timezone.utc)
+    run_id = now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    done = prepare_output(plan.output_root, job.output.mode,
+                          {s.fingerprint for s in plan.shards}, plan.job_fingerprint)
+    todo = [s for s in plan.shards if s.fingerprint not in done]
+    result = RunResult(run_id=run_id, planned=len(plan.shards), skipped=len(done))
+    report = run_dir(plan.output_root, run_id)
+    result.report_dir = str(report)
+    threads = _default_threads(job)
+    if threads != job.engine.threads:
+        job = job.model_copy(update={"engine": job.engine.model_copy(update={"threads": threads})})
+    ctx = RunContext(
+        run_id=run_id,
+        run_date=now.date().isoformat(),  # UTC, like the run id
+        job_fingerprint=plan.job_fingerprint,
+        output_root=plan.output_root,
+        model=plan.model,
+        file_metadata=_file_metadata(plan, run_id),
+    )
+    if todo:
+        _run_on_cluster(todo, job, ctx, result, on_start, on_shard)
+    elif on_start:
+        on_start(result)
     result.seconds = time.perf_counter() - started
     summary = {
         "run_id": run_id,
@@ -190,7 +203,11 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
         "padded_tokens": sum(r.padded_tokens for r in result.records),
         "error_rows": sum(r.error_rows for r in result.records),
         "seconds": round(result.seconds, 3),
+        "rows_per_second": round(result.rows / result.seconds, 2),
+        "tokens_per_second": round(result.tokens / result.seconds, 1),
     }
+    if summary["padded_tokens"]:
+        summary["padding_efficiency"] = round(result.tokens / summary["padded_tokens"], 4)
     (report / "report.json").write_text(json.dumps(summary, indent=1))
     if result.ok:
         write_success(plan.output_root, summary)

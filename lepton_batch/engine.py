@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -234,11 +235,13 @@ class EngineCache:
 
     def __init__(self) -> None:
         self._engines: dict[EngineConfig, Engine] = {}
+        self._lock = threading.Lock()  # worker threads share the cache; load each model once
         self.loads = 0
 
     def get(self, config: EngineConfig) -> Engine:
-        if config not in self._engines:
-            log.info("loading %s (%s head)", config.model_dir, config.head)
-            self._engines[config] = Engine(config)
-            self.loads += 1
-        return self._engines[config]
+        with self._lock:
+            if config not in self._engines:
+                log.info("loading %s (%s head)", config.model_dir, config.head)
+                self._engines[config] = Engine(config)
+                self.loads += 1
+            return self._engines[config]
