@@ -36,5 +36,8 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_embed.py --rounds 3 --rows 1000
+
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from lepton_batch.modeldir import ModelInfo
 from lepton_batch.pipelines.classify import ClassifyPipeline
 from lepton_batch.pipelines.embed import EmbedPipeline
 from lepton_batch.pipelines.text import PreparedText, prepare_text
-
-from lepton_batch.modeldir import ModelInfo
 from lepton_batch.spec import TaskSpec
 
 Pipeline = EmbedPipeline | ClassifyPipeline
