@@ -18,11 +18,15 @@ from lepton_batch.spec import JobSpecError, load_job
 
 app = typer.Typer(
     help="Batch offline inference for large text corpora: sharded Parquet in, a transformer "
-    "model run by Dask workers, a Parquet dataset out. Start with `lepton-batch validate "
-    "job.yaml`, then `lepton-batch submit job.yaml`.",
+    "model run by Dask workers, a Parquet dataset out.\n\n"
+    "Start with `lepton-batch validate job.yaml`, then `lepton-batch submit job.yaml`; a rerun "
+    "resumes where the last one stopped. Any job field can be overridden with "
+    "`--set section.key=value`. Example jobs: jobs/quickstart.yaml (embeddings) and "
+    "jobs/topics.yaml (zero-shot topics); every field is documented in README.md.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # reflow docstring paragraphs in --help
 )
 console = Console(highlight=False)
 
@@ -146,8 +150,12 @@ def submit(
     set_: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
 ) -> None:
-    """Run a job: plan shards, skip the ones already done (mode resume), run the rest on
-    Dask workers, write the Parquet dataset, _manifest/ records and _SUCCESS."""
+    """Run a job on Dask workers and write its Parquet dataset.
+
+    Plans shards, skips those already done (mode resume), runs the rest, and writes part
+    files, _manifest/ records and, when every shard is done, _SUCCESS. Ctrl-C keeps every
+    finished shard: run the same command again to resume.
+    """
     _setup_logging(verbose)
     try:
         plan = _load(job_file, set_)
@@ -184,6 +192,11 @@ def submit(
         result = run_job(plan, on_start=on_start, on_shard=on_shard)
     except OutputError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        progress.stop()
+        console.print("[yellow]interrupted:[/] finished shards are kept; run the same command "
+                      "again to resume")
+        raise typer.Exit(code=130) from None
     finally:
         progress.stop()
     errors = sum(r.error_rows for r in result.records)

@@ -219,3 +219,21 @@ def test_failed_shard_keeps_the_others_and_resumes(tmp_path, tiny_bert, corpus):
     again = run_job(make_plan(plan.job))
     assert again.ok and again.skipped == 6 and len(again.records) == 3
     assert _read(plan).height == 135 and (plan.output_root / "_SUCCESS").exists()
+
+
+def test_binary_text_with_invalid_utf8_is_a_row_error(tmp_path, tiny_bert):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    texts = [b"plain ascii", b"caf\xc3\xa9 au lait", b"\xff\xfe broken", None, b""]
+    pq.write_table(pa.table({"id": pa.array(range(5), pa.int64()),
+                             "text": pa.array(texts, pa.binary()),
+                             "lang": ["en"] * 5}), folder / "bin.parquet")
+    plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
+    assert run_job(plan).ok
+    df = _read(plan)
+    assert df["error"].to_list() == [None, None, "invalid UTF-8 at byte 0", "null text",
+                                     "empty text"]
+    assert df["embedding"].is_null().to_list() == [False, False, True, True, True]
+    want = F.normalize(_direct(tiny_bert, ["plain ascii", "café au lait"]), dim=-1)
+    torch.testing.assert_close(torch.tensor(df["embedding"].to_list()[:2]), want,
+                               atol=2e-5, rtol=1e-4)
