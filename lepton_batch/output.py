@@ -70,14 +70,20 @@ def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str
         return {}
     keep: dict[str, ShardRecord] = {}
     for fp, rec in read_records(root).items():
-        if fp in shard_fps and rec.job_fingerprint == job_fp and (root / rec.part).is_file():
+        part = (root / rec.part).resolve()
+        usable = part.is_relative_to(root.resolve()) and part.is_file()  # never leave root
+        if fp in shard_fps and rec.job_fingerprint == job_fp and usable:
             keep[fp] = rec
         else:
             remove_record(root, fp)
-    referenced = {root / rec.part for rec in keep.values()}
-    stale = [p for p in root.glob(f"{PARTITION_GLOB}/*") if p not in referenced]
+    referenced = {(root / rec.part).resolve() for rec in keep.values()}
+    stale = [p for p in root.glob(f"{PARTITION_GLOB}/*")
+             if p.is_file() and p.resolve() not in referenced]
     for p in stale:
         p.unlink()
+    for part_dir in root.glob(PARTITION_GLOB):
+        if part_dir.is_dir() and not any(part_dir.iterdir()):
+            part_dir.rmdir()
     if stale:
         log.info("resume: removed %d part file(s) with no matching record", len(stale))
     return keep

@@ -161,7 +161,7 @@ def test_crash_between_part_and_record_leaves_no_duplicate(tmp_path, tiny_bert, 
     (old / f".{part.name}.tmp-123").write_bytes(b"partial")
     again = run_job(plan)
     assert [r.shard_fingerprint for r in again.records] == [victim.fingerprint]
-    assert not any(old.iterdir())
+    assert not old.exists()  # its only files were the orphan part and the temp file
     df = _read(plan)
     assert df["id"].n_unique() == df.height == 135
 
@@ -237,3 +237,19 @@ def test_binary_text_with_invalid_utf8_is_a_row_error(tmp_path, tiny_bert):
     want = F.normalize(_direct(tiny_bert, ["plain ascii", "café au lait"]), dim=-1)
     torch.testing.assert_close(torch.tensor(df["embedding"].to_list()[:2]), want,
                                atol=2e-5, rtol=1e-4)
+
+
+def test_record_pointing_outside_the_output_is_not_trusted(tmp_path, tiny_bert, corpus):
+    plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
+    assert run_job(plan).ok
+    outside = tmp_path / "outside.parquet"
+    outside.write_bytes(b"not ours")
+    victim = plan.shards[2]
+    record_file = plan.output_root / "_manifest" / f"{victim.fingerprint}.json"
+    record = json.loads(record_file.read_text())
+    record["part"] = "../outside.parquet"
+    record_file.write_text(json.dumps(record))
+    again = run_job(plan)
+    assert [r.shard_fingerprint for r in again.records] == [victim.fingerprint]
+    assert outside.read_bytes() == b"not ours"
+    assert _read(plan).height == 135
