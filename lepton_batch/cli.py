@@ -13,7 +13,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lepton_batch.output import OutputError
+from lepton_batch.output import PARTS_GLOB, OutputError
 from lepton_batch.spec import JobSpecError, load_job
 
 app = typer.Typer(
@@ -111,8 +111,8 @@ def validate(
 def _preview(plan, n: int = 5) -> Table:
     import polars as pl
 
-    df = pl.scan_parquet(str(plan.output_root / "run_date=*" / "*.parquet"),
-                         hive_partitioning=False).head(n).collect()
+    parts = pl.scan_parquet(str(plan.output_root / PARTS_GLOB), hive_partitioning=False)
+    df = parts.head(n).collect()
     table = Table(title=f"first {min(n, df.height)} rows of the output")
     cols = [c for c in df.columns if c not in ("labels", "scores", "num_tokens", "truncated")]
     for c in cols:
@@ -133,7 +133,7 @@ def _preview(plan, n: int = 5) -> Table:
 def _label_counts(plan) -> Table:
     import polars as pl
 
-    df = (pl.scan_parquet(str(plan.output_root / "run_date=*" / "*.parquet"))
+    df = (pl.scan_parquet(str(plan.output_root / PARTS_GLOB))
           .group_by("label").agg(pl.len().alias("rows"), pl.col("score").mean().alias("mean"))
           .sort("rows", descending=True).collect())
     table = Table(title="rows per label (top 1)")
@@ -199,8 +199,7 @@ def submit(
         raise typer.Exit(code=130) from None
     finally:
         progress.stop()
-    errors = sum(r.error_rows for r in result.records)
-    padded = sum(r.padded_tokens for r in result.records)
+    errors, padded = result.error_rows, result.padded_tokens
     console.print(
         f"output: {plan.output_root}\n"
         f"shards: {len(result.records)} run, {result.skipped} skipped, "
@@ -210,7 +209,7 @@ def submit(
         f"tokens/s" + (f", padding efficiency {result.tokens / padded:.1%}" if padded else "")
         + f"\nrun report: {result.report_dir}"
     )
-    if any(plan.output_root.glob("run_date=*/*.parquet")):
+    if any(plan.output_root.glob(PARTS_GLOB)):
         console.print(_preview(plan))
         if plan.job.task.kind == "classify":
             console.print(_label_counts(plan))

@@ -109,6 +109,14 @@ class RunResult:
     def tokens(self) -> int:
         return sum(r.tokens for r in self.records)
 
+    @property
+    def padded_tokens(self) -> int:
+        return sum(r.padded_tokens for r in self.records)
+
+    @property
+    def error_rows(self) -> int:
+        return sum(r.error_rows for r in self.records)
+
 
 def _file_metadata(plan: Plan, run_id: str) -> dict[str, str]:
     versions = {p: version(p) for p in ("lepton-batch", "torch", "transformers", "pyarrow")}
@@ -200,14 +208,14 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
         "failures": result.failures,
         "rows": result.rows,
         "tokens": result.tokens,
-        "padded_tokens": sum(r.padded_tokens for r in result.records),
-        "error_rows": sum(r.error_rows for r in result.records),
+        "padded_tokens": result.padded_tokens,
+        "error_rows": result.error_rows,
         "seconds": round(result.seconds, 3),
         "rows_per_second": round(result.rows / result.seconds, 2),
         "tokens_per_second": round(result.tokens / result.seconds, 1),
     }
-    if summary["padded_tokens"]:
-        summary["padding_efficiency"] = round(result.tokens / summary["padded_tokens"], 4)
+    if result.padded_tokens:
+        summary["padding_efficiency"] = round(result.tokens / result.padded_tokens, 4)
     (report / "report.json").write_text(json.dumps(summary, indent=1))
     if result.ok:
         write_success(plan.output_root, summary)

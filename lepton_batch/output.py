@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
 RUNS_DIR = "_runs"
 PARTITION_GLOB = "run_date=*"
+PARTS_GLOB = f"{PARTITION_GLOB}/*.parquet"  # every part file of the dataset, relative to root
 
 
 class OutputError(ValueError):
@@ -69,14 +70,15 @@ def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str
         shutil.rmtree(root / MANIFEST_DIR, ignore_errors=True)
         return {}
     keep: dict[str, ShardRecord] = {}
+    referenced: set[Path] = set()
     for fp, rec in read_records(root).items():
         part = (root / rec.part).resolve()
         usable = part.is_relative_to(root.resolve()) and part.is_file()  # never leave root
         if fp in shard_fps and rec.job_fingerprint == job_fp and usable:
             keep[fp] = rec
+            referenced.add(part)
         else:
             remove_record(root, fp)
-    referenced = {(root / rec.part).resolve() for rec in keep.values()}
     stale = [p for p in root.glob(f"{PARTITION_GLOB}/*")
              if p.is_file() and p.resolve() not in referenced]
     for p in stale:
