@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 
-.PHONY: venv demo topics test lint bench clean
+.PHONY: venv demo topics test lint bench bench-memory clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_embed.py --rounds 3 --rows 1000
+
+bench-memory: $(STAMP)
+	$(BIN)/python benchmarks/bench_memory.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

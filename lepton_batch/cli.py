@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -71,6 +72,8 @@ def _plan_table(plan) -> Table:
                   f"{', '.join(plan.model.architectures)})")
     task = job.task.kind + (" (zero-shot)" if job.task.labels else "")
     table.add_row("task", task)
+    table.add_row("max_length", f"{plan.settings.max_length} tokens, from the "
+                  f"{escape(plan.settings.sources['max_length'])}")
     table.add_row("input", f"{len(plan.files)} file(s), {plan.rows:,} rows")
     table.add_row("shards", f"{len(plan.shards)} (≤ {job.input.rows_per_shard:,} rows each, "
                   "whole row groups)")
@@ -90,22 +93,65 @@ def validate(
     """Check a job without loading a model: fields, input files, columns, model directory.
 
     Prints every problem at once with the field it belongs to, or the plan: files, shards,
-    rows and an estimate of the tokens to run.
+    rows and an estimate of the tokens to run; then the settings (max_length, pooling,
+    normalize, prompt, lowercase) with where each came from: the job, the model directory
+    or lepton-batch's default. Warns when a job value contradicts the model's, or an id
+    value repeats.
     """
     _setup_logging(False)
+    # The settings warnings are printed below, with the settings table; not twice.
+    settings_log = logging.getLogger("lepton_batch.settings")
+    level = settings_log.level
+    settings_log.setLevel(logging.ERROR)
     try:
         plan = _load(job_file, set_)
     except (JobSpecError, OutputError) as exc:
         _fail(exc)
+    finally:
+        settings_log.setLevel(level)
     table = _plan_table(plan)
     if estimate:
         from lepton_batch.plan import estimate_tokens
 
         total, mean = estimate_tokens(plan)
         table.add_row("tokens (estimate)", f"~{total:,} ({mean:.1f} per row, after truncation "
-                      f"to {plan.job.model.max_length})")
+                      f"to {plan.settings.max_length})")
     console.print(table)
+    console.print(_settings_table(plan.settings))
+    for warning in plan.settings.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    _warn_duplicate_ids(plan)
     console.print("[green]job is valid[/]")
+
+
+def _settings_table(settings) -> Table:
+    """Each resolved setting, its value and where it came from."""
+    table = Table(title="settings")
+    for column in ("setting", "value", "from"):
+        table.add_column(column)
+    for name, value in settings.values().items():
+        # repr shows an empty or space-ended prompt; YAML spelling for booleans
+        shown = repr(value) if name == "prompt" else (
+            str(value).lower() if isinstance(value, bool) else str(value))
+        table.add_row(name, escape(shown), escape(settings.sources.get(name, "")))
+    return table
+
+
+def _warn_duplicate_ids(plan) -> None:
+    """Duplicate ids are allowed (rows are never keyed by id), but usually a mistake."""
+    from lepton_batch.shards import count_duplicate_ids
+
+    column = plan.job.input.id_column
+    try:
+        n, examples = count_duplicate_ids(plan.files, column)
+    except (OSError, ValueError) as exc:
+        console.print(f"[yellow]warning:[/] input.id_column: could not check for duplicate "
+                      f"ids: {escape(str(exc))}")
+        return
+    if n:
+        console.print(f"[yellow]warning:[/] input.id_column: {n:,} duplicate id value(s) across "
+                      f"the input, e.g. {escape(repr(examples))}; every row is still processed "
+                      "and written once")
 
 
 def _preview(plan, n: int = 5) -> Table:
@@ -150,20 +196,25 @@ def submit(
     set_: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
 ) -> None:
-    """Run a job on Dask workers and write its Parquet dataset.
+    """Run a job on Dask workers and publish its Parquet dataset.
 
-    Plans shards, skips those already done (mode resume), runs the rest, and writes part
-    files, _manifest/ records and, when every shard is done, _SUCCESS. Ctrl-C keeps every
-    finished shard: run the same command again to resume.
+    Plans shards, skips those already done (mode resume), runs the rest into a hidden
+    staging area, and publishes them (part files, _manifest/ records, _SUCCESS) only when
+    every shard is done, so readers see the previous dataset or the new one. One submit per
+    output at a time. Killed, interrupted or failed: run the same command again to resume.
+    Exit codes: 0 published, 1 some shard or input file failed (nothing published), 2 bad
+    job or output in use, 130 interrupted.
     """
     _setup_logging(verbose)
     try:
         plan = _load(job_file, set_)
     except (JobSpecError, OutputError) as exc:
         _fail(exc)
-    from lepton_batch.cluster import RunResult, run_job
+    from lepton_batch.run import RunResult, run_job
 
     console.print(_plan_table(plan))
+    for bad in plan.bad_files:
+        console.print(f"[bold red]unreadable input:[/] {bad.path}: {bad.reason}")
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
@@ -191,59 +242,82 @@ def submit(
     try:
         result = run_job(plan, on_start=on_start, on_shard=on_shard)
     except OutputError as exc:
+        progress.stop()
         _fail(exc)
     except KeyboardInterrupt:
         progress.stop()
-        console.print("[yellow]interrupted:[/] finished shards are kept; run the same command "
-                      "again to resume")
+        console.print("[yellow]interrupted:[/] finished shards are kept (staged, not yet "
+                      "published); run the same command again to resume")
         raise typer.Exit(code=130) from None
     finally:
         progress.stop()
+    # The data is committed (or the failure recorded) by now: what follows is reporting,
+    # which can only warn, never change the exit code.
+    _best_effort("summary", _print_summary, plan, result)
+    if result.published:
+        _best_effort("output preview", lambda: console.print(_preview(plan)))
+        if plan.job.task.kind == "classify":
+            _best_effort("label counts", lambda: console.print(_label_counts(plan)))
+    if not result.ok:
+        for key, err in result.failures.items():
+            console.print(f"[bold red]failed:[/] {key}: {escape(err)}")
+        console.print(f"[yellow]not published:[/] {len(result.failures)} failure(s); the "
+                      f"{result.skipped + len(result.records)} finished shard(s) are kept. Fix "
+                      "the cause and run the same command again: only the rest will run.")
+        raise typer.Exit(code=1)
+
+
+def _best_effort(what: str, step, *args) -> None:
+    """Run an optional reporting step; a failure is a warning, never a failed run."""
+    try:
+        step(*args)
+    except Exception as exc:  # reporting only: the output is already committed
+        console.print(f"[yellow]warning:[/] {what} failed ({type(exc).__name__}: "
+                      f"{escape(str(exc))}); the output is not affected")
+
+
+def _print_summary(plan, result) -> None:
     errors, padded = result.error_rows, result.padded_tokens
+    seconds = max(result.seconds, 1e-9)
     console.print(
-        f"output: {plan.output_root}\n"
+        f"output: {plan.output_root}" + ("" if result.published else " (not published)") + "\n"
         f"shards: {len(result.records)} run, {result.skipped} skipped, "
         f"{len(result.failures)} failed\n"
         f"rows: {result.rows:,} ({errors:,} with errors) in {result.seconds:.1f} s: "
-        f"{result.rows / result.seconds:,.1f} rows/s, {result.tokens / result.seconds:,.0f} "
+        f"{result.rows / seconds:,.1f} rows/s, {result.tokens / seconds:,.0f} "
         f"tokens/s" + (f", padding efficiency {result.tokens / padded:.1%}" if padded else "")
         + f"\nrun report: {result.report_dir}"
     )
-    if any(plan.output_root.glob(PARTS_GLOB)):
-        console.print(_preview(plan))
-        if plan.job.task.kind == "classify":
-            console.print(_label_counts(plan))
-    if not result.ok:
-        for key, err in result.failures.items():
-            console.print(f"[bold red]failed:[/] {key}: {err}")
-        raise typer.Exit(code=1)
 
 
 @app.command()
 def status(job_file: JobArg, set_: SetOpt = None) -> None:
-    """Show what a job's output holds: shards done vs planned, rows, errors, last run."""
-    import polars as pl
-
+    """Show what a job's output holds: published shards vs planned, rows, errors, shards
+    staged by an unfinished run, and whether a run is writing it now."""
     _setup_logging(False)
     try:
         plan = _load(job_file, set_)
     except (JobSpecError, OutputError) as exc:
         _fail(exc)
-    from lepton_batch.manifest import read_records
+    from lepton_batch.output import LOCK, SUCCESS, published_records, staged_count
 
+    root = plan.output_root
     planned = {s.fingerprint for s in plan.shards}
-    records = [r for r in read_records(plan.output_root).values()
-               if r.job_fingerprint == plan.job_fingerprint and r.shard_fingerprint in planned]
+    records = list(published_records(root, planned, plan.job_fingerprint).values())
     table = Table(title=f"status of job '{plan.job.name}'", show_header=False)
-    table.add_row("output", str(plan.output_root))
-    table.add_row("shards done", f"{len(records)} / {len(plan.shards)}")
+    table.add_row("output", str(root))
+    table.add_row("shards published", f"{len(records)} / {len(plan.shards)}")
     if records:
-        df = pl.DataFrame([r.__dict__ for r in records])
-        table.add_row("rows done", f"{df['rows'].sum():,} / {plan.rows:,}")
-        table.add_row("rows with errors", f"{df['error_rows'].sum():,}")
-        table.add_row("truncated rows", f"{df['truncated_rows'].sum():,}")
-        table.add_row("last shard finished", str(df["finished_at"].max()))
-    table.add_row("_SUCCESS", "yes" if (plan.output_root / "_SUCCESS").exists() else "no")
+        table.add_row("rows published", f"{sum(r.rows for r in records):,} / {plan.rows:,}")
+        table.add_row("rows with errors", f"{sum(r.error_rows for r in records):,}")
+        table.add_row("truncated rows", f"{sum(r.truncated_rows for r in records):,}")
+        table.add_row("last shard finished", max(r.finished_at for r in records))
+    if staged := staged_count(root):
+        table.add_row("staged, not published", f"{staged} shard(s): run submit again to finish")
+    holder = root / LOCK
+    if holder.is_file() and holder.stat().st_size:
+        table.add_row("being written", escape(holder.read_text()))
+    table.add_row("_SUCCESS", "yes" if (root / SUCCESS).exists() else "no")
     console.print(table)
 
 

@@ -1,4 +1,5 @@
-"""The one Dask boundary: a client, one task per shard, small records back.
+"""The one Dask boundary: a client, one task per shard, small records back. The run's
+lifecycle around it (lock, staging, publish, report) is in ``run.py``.
 
 Workers read their own shard and write their own part file; only a
 :class:`~lepton_batch.manifest.ShardRecord` travels back to the driver. The engine is
@@ -8,25 +9,17 @@ cached on the worker object, so a model loads once per worker and later shards r
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import threading
-import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 
 import dask
 from dask.distributed import Client, LocalCluster, as_completed, get_worker, performance_report
 
 from lepton_batch.engine import EngineCache
+from lepton_batch.faults import checkpoint
 from lepton_batch.manifest import ShardRecord
-from lepton_batch.output import prepare_output, run_dir, write_success
-from lepton_batch.plan import Plan
 from lepton_batch.runner import RunContext, process_shard
 from lepton_batch.shards import Shard
 from lepton_batch.spec import ClusterSpec, JobSpec
@@ -51,14 +44,21 @@ def open_client(spec: ClusterSpec) -> Iterator[Client]:
     # glibc's dynamic mmap threshold, so every activation tensor is mmapped and unmapped
     # again: measured 62 vs 81 rows/s for MiniLM on 2 cores, most of it page faults. Unset
     # it for our own workers (a value in the user's environment still wins).
-    no_trim = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-    with dask.config.set(no_trim), LocalCluster(
+    settings = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+    host = spec.dashboard_address.rpartition(":")[0]
+    if host and host not in ("0.0.0.0", "::", "[::]"):
+        # Thread workers talk in-process and Dask would print this machine's public IP in
+        # the link; the dashboard listens on ``host`` only, so link to that.
+        settings["distributed.dashboard.link"] = f"http://{host}:{{port}}/status"
+    with dask.config.set(settings), LocalCluster(
         n_workers=spec.n_workers,
         threads_per_worker=spec.threads_per_worker,
         processes=spec.processes,
         # Process workers talk TCP, bound to loopback; thread workers use in-process comms.
         host="127.0.0.1" if spec.processes else None,
         dashboard_address=spec.dashboard_address,
+        # Thread workers would otherwise serve their own HTTP endpoint on 0.0.0.0.
+        worker_dashboard_address=None if spec.processes else "127.0.0.1:0",
         silence_logs=logging.WARNING,
     ) as cluster, Client(cluster) as client:
         # Dask's statistical profiler records torch's deep call stacks; sizing them for the
@@ -86,70 +86,43 @@ def _run_shard(shard: Shard, job: JobSpec, ctx: RunContext) -> ShardRecord:
     return process_shard(shard, job, ctx, _worker_cache())
 
 
-@dataclass
-class RunResult:
-    run_id: str
-    planned: int
-    skipped: int
-    records: list[ShardRecord] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-    report_dir: str = ""
-    dashboard: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    @property
-    def rows(self) -> int:
-        return sum(r.rows for r in self.records)
-
-    @property
-    def tokens(self) -> int:
-        return sum(r.tokens for r in self.records)
-
-    @property
-    def padded_tokens(self) -> int:
-        return sum(r.padded_tokens for r in self.records)
-
-    @property
-    def error_rows(self) -> int:
-        return sum(r.error_rows for r in self.records)
+@contextlib.contextmanager
+def optional_performance_report(filename: Path) -> Iterator[None]:
+    """Dask's performance report around the block, if it can be made: the report is a nice
+    to have, so a failure to start or save it (bokeh missing, say) is a warning, never an
+    error that hides a finished run."""
+    try:
+        report = performance_report(filename=str(filename))
+        report.__enter__()
+    except Exception as exc:  # an optional step: the data is what counts
+        log.warning("no Dask performance report: %s", exc)
+        yield
+        return
+    exc_info: tuple = (None, None, None)
+    try:
+        yield
+    except BaseException as exc:
+        exc_info = (type(exc), exc, exc.__traceback__)
+        raise
+    finally:
+        try:
+            report.__exit__(*exc_info)
+        except Exception as exc:
+            log.warning("could not save the Dask performance report %s: %s", filename, exc)
 
 
-def _file_metadata(plan: Plan, run_id: str) -> dict[str, str]:
-    versions = {p: version(p) for p in ("lepton-batch", "torch", "transformers", "pyarrow")}
-    return {
-        "job_name": plan.job.name,
-        "job_fingerprint": plan.job_fingerprint,
-        "task": plan.job.task.kind,
-        "model": plan.model.path.name,
-        "model_path": str(plan.model.path),
-        "model_revision": plan.model.revision,
-        "quantization": "none",
-        "run_id": run_id,
-        "versions": ",".join(f"{k}=={v}" for k, v in versions.items()),
-    }
+def run_shards(todo: list[Shard], job: JobSpec, ctx: RunContext, report_dir: Path,
+               on_start: Callable[[str | None], None],
+               on_record: Callable[[ShardRecord], None],
+               on_failure: Callable[[str, str], None]) -> None:
+    """Submit one task per shard and report each record (or failure) as it finishes.
 
-
-def _default_threads(job: JobSpec) -> int | None:
-    """On an embedded cluster, split this machine's cores between the workers."""
-    if job.engine.threads or job.cluster.address:
-        return job.engine.threads
-    return max(1, (os.cpu_count() or 1) // job.cluster.n_workers)
-
-
-def _run_on_cluster(todo: list[Shard], job: JobSpec, ctx: RunContext, result: RunResult,
-                    on_start: Callable[[RunResult], None] | None,
-                    on_shard: Callable[[ShardRecord], None] | None) -> None:
-    """Submit one task per shard and collect records (or failures) as they finish."""
-    report = Path(result.report_dir)
+    ``on_start(dashboard_link)`` is called once the cluster is up.
+    """
     with open_client(job.cluster) as client:
-        result.dashboard = client.dashboard_link
-        if on_start:
-            on_start(result)
-        with performance_report(filename=str(report / "dask-report.html")):
+        checkpoint("cluster-started")
+        on_start(client.dashboard_link)
+        with optional_performance_report(report_dir / "dask-report.html"):
             futures = [
                 client.submit(_run_shard, shard, job, ctx, key=f"{job.task.kind}-shard-"
                               f"{shard.index:04d}-{ctx.run_id[-6:]}", retries=job.cluster.retries,
@@ -158,65 +131,13 @@ def _run_on_cluster(todo: list[Shard], job: JobSpec, ctx: RunContext, result: Ru
             ]
             for future in as_completed(futures):
                 if future.status == "error":
-                    result.failures[future.key] = repr(future.exception())
-                    log.error("shard %s failed: %s", future.key, result.failures[future.key])
+                    on_failure(future.key, _describe_failure(future.exception()))
                     continue
-                record = future.result()
-                result.records.append(record)
-                if on_shard:
-                    on_shard(record)
+                on_record(future.result())
                 future.release()
 
 
-def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
-            on_shard: Callable[[ShardRecord], None] | None = None) -> RunResult:
-    """Run every shard not already done; write ``_SUCCESS`` when all are."""
-    job = plan.job
-    started = time.perf_counter()
-    now = datetime.now(timezone.utc)
-    run_id = now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    done = prepare_output(plan.output_root, job.output.mode,
-                          {s.fingerprint for s in plan.shards}, plan.job_fingerprint)
-    todo = [s for s in plan.shards if s.fingerprint not in done]
-    result = RunResult(run_id=run_id, planned=len(plan.shards), skipped=len(done))
-    report = run_dir(plan.output_root, run_id)
-    result.report_dir = str(report)
-    threads = _default_threads(job)
-    if threads != job.engine.threads:
-        job = job.model_copy(update={"engine": job.engine.model_copy(update={"threads": threads})})
-    ctx = RunContext(
-        run_id=run_id,
-        run_date=now.date().isoformat(),  # UTC, like the run id
-        job_fingerprint=plan.job_fingerprint,
-        output_root=plan.output_root,
-        model=plan.model,
-        file_metadata=_file_metadata(plan, run_id),
-    )
-    if todo:
-        _run_on_cluster(todo, job, ctx, result, on_start, on_shard)
-    elif on_start:
-        on_start(result)
-    result.seconds = time.perf_counter() - started
-    summary = {
-        "run_id": run_id,
-        "job": job.name,
-        "job_fingerprint": plan.job_fingerprint,
-        "shards_planned": result.planned,
-        "shards_skipped": result.skipped,
-        "shards_run": len(result.records),
-        "shards_failed": len(result.failures),
-        "failures": result.failures,
-        "rows": result.rows,
-        "tokens": result.tokens,
-        "padded_tokens": result.padded_tokens,
-        "error_rows": result.error_rows,
-        "seconds": round(result.seconds, 3),
-        "rows_per_second": round(result.rows / result.seconds, 2),
-        "tokens_per_second": round(result.tokens / result.seconds, 1),
-    }
-    if result.padded_tokens:
-        summary["padding_efficiency"] = round(result.tokens / result.padded_tokens, 4)
-    (report / "report.json").write_text(json.dumps(summary, indent=1))
-    if result.ok:
-        write_success(plan.output_root, summary)
-    return result
+def _describe_failure(exc: BaseException) -> str:
+    """A shard's failure in one line: the exception type and message (which, for input
+    errors, name the file and row groups)."""
+    return f"{type(exc).__name__}: {exc}"

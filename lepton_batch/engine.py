@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,6 +37,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_length: int = 512
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # load pytorch_model.bin when there is no safetensors
     threads: int | None = None
 
 
@@ -54,13 +56,33 @@ class Tokenized:
 
 @dataclass
 class BatchStats:
-    """Counters for one engine call: real tokens vs tokens including padding."""
+    """Counters for one engine call: real tokens vs tokens including padding.
+
+    ``sizes``: rows of each batch that ran, in run order. ``oom_splits``: batches halved
+    after an out-of-memory error; ``max_rows_cap``: the batch size that then worked, kept
+    for the rest of the call (None when nothing ran out of memory). ``failed_rows``:
+    indices into the tokenized rows that could not run even alone (their output is NaN),
+    with the reason for each in ``failed_reasons``.
+    """
 
     batches: int = 0
     tokens: int = 0
     padded_tokens: int = 0
     oom_splits: int = 0
     sizes: list[int] = field(default_factory=list)
+    max_rows_cap: int | None = None
+    failed_rows: list[int] = field(default_factory=list)
+    failed_reasons: list[str] = field(default_factory=list)
+
+
+_OOM_MESSAGES = ("out of memory", "DefaultCPUAllocator: can't allocate memory")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or a RuntimeError from an allocator that ran out (CPU)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
 
 
 def resolve_device(device: str) -> str:
@@ -130,6 +152,9 @@ class Engine:
             dtype=self.dtype,
             attn_implementation=self.attn_implementation,
             trust_remote_code=config.trust_remote_code,
+            # True refuses pickled weights; None prefers safetensors and falls back to the
+            # pickle (False would refuse safetensors, and so a safetensors-only model).
+            use_safetensors=None if config.allow_pickle else True,
         ).to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.hidden_size = int(self.model.config.hidden_size)
@@ -174,25 +199,55 @@ class Engine:
 
         step(input_ids (b, L) int64, attention_mask (b, L) int64) -> (b, width) tensor.
         Output row i belongs to input row i, whatever order the batches ran in.
+
+        Out of memory: the batch is halved and retried, down to one row; the first size
+        that then works caps the rows per batch for the rest of this call (the remaining
+        batches are re-cut, still longest first). A row that cannot run even alone gets
+        NaN and is listed in ``stats.failed_rows``; without ``stats`` to report it in,
+        its error is raised instead, since a caller could not tell the row was lost.
         """
+        report_failures = stats is not None
         stats = stats if stats is not None else BatchStats()
         out = torch.empty((len(tok.ids), width), dtype=torch.float32)
-        pending = plan_batches(tok.lengths, max_tokens, max_rows)
+        pending = deque(plan_batches(tok.lengths, max_tokens, max_rows))
+        cap, split = max_rows, False  # split: a batch was halved and nothing ran since
         while pending:
-            idx = pending.pop(0)
-            rows = [tok.ids[i] for i in idx]
+            idx = pending.popleft()
             try:
-                result = step(*self._pad(rows))
-            except torch.OutOfMemoryError:
-                if len(idx) == 1:
+                result = step(*self._pad([tok.ids[i] for i in idx]))
+            except RuntimeError as exc:
+                if not is_oom(exc) or (len(idx) == 1 and not report_failures):
                     raise
-                half = len(idx) // 2
-                log.warning("out of memory on a batch of %d rows; retrying as two of %d",
-                            len(idx), half)
-                torch.cuda.empty_cache()
+                result = None
+            if result is None:
+                # Outside the except block, so the failed batch's tensors are already freed.
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
+                if len(idx) == 1:
+                    row = int(idx[0])
+                    reason = (f"out of memory: a row of {int(tok.lengths[row])} tokens could "
+                              "not run even alone; lower model.max_length or "
+                              "engine.max_tokens_per_batch")
+                    log.warning("row %d: %s", row, reason)
+                    out[row] = float("nan")
+                    stats.failed_rows.append(row)
+                    stats.failed_reasons.append(reason)
+                    continue
+                half = (len(idx) + 1) // 2  # the larger half first: its size caps the rest
                 stats.oom_splits += 1
-                pending[:0] = [idx[:half], idx[half:]]
+                split = True
+                pending.extendleft([idx[half:], idx[:half]])
                 continue
+            if split and len(idx) < cap:
+                cap = stats.max_rows_cap = len(idx)
+                log.warning("out of memory: batches of %d rows work; keeping that size for "
+                            "the rest of this shard (engine.max_rows_per_batch starts "
+                            "there)", cap)
+                if pending:
+                    rest = np.concatenate(list(pending))  # still longest first
+                    pending = deque(rest[b] for b in
+                                    plan_batches(tok.lengths[rest], max_tokens, cap))
+            split = False
             out[torch.from_numpy(idx)] = result.float().cpu()
             stats.batches += 1
             stats.sizes.append(len(idx))
@@ -201,12 +256,15 @@ class Engine:
         return out
 
     def embed(self, tok: Tokenized, pooling: str, normalize: bool, max_tokens: int,
-              max_rows: int, stats: BatchStats | None = None) -> torch.Tensor:
-        """Pooled sentence embeddings, (n, hidden_size) float32, in input order."""
+              max_rows: int, stats: BatchStats | None = None, skip: int = 0) -> torch.Tensor:
+        """Pooled sentence embeddings, (n, hidden_size) float32, in input order.
+
+        skip: leading tokens of every row left out of pooling (a prompt's, see ``pool``).
+        """
 
         def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-            pooled = pool(hidden, mask, pooling)
+            pooled = pool(hidden, mask, pooling, skip)
             return F.normalize(pooled, dim=-1) if normalize else pooled
 
         return self.run(tok, step, self.hidden_size, max_tokens, max_rows, stats)
@@ -222,11 +280,28 @@ class Engine:
                         stats)
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """hidden (b, L, d) float, mask (b, L) int -> (b, d): masked mean, or the first token."""
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, skip: int = 0) -> torch.Tensor:
+    """hidden (b, L, d) float, mask (b, L) int, right-padded -> (b, d) float, as
+    sentence-transformers' Pooling computes it.
+
+    pooling: ``mean`` (masked mean), ``cls`` (first unmasked token), ``max`` (masked
+    element-wise max), ``lasttoken`` (last non-pad token). skip: the first ``skip`` positions
+    are masked out, as sentence-transformers does for a prompt with ``include_prompt: false``.
+    """
+    if skip:
+        mask = mask.clone()
+        mask[:, :skip] = 0
+    rows = torch.arange(len(hidden), device=hidden.device)
     if pooling == "cls":
-        return hidden[:, 0]
+        return hidden[rows, mask.argmax(1)] if skip else hidden[:, 0]
     m = mask.unsqueeze(-1).to(hidden.dtype)
+    if pooling == "max":
+        return hidden.masked_fill(m == 0, float("-inf")).max(1).values
+    if pooling == "lasttoken":
+        # Right padding: the last 1 in the mask. A row with no unmasked token pools to zeros.
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+        return hidden[rows, last] * m[rows, last]
+    assert pooling == "mean", f"unknown pooling {pooling!r}"
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 

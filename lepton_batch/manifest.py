@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from lepton_batch.faults import checkpoint
 
 MANIFEST_DIR = "_manifest"
 log = logging.getLogger(__name__)
@@ -40,45 +43,52 @@ class ShardRecord:
     model_load_seconds: float  # 0.0 when the worker's cached engine was reused
     worker: str
     finished_at: str
+    oom_splits: int = 0  # batches halved after out of memory (default: older records)
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(fh)`` on a temporary file in ``path``'s folder, fsync, rename into place.
 
-    Readers never see half a file, and a crash leaves only a hidden ``.tmp`` behind.
+    Readers never see half a file. A failed write (disk full, say) removes its temporary
+    file and re-raises; only a killed process can leave a hidden ``.tmp-*`` behind, and the
+    next run removes it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            checkpoint("write-before-rename")
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def write_record(root: Path, record: ShardRecord) -> None:
+def write_record(manifest_dir: Path, record: ShardRecord) -> None:
+    """Write ``record`` as ``<manifest_dir>/<shard fingerprint>.json`` (atomically)."""
     blob = json.dumps(asdict(record), indent=1).encode()
-    path = root / MANIFEST_DIR / f"{record.shard_fingerprint}.json"
-    write_atomic(path, lambda fh: fh.write(blob))
+    write_atomic(manifest_dir / f"{record.shard_fingerprint}.json", lambda fh: fh.write(blob))
 
 
-def read_records(root: Path) -> dict[str, ShardRecord]:
-    """All shard records in the output, keyed by shard fingerprint."""
-    folder = root / MANIFEST_DIR
-    if not folder.is_dir():
+def read_record(path: Path) -> ShardRecord | None:
+    """One record, or None (with a warning) when it is unreadable or from another version."""
+    try:
+        return ShardRecord(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("ignoring unreadable shard record %s: %s", path, exc)
+        return None
+
+
+def read_records(manifest_dir: Path) -> dict[str, ShardRecord]:
+    """Every readable record in ``manifest_dir``, keyed by shard fingerprint (reads only)."""
+    if not manifest_dir.is_dir():
         return {}
     records = {}
-    for f in sorted(folder.glob("*.json")):
-        try:
-            rec = ShardRecord(**json.loads(f.read_text()))
-        except (ValueError, TypeError) as exc:
-            # Unreadable (or from an incompatible version): its shard is simply run again.
-            log.warning("ignoring unreadable shard record %s: %s", f.name, exc)
-            f.unlink()
-            continue
-        records[rec.shard_fingerprint] = rec
+    for f in sorted(manifest_dir.glob("*.json")):
+        rec = read_record(f)
+        if rec is not None and f.stem == rec.shard_fingerprint:
+            records[rec.shard_fingerprint] = rec
     return records
-
-
-def remove_record(root: Path, fingerprint: str) -> None:
-    (root / MANIFEST_DIR / f"{fingerprint}.json").unlink(missing_ok=True)

@@ -63,8 +63,43 @@ def _revision(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def inspect_model_dir(path: Path) -> ModelInfo:
-    """Check that ``path`` looks like a loadable model and read its config (no weights)."""
+def _known_model_type(model_type: object) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+
+
+def remote_code_reason(config: dict) -> str | None:
+    """Why loading this config needs the model author's Python code, or None if it does not.
+
+    transformers runs an ``auto_map`` entry only with ``trust_remote_code``; without it, a
+    known ``model_type`` loads the built-in class. That is only the same model when every
+    named architecture is a transformers class too (a custom ``JinaBertModel`` over
+    ``model_type: bert`` would load as plain BERT and give silently wrong outputs).
+    """
+    import transformers
+
+    auto_map = config.get("auto_map")
+    if not auto_map:
+        return None
+    entries = ", ".join(f"{k} -> {v}" for k, v in dict(auto_map).items())
+    model_type = config.get("model_type")
+    if not _known_model_type(model_type):
+        return f"auto_map in config.json: {entries}; model_type {model_type!r} is not built in"
+    names = dir(transformers)  # a lazy module: lists every class without importing it
+    custom = [a for a in config.get("architectures") or () if a not in names]
+    if not custom:
+        return None
+    return f"auto_map in config.json: {entries}; architectures {custom} are not built in"
+
+
+def inspect_model_dir(path: Path, *, allow_pickle: bool = False,
+                      trust_remote_code: bool = False) -> ModelInfo:
+    """Check that ``path`` looks like a loadable model and read its config (no weights).
+
+    Refused unless the job opts in: weights only in pickle form (``allow_pickle``), and a
+    config that needs custom Python code (``trust_remote_code``).
+    """
     if not path.is_dir():
         raise FileNotFoundError(f"model.path: {path} is not a directory")
     config_file = path / "config.json"
@@ -81,6 +116,29 @@ def inspect_model_dir(path: Path) -> ModelInfo:
     hidden = config.get("hidden_size") or config.get("d_model") or config.get("dim")
     if not isinstance(hidden, int):
         raise ValueError(f"model.path: {config_file} has no hidden_size")
+    has_safetensors = any(f.suffix == ".safetensors" for f in weights)
+    if not has_safetensors and not allow_pickle:
+        names = ", ".join(sorted(f.name for f in weights)[:3])
+        raise ValueError(
+            f"model.allow_pickle: {path} has only pickled weights ({names}); loading them can "
+            "run arbitrary code. Convert to safetensors, or set model.allow_pickle: true if you "
+            "trust the file"
+        )
+    model_type = config.get("model_type")
+    # No model_type at all is left to transformers, which may infer it from the folder name.
+    unknown = isinstance(model_type, str) and not _known_model_type(model_type)
+    if unknown and not config.get("auto_map"):
+        import transformers
+
+        raise ValueError(
+            f"model.path: {config_file}: model_type {model_type!r} is not one transformers "
+            f"{transformers.__version__} knows, and there is no auto_map for custom code"
+        )
+    if not trust_remote_code and (reason := remote_code_reason(config)):
+        raise ValueError(
+            f"model.trust_remote_code: {path} needs custom code ({reason}); set "
+            "model.trust_remote_code: true only if you trust that code"
+        )
     return ModelInfo(
         path=path,
         model_type=str(config.get("model_type", "unknown")),
@@ -89,6 +147,6 @@ def inspect_model_dir(path: Path) -> ModelInfo:
         max_positions=config.get("max_position_embeddings"),
         id2label={int(k): str(v) for k, v in (config.get("id2label") or {}).items()},
         problem_type=config.get("problem_type"),
-        has_safetensors=any(f.suffix == ".safetensors" for f in weights),
+        has_safetensors=has_safetensors,
         revision=_revision(path),
     )

@@ -1,34 +1,55 @@
-"""The output dataset's housekeeping: overwrite/resume, stale parts, ``_SUCCESS``.
+"""The output dataset: layout, staging, publish, ``_SUCCESS``.
 
 Layout (the warehouse contract)::
 
-    <root>/run_date=YYYY-MM-DD/part-<shard fingerprint>.parquet
-    <root>/_manifest/<shard fingerprint>.json
+    <root>/run_date=YYYY-MM-DD/part-<shard fp>.parquet   published parts: readers look here
+    <root>/_manifest/<shard fp>.json                     one record per published part
+    <root>/_SUCCESS                                      the published dataset is complete
+    <root>/_staging/<job fp>/part-<shard fp>.parquet     a run's parts before it publishes
+    <root>/_staging/<job fp>/_manifest/<shard fp>.json   ... and their records
+    <root>/_publish.json                                 publish journal, only mid-publish
     <root>/_runs/<run id>/report.json, dask-report.html
-    <root>/_SUCCESS
+    <root>/_lepton_batch.json                            marks the directory as ours
+    <root>/_lock                                         one writer at a time (lock.py)
+
+A run writes its shards under ``_staging/`` (``_``-prefixed, so Hive readers such as DuckDB,
+Spark and polars skip it) and publishes them only when every planned shard is done. Publish
+first writes a journal of renames and deletes, then carries it out; a crash mid-publish is
+rolled forward by the next run, so the published dataset is always the old one or the new
+one once any run has finished.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
+from lepton_batch.faults import checkpoint
 from lepton_batch.manifest import (
     MANIFEST_DIR,
     ShardRecord,
+    read_record,
     read_records,
-    remove_record,
     write_atomic,
+    write_record,
 )
 
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 RUNS_DIR = "_runs"
+STAGING = "_staging"
+JOURNAL = "_publish.json"
+MARKER = "_lepton_batch.json"
+LOCK = "_lock"
 PARTITION_GLOB = "run_date=*"
-PARTS_GLOB = f"{PARTITION_GLOB}/*.parquet"  # every part file of the dataset, relative to root
+PARTS_GLOB = f"{PARTITION_GLOB}/*.parquet"  # every published part, relative to root
+_OURS = (MARKER, MANIFEST_DIR, SUCCESS, RUNS_DIR, STAGING, JOURNAL, LOCK)
 
 
 class OutputError(ValueError):
@@ -36,59 +57,214 @@ class OutputError(ValueError):
 
 
 def _is_ours(root: Path) -> bool:
-    return (root / MANIFEST_DIR).is_dir() or (root / SUCCESS).exists() or any(
-        root.glob(PARTITION_GLOB)
-    )
+    return any((root / name).exists() for name in _OURS) or any(root.glob(PARTITION_GLOB))
 
 
 def check_output_dir(root: Path) -> str | None:
     """Why ``root`` cannot hold this job's output, or None when it can."""
     if root.exists() and not root.is_dir():
         return f"output.path: {root} is a file, not a directory"
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir():
+        return f"output.path: cannot create {root}: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"output.path: cannot create or write {root}: {existing} is not writable"
     if root.is_dir() and any(root.iterdir()) and not _is_ours(root):
         return (f"output.path: {root} is not empty and holds no lepton-batch output; "
                 "choose an empty or new directory")
     return None
 
 
-def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str
-                   ) -> dict[str, ShardRecord]:
-    """Make ``root`` ready for a run; return the records of shards that can be skipped.
-
-    overwrite: remove the previous dataset (only lepton-batch's own files).
-    resume: keep parts whose record matches a planned shard and this job's fingerprint;
-    delete every other part and record, so no row is ever left twice in the dataset.
-    """
+def init_output(root: Path) -> None:
+    """Create ``root`` and mark it as ours first thing, so that whatever a killed run leaves
+    behind, the same command accepts the directory again."""
     problem = check_output_dir(root)
     if problem:
         raise OutputError(problem)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / SUCCESS).unlink(missing_ok=True)
-    if mode == "overwrite":
-        for part_dir in root.glob(PARTITION_GLOB):
-            shutil.rmtree(part_dir)
-        shutil.rmtree(root / MANIFEST_DIR, ignore_errors=True)
-        return {}
-    keep: dict[str, ShardRecord] = {}
-    referenced: set[Path] = set()
-    for fp, rec in read_records(root).items():
-        part = (root / rec.part).resolve()
-        usable = part.is_relative_to(root.resolve()) and part.is_file()  # never leave root
-        if fp in shard_fps and rec.job_fingerprint == job_fp and usable:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / MARKER).exists():
+            blob = json.dumps({"format": 1, "created": _now()}).encode()
+            write_atomic(root / MARKER, lambda fh: fh.write(blob))
+    except OSError as exc:
+        raise OutputError(f"output.path: cannot write to {root}: {exc.strerror or exc}") from None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    """``root / rel`` if it stays inside ``root`` (a record's path is never trusted)."""
+    path = (root / rel).resolve()
+    return path if path.is_relative_to(root.resolve()) else None
+
+
+def _remove_temp_files(folder: Path) -> None:
+    """Hidden ``.tmp-*`` files a killed writer left (write_atomic names them so)."""
+    for tmp in folder.rglob(".*.tmp-*"):
+        if tmp.is_file():
+            tmp.unlink()
+
+
+def published_records(root: Path, shard_fps: set[str], job_fp: str) -> dict[str, ShardRecord]:
+    """Published records of planned shards, made by this job, whose part file is there."""
+    keep = {}
+    for fp, rec in read_records(root / MANIFEST_DIR).items():
+        part = _inside(root, rec.part)
+        if (fp in shard_fps and rec.job_fingerprint == job_fp and part is not None
+                and part.is_file() and rec.part.startswith("run_date=")):
             keep[fp] = rec
-            referenced.add(part)
+    return keep
+
+
+def prepare_staging(root: Path, mode: str, job_fp: str, shard_fps: set[str], run_id: str
+                    ) -> tuple[str, dict[str, ShardRecord]]:
+    """The staging folder for this job (relative to root) and the shards already in it.
+
+    Staged shards of the same job fingerprint and mode are kept (a killed or failed run
+    resumes from them); anything else under ``_staging/`` is removed. Within the folder,
+    records that do not match the plan and parts without a record are deleted.
+    """
+    base = root / STAGING
+    folder = base / job_fp
+    info = folder / "_run.json"
+    reuse = False
+    if info.is_file():
+        try:
+            reuse = json.loads(info.read_text()).get("mode") == mode
+        except (OSError, ValueError):
+            reuse = False
+    if base.is_dir():
+        for child in base.iterdir():
+            if child != folder or not reuse:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    if not reuse:
+        blob = json.dumps({"mode": mode, "job_fingerprint": job_fp, "run_id": run_id,
+                           "started": _now()}).encode()
+        write_atomic(info, lambda fh: fh.write(blob))
+    _remove_temp_files(folder)
+    staged: dict[str, ShardRecord] = {}
+    for f in sorted((folder / MANIFEST_DIR).glob("*.json")):
+        rec = read_record(f)
+        part = _inside(folder, Path(rec.part).name) if rec else None
+        if (rec and f.stem == rec.shard_fingerprint and rec.shard_fingerprint in shard_fps
+                and rec.job_fingerprint == job_fp and part is not None and part.is_file()):
+            staged[rec.shard_fingerprint] = rec
         else:
-            remove_record(root, fp)
-    stale = [p for p in root.glob(f"{PARTITION_GLOB}/*")
-             if p.is_file() and p.resolve() not in referenced]
-    for p in stale:
-        p.unlink()
+            f.unlink()
+    referenced = {Path(r.part).name for r in staged.values()}
+    for part in folder.glob("*.parquet"):
+        if part.name not in referenced:
+            part.unlink()
+    return f"{STAGING}/{job_fp}", staged
+
+
+def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str, run_id: str
+                   ) -> tuple[str, dict[str, ShardRecord]]:
+    """Make ``root`` ready for a run (the caller holds the lock).
+
+    Finishes a publish a crash interrupted, removes temp files, and returns the staging
+    folder plus every shard that need not run: staged ones, and in mode resume, published
+    ones whose record matches this plan and job fingerprint. Nothing published is changed
+    here; readers keep seeing the last published dataset until this run publishes.
+    """
+    finished = roll_forward(root)
+    for folder in (root / MANIFEST_DIR, *root.glob(PARTITION_GLOB)):
+        if folder.is_dir():
+            _remove_temp_files(folder)
+    staging, staged = prepare_staging(root, mode, job_fp, shard_fps, run_id)
+    # An overwrite killed while publishing has just been published by roll_forward: that is
+    # the dataset this same command was making, so it is done, not to be recomputed.
+    same_run = finished is not None and finished.get("job_fingerprint") == job_fp
+    done = {} if mode == "overwrite" and not same_run else published_records(root, shard_fps,
+                                                                             job_fp)
+    return staging, done | staged
+
+
+def publish(root: Path, staging: str, shard_fps: set[str], job_fp: str, mode: str,
+            run_date: str, summary: dict) -> None:
+    """Move the staged parts into ``run_date=<run_date>/`` and drop what the new dataset no
+    longer holds, through a journal, then write ``_SUCCESS``.
+
+    Every planned shard must be staged or (mode resume) published already.
+    """
+    folder = root / staging
+    staged = {fp: rec for fp, rec in read_records(folder / MANIFEST_DIR).items()
+              if fp in shard_fps and rec.job_fingerprint == job_fp}
+    keep = {} if mode == "overwrite" else published_records(root, shard_fps, job_fp)
+    keep = {fp: rec for fp, rec in keep.items() if fp not in staged}
+    missing = shard_fps - set(staged) - set(keep)
+    assert not missing, f"publish called with {len(missing)} shard(s) not done"
+    moves = [(fp, f"{staging}/{Path(rec.part).name}", f"run_date={run_date}/part-{fp}.parquet")
+             for fp, rec in sorted(staged.items())]
+    live = {rec.part for rec in keep.values()} | {dst for _, _, dst in moves}
+    deletes = sorted(str(p.relative_to(root)) for p in root.glob(f"{PARTITION_GLOB}/*")
+                     if p.is_file() and str(p.relative_to(root)) not in live)
+    drop = sorted(set(read_records(root / MANIFEST_DIR)) - set(keep) - set(staged))
+    if not (moves or deletes or drop) and (root / SUCCESS).exists():
+        shutil.rmtree(root / STAGING, ignore_errors=True)
+        return  # the published dataset is already this one
+    journal = {"staging": staging, "job_fingerprint": job_fp, "moves": moves,
+               "deletes": deletes, "drop_records": drop, "success": summary}
+    blob = json.dumps(journal, indent=1).encode()
+    write_atomic(root / JOURNAL, lambda fh: fh.write(blob))
+    checkpoint("publish-journaled")
+    _carry_out(root, journal)
+
+
+def roll_forward(root: Path) -> dict | None:
+    """Finish a publish that a crash interrupted (every step is idempotent); return its
+    journal, or None when there was nothing to finish."""
+    path = root / JOURNAL
+    if not path.is_file():
+        return None
+    log.warning("finishing the publish an earlier run started (%s)", path)
+    journal = json.loads(path.read_text())
+    _carry_out(root, journal)
+    return journal
+
+
+def _carry_out(root: Path, journal: dict) -> None:
+    (root / SUCCESS).unlink(missing_ok=True)
+    staged_records = root / journal["staging"] / MANIFEST_DIR
+    for fp, src, dst in journal["moves"]:
+        source, target = _inside(root, src), _inside(root, dst)
+        assert source is not None and target is not None, f"journal path leaves {root}"
+        if source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+        staged = staged_records / f"{fp}.json"
+        if staged.is_file():
+            rec = read_record(staged)
+            if rec is not None:
+                write_record(root / MANIFEST_DIR, replace(rec, part=dst))
+            staged.unlink()
+        checkpoint("publish-moved")
+    for rel in journal["deletes"]:
+        path = _inside(root, rel)
+        if path is not None:
+            path.unlink(missing_ok=True)
+    for fp in journal["drop_records"]:
+        (root / MANIFEST_DIR / f"{fp}.json").unlink(missing_ok=True)
     for part_dir in root.glob(PARTITION_GLOB):
         if part_dir.is_dir() and not any(part_dir.iterdir()):
             part_dir.rmdir()
-    if stale:
-        log.info("resume: removed %d part file(s) with no matching record", len(stale))
-    return keep
+    checkpoint("publish-before-success")
+    write_success(root, journal["success"])
+    checkpoint("success-written")
+    shutil.rmtree(root / STAGING, ignore_errors=True)
+    _fsync_dir(root)
+    (root / JOURNAL).unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_success(root: Path, summary: dict) -> None:
@@ -96,7 +272,13 @@ def write_success(root: Path, summary: dict) -> None:
     write_atomic(root / SUCCESS, lambda fh: fh.write(blob))
 
 
+def staged_count(root: Path) -> int:
+    """Shards computed by an unfinished run and not yet published (for ``status``)."""
+    return sum(1 for _ in (root / STAGING).glob(f"*/{MANIFEST_DIR}/*.json"))
+
+
 def run_dir(root: Path, run_id: str) -> Path:
     path = root / RUNS_DIR / run_id
     path.mkdir(parents=True, exist_ok=True)
     return path
+

@@ -7,14 +7,22 @@ job file in one pass instead of one error per run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lepton_batch.modeldir import ModelInfo, inspect_model_dir, resolve_model_dir
 from lepton_batch.output import check_output_dir
-from lepton_batch.shards import InputFile, Shard, check_columns, describe_files, plan_shards
+from lepton_batch.settings import Settings, SettingsError, resolve_settings
+from lepton_batch.shards import (
+    BadFile,
+    InputFile,
+    Shard,
+    check_columns,
+    describe_files,
+    plan_shards,
+)
 from lepton_batch.spec import JobSpec, JobSpecError
 
 log = logging.getLogger(__name__)
@@ -28,6 +36,8 @@ class Plan:
     shards: list[Shard]
     job_fingerprint: str
     output_root: Path
+    settings: Settings  # max_length, pooling, ...: from the job, else the model directory
+    bad_files: list[BadFile] = field(default_factory=list)  # unreadable; their rows not planned
 
     @property
     def rows(self) -> int:
@@ -46,28 +56,42 @@ def make_plan(job: JobSpec, source: str = "job file") -> Plan:
     from lepton_batch.pipelines import make_pipeline
 
     problems: list[str] = []
-    model = None
+    model = settings = None
     try:
-        model = inspect_model_dir(resolve_model_dir(job.model.path))
+        model = inspect_model_dir(resolve_model_dir(job.model.path),
+                                  allow_pickle=job.model.allow_pickle,
+                                  trust_remote_code=job.model.trust_remote_code)
     except (FileNotFoundError, ValueError) as exc:
         problems.append(str(exc))
     if model is not None:
-        if model.max_positions and job.model.max_length > model.max_positions:
-            problems.append(
-                f"model.max_length: {job.model.max_length} exceeds the model's "
-                f"max_position_embeddings ({model.max_positions})"
-            )
-        if not model.has_safetensors:
-            log.warning("%s has no safetensors weights; loading a pickled checkpoint", model.path)
         try:
-            make_pipeline(job.task, model)
+            settings = resolve_settings(model, job.model, job.task)
+        except SettingsError as exc:
+            problems += exc.problems
+    if model is not None and settings is not None:
+        if model.max_positions and settings.max_length > model.max_positions:
+            origin = settings.sources["max_length"]
+            problems.append(
+                f"model.max_length: {settings.max_length}"
+                + ("" if origin == "job" else f" from the {origin}")
+                + f" exceeds the model's max_position_embeddings ({model.max_positions})"
+                + ("" if origin == "job" else "; set model.max_length")
+            )
+        try:
+            make_pipeline(job.task, model, settings)
         except ValueError as exc:
             problems.append(str(exc))
     files: list[InputFile] = []
+    bad: list[BadFile] = []
     try:
-        files = describe_files(job.input.path)
+        files, bad = describe_files(job.input.path)
     except (FileNotFoundError, OSError, ValueError) as exc:
         problems.append(str(exc) if str(exc).startswith("input.") else f"input.path: {exc}")
+    if bad and not files:
+        problems += [f"input.path: {b.path}: {b.reason}" for b in bad]
+    for b in bad:
+        log.warning("input file %s: %s; its rows are skipped and the run will not publish",
+                    b.path, b.reason)
     inp = job.input
     problems += check_columns(files, inp.text_column, inp.id_column, inp.passthrough_columns)
     output_root = None
@@ -77,22 +101,46 @@ def make_plan(job: JobSpec, source: str = "job file") -> Plan:
         problems.append(str(exc))
     if output_root is not None and (problem := check_output_dir(output_root)):
         problems.append(problem)
-    if output_root is not None and "://" not in inp.path:
-        for f in files:
-            if Path(f.path).resolve().is_relative_to(output_root):
-                problems.append(f"output.path: {output_root} contains input file {f.path}")
-                break
+    if output_root is not None and (problem := _overlap(inp.path, output_root, files)):
+        problems.append(problem)
     if problems:
         raise JobSpecError(problems, source)
-    assert model is not None and output_root is not None
+    assert model is not None and settings is not None and output_root is not None
     return Plan(
         job=job,
         model=model,
         files=files,
         shards=plan_shards(files, inp.rows_per_shard),
-        job_fingerprint=job.fingerprint(model.revision),
+        job_fingerprint=job.fingerprint(model.revision, settings),
         output_root=output_root,
+        settings=settings,
+        bad_files=bad,
     )
+
+
+def _input_dir(path: str) -> Path | None:
+    """The local directory an input path scans (a glob's fixed prefix), or None for URLs."""
+    if "://" in path and not path.startswith("file://"):
+        return None
+    local = Path(path.removeprefix("file://")).expanduser()
+    parts = local.parts
+    for i, part in enumerate(parts):
+        if any(ch in part for ch in "*?["):
+            return Path(*parts[:i]).resolve() if i else Path.cwd()
+    local = local.resolve()
+    return local if local.is_dir() else None
+
+
+def _overlap(input_path: str, output_root: Path, files: list[InputFile]) -> str | None:
+    """Why input and output may not share a tree: either would read or delete the other."""
+    for f in files:
+        if "://" not in f.path and Path(f.path).resolve().is_relative_to(output_root):
+            return f"output.path: {output_root} contains input file {f.path}"
+    scanned = _input_dir(input_path)
+    if scanned is not None and output_root.is_relative_to(scanned):
+        return (f"output.path: {output_root} is inside the input directory {scanned}; the "
+                "next run would read this output as input. Choose an output outside it")
+    return None
 
 
 def estimate_tokens(plan: Plan, sample_rows: int = 2000) -> tuple[int, float]:
@@ -113,9 +161,9 @@ def estimate_tokens(plan: Plan, sample_rows: int = 2000) -> tuple[int, float]:
     lengths: list[int] = []
     for shard in sampled:
         column = read_shard(shard, [plan.job.input.text_column]).column(0).slice(0, per_shard)
-        texts = prepare_text(column).texts
+        texts = plan.settings.apply(prepare_text(column).texts)
         if texts:
-            ids = tok(texts, truncation=True, max_length=plan.job.model.max_length)["input_ids"]
+            ids = tok(texts, truncation=True, max_length=plan.settings.max_length)["input_ids"]
             lengths += [len(x) for x in ids]
     mean = float(np.mean(lengths)) if lengths else 0.0
     return int(mean * plan.rows), mean

@@ -16,13 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lepton_batch.engine import BatchStats, EngineCache, EngineConfig
-from lepton_batch.manifest import ShardRecord, write_atomic, write_record
+from lepton_batch.faults import checkpoint
+from lepton_batch.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
 from lepton_batch.modeldir import ModelInfo
 from lepton_batch.pipelines import make_pipeline, prepare_text
-from lepton_batch.shards import Shard, read_shard
+from lepton_batch.settings import Settings
+from lepton_batch.shards import Shard, read_shard, redact
 from lepton_batch.spec import JobSpec
 
 
@@ -31,10 +34,11 @@ class RunContext:
     """What every shard of one run shares; small and picklable, sent with each task."""
 
     run_id: str
-    run_date: str  # YYYY-MM-DD, the Hive partition the run writes into
     job_fingerprint: str
     output_root: Path
+    staging: str  # folder under output_root where this run's parts wait for publish
     model: ModelInfo
+    settings: Settings  # resolved from the job and the model directory (plan.settings)
     file_metadata: dict[str, str] = field(default_factory=dict)
 
     def engine_config(self, job: JobSpec, head: str) -> EngineConfig:
@@ -43,19 +47,38 @@ class RunContext:
             head=head,
             dtype=job.model.dtype,
             device=job.model.device,
-            max_length=job.model.max_length,
+            max_length=self.settings.max_length,
             trust_remote_code=job.model.trust_remote_code,
+            allow_pickle=job.model.allow_pickle,
             threads=job.engine.threads,
         )
 
 
-def _expand(values: pa.Array, valid: np.ndarray, n: int) -> pa.Array:
-    """Place k results at their rows in a length-n array; every other row is null."""
+def _expand(values: pa.Array, valid: np.ndarray, n: int,
+            failed: np.ndarray | None = None) -> pa.Array:
+    """Place k results at their rows in a length-n array; every other row is null.
+
+    valid: (k,) int64 shard positions of the k results; failed: int64 shard positions
+    (a subset of ``valid``) whose result is void and must be null too.
+    """
     positions = np.zeros(n, dtype=np.int64)
     positions[valid] = np.arange(len(valid))
     missing = np.ones(n, dtype=bool)
     missing[valid] = False
+    if failed is not None:
+        missing[failed] = True
     return values.take(pa.array(positions, mask=missing))
+
+
+def _merge_errors(errors: pa.Array, rows: np.ndarray, reasons: list[str]) -> pa.Array:
+    """``errors`` (n,) string with ``reasons[j]`` set at shard position ``rows[j]``."""
+    if not len(rows):
+        return errors
+    mask = np.zeros(len(errors), dtype=bool)
+    mask[rows] = True
+    order = np.argsort(rows, kind="stable")  # replace_with_mask fills in position order
+    return pc.replace_with_mask(errors, pa.array(mask),
+                                pa.array([reasons[j] for j in order], pa.string()))
 
 
 def output_schema(job: JobSpec, id_type: pa.DataType, passthrough: list[pa.Field],
@@ -76,15 +99,15 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
     n = table.num_rows
     prep = prepare_text(table[inp.text_column])
 
-    pipeline = make_pipeline(job.task, ctx.model)
+    pipeline = make_pipeline(job.task, ctx.model, ctx.settings)
     loads, load_start = cache.loads, time.perf_counter()
     engine = cache.get(ctx.engine_config(job, pipeline.head))
     load_seconds = time.perf_counter() - load_start if cache.loads > loads else 0.0
-    tok = engine.tokenize(prep.texts)
+    tok = engine.tokenize(pipeline.prepare(prep.texts))
     stats = BatchStats()
     results = pipeline.run(engine, tok, job.engine, stats)
 
-    meta = {**ctx.file_metadata, "shard": shard.fingerprint, "source": shard.path,
+    meta = {**ctx.file_metadata, "shard": shard.fingerprint, "source": redact(shard.path),
             "row_groups": ",".join(map(str, shard.row_groups)),
             "dtype": str(engine.dtype).removeprefix("torch."),
             "attention": engine.attn_implementation}
@@ -93,25 +116,28 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
                            pipeline.fields(), meta)
     columns_out = {inp.id_column: table[inp.id_column]}
     columns_out |= {c: table[c] for c in inp.passthrough_columns}
-    columns_out |= {name: _expand(arr, prep.valid, n) for name, arr in results.items()}
+    # Rows the engine could not run (out of memory even alone): null results, an error.
+    failed = prep.valid[np.asarray(stats.failed_rows, dtype=np.int64)]
+    columns_out |= {name: _expand(arr, prep.valid, n, failed) for name, arr in results.items()}
     columns_out["num_tokens"] = _expand(pa.array(tok.lengths, pa.int32()), prep.valid, n)
     columns_out["truncated"] = _expand(pa.array(tok.truncated, pa.bool_()), prep.valid, n)
-    columns_out["error"] = prep.errors
+    columns_out["error"] = _merge_errors(prep.errors, failed, stats.failed_reasons)
     out = pa.table(columns_out, schema=schema)
 
-    rel = Path(f"run_date={ctx.run_date}") / shard.part_name
+    rel = Path(ctx.staging) / shard.part_name  # published later, when the whole run is done
     codec = None if job.output.compression == "none" else job.output.compression
+    checkpoint("shard-computed")
     write_atomic(ctx.output_root / rel, lambda fh: pq.write_table(out, fh, compression=codec))
     record = ShardRecord(
         shard_index=shard.index,
         shard_fingerprint=shard.fingerprint,
         job_fingerprint=ctx.job_fingerprint,
         run_id=ctx.run_id,
-        source=shard.path,
+        source=redact(shard.path),
         row_groups=list(shard.row_groups),
         part=str(rel),
         rows=n,
-        error_rows=n - len(prep.valid),
+        error_rows=n - len(prep.valid) + len(failed),
         truncated_rows=int(tok.truncated.sum()),
         tokens=stats.tokens,
         padded_tokens=stats.padded_tokens,
@@ -120,6 +146,8 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
         model_load_seconds=round(load_seconds, 4),
         worker=f"{socket.gethostname()}:{os.getpid()}",
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        oom_splits=stats.oom_splits,
     )
-    write_record(ctx.output_root, record)
+    checkpoint("part-written")
+    write_record(ctx.output_root / ctx.staging / MANIFEST_DIR, record)
     return record

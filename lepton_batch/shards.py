@@ -9,6 +9,7 @@ etag) and its row range, so a changed input file gets new shards and new part fi
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 import fsspec
@@ -43,6 +44,15 @@ class InputFile:
     identity: str  # size + mtime/etag: changes when the file's content changes
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+
+
+def redact(path: str) -> str:
+    """``path`` with any ``user:secret@`` in a URL replaced, for messages, metadata and
+    reports (credentials are never written or logged)."""
+    return _USERINFO.sub(r"\1***@", path)
+
+
 def _protocol_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
 
@@ -68,18 +78,39 @@ def find_files(path: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     return fs, files
 
 
-def describe_files(path: str) -> list[InputFile]:
-    """Footer-only look at every input file: schema, row groups, identity."""
+@dataclass(frozen=True)
+class BadFile:
+    """An input file that cannot be read as Parquet; its rows are not planned."""
+
+    path: str
+    reason: str
+
+
+class InputReadError(OSError):
+    """An input file or row group could not be read; the message names which."""
+
+
+def describe_files(path: str) -> tuple[list[InputFile], list[BadFile]]:
+    """Footer-only look at every input file: schema, row groups, identity.
+
+    A file whose footer cannot be read is returned as a :class:`BadFile` (with the file
+    and the cause) instead of stopping the whole job.
+    """
     fs, files = find_files(path)
-    out = []
+    out, bad = [], []
     for f in files:
-        info = fs.info(f)
+        try:
+            info = fs.info(f)
+            with fs.open(f, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+                schema = meta.schema.to_arrow_schema()
+        except (OSError, pa.ArrowException) as exc:
+            bad.append(BadFile(redact(_protocol_path(fs, f)),
+                               f"not a readable Parquet file: {exc}"))
+            continue
         stamp = info.get("mtime") or info.get("LastModified") or info.get("etag") or ""
         if not stamp and info.get("created") is not None:
             stamp = info["created"]
-        with fs.open(f, "rb") as fh:
-            meta = pq.ParquetFile(fh).metadata
-            schema = meta.schema.to_arrow_schema()
         out.append(
             InputFile(
                 path=_protocol_path(fs, f),
@@ -91,7 +122,7 @@ def describe_files(path: str) -> list[InputFile]:
                 identity=f"{info.get('size')}:{stamp}",
             )
         )
-    return out
+    return out, bad
 
 
 def check_columns(files: list[InputFile], text_column: str, id_column: str,
@@ -149,6 +180,40 @@ def _shard(index: int, f: InputFile, groups: list[int], first: int, rows: int) -
 
 
 def read_shard(shard: Shard, columns: list[str]) -> pa.Table:
-    """Read only ``columns`` of the shard's row groups."""
-    with fsspec.open(shard.path, "rb") as fh:
-        return pq.ParquetFile(fh).read_row_groups(list(shard.row_groups), columns=columns)
+    """Read only ``columns`` of the shard's row groups; errors name the file and group."""
+    try:
+        with fsspec.open(shard.path, "rb") as fh:
+            return pq.ParquetFile(fh).read_row_groups(list(shard.row_groups), columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputReadError(f"input file {redact(shard.path)}, {_bad_group(shard, columns)}: "
+                             f"{str(exc).strip()}") from exc
+
+
+def _bad_group(shard: Shard, columns: list[str]) -> str:
+    """Which of a shard's row groups cannot be read (reading them one at a time)."""
+    for group in shard.row_groups:
+        try:
+            with fsspec.open(shard.path, "rb") as fh:
+                pq.ParquetFile(fh).read_row_group(group, columns=columns)
+        except (OSError, pa.ArrowException):
+            return f"row group {group}"
+    return f"row groups {shard.row_groups[0]}-{shard.row_groups[-1]}"
+
+
+def count_duplicate_ids(files: list[InputFile], id_column: str, examples: int = 5
+                        ) -> tuple[int, list]:
+    """How many distinct id values occur more than once across ``files`` (nulls ignored),
+    with up to ``examples`` of them, smallest first. Reads only the id column."""
+    import pyarrow.compute as pc
+
+    chunks = []
+    for f in files:
+        with fsspec.open(f.path, "rb") as fh:
+            chunks.append(pq.ParquetFile(fh).read(columns=[id_column]).column(0))
+    if not chunks:
+        return 0, []
+    ids = pa.chunked_array([c for chunk in chunks for c in chunk.chunks],
+                           type=chunks[0].type).drop_null()
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    return len(repeated), sorted(repeated.to_pylist())[:examples]

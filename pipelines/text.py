@@ -1,7 +1,13 @@
-"""Turn the input text column into clean Python strings, recording every bad row."""
+"""Turn the input text column into clean Python strings, recording every bad row.
+
+A row is used as it is, control characters included (the tokenizer drops or maps them), as
+long as it has at least one visible character; a row of only whitespace and/or control or
+zero-width characters is an error, since the model would see nothing but special tokens.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +15,9 @@ import pyarrow as pa
 
 STRING_TYPES = (pa.string(), pa.large_string())
 BINARY_TYPES = (pa.binary(), pa.large_binary())
+# One visible character: not whitespace, not a C0/C1 control, not a zero-width format
+# character. ``search`` stops at the first match, so ordinary text costs one step.
+_VISIBLE = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\u200b-\u200f\u2060\ufeff]")
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,8 @@ def _check(value: object) -> tuple[str | None, str | None]:
         return None, f"text is {type(value).__name__}, not a string"
     if not value.strip():
         return None, "empty text"
+    if _VISIBLE.search(value) is None:
+        return None, "empty text (only whitespace or control characters)"
     return value, None
 
 

@@ -22,3 +22,15 @@ def test_local_cluster_is_loopback_and_untrimmed(monkeypatch):
         assert all(addr.startswith("tcp://127.0.0.1:") for addr in workers)
         # Dask's default MALLOC_TRIM_THRESHOLD_ slows torch on CPU by ~25%: not for us.
         assert set(client.run(_env, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
+
+
+def test_thread_cluster_listens_on_loopback_only():
+    import psutil
+
+    before = {c.laddr for c in psutil.Process().net_connections() if c.status == "LISTEN"}
+    spec = ClusterSpec(n_workers=1, processes=False, dashboard_address="127.0.0.1:0")
+    with open_client(spec) as client:
+        assert client.dashboard_link.startswith("http://127.0.0.1:")
+        listening = {c.laddr for c in psutil.Process().net_connections()
+                     if c.status == "LISTEN"} - before
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening

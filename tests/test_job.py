@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from conftest import LABELS, write_corpus, write_job
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from lepton_batch.cluster import run_job
 from lepton_batch.output import OutputError
 from lepton_batch.plan import make_plan
+from lepton_batch.run import run_job
 from lepton_batch.spec import JobSpecError, load_job
 
 MAX_LEN = 48
@@ -74,7 +74,9 @@ def test_embed_job_matches_direct_forward(tmp_path, tiny_bert, corpus):
     good = df.filter(pl.col("error").is_null())
     assert good["id"].to_list() == [r["id"] for r in ok]
     got = torch.tensor(good["embedding"].to_list())
-    want = F.normalize(_direct(tiny_bert, [r["text"] for r in ok]), dim=-1)
+    # tiny_bert is a plain HF model (no sentence-transformers files): mean pooling and no
+    # normalisation, as SentenceTransformer(tiny_bert) would do
+    want = _direct(tiny_bert, [r["text"] for r in ok])
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
     bad = df.filter(pl.col("error").is_not_null())
@@ -228,7 +230,7 @@ def test_binary_text_with_invalid_utf8_is_a_row_error(tmp_path, tiny_bert):
     pq.write_table(pa.table({"id": pa.array(range(5), pa.int64()),
                              "text": pa.array(texts, pa.binary()),
                              "lang": ["en"] * 5}), folder / "bin.parquet")
-    plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
+    plan = _job(tmp_path, tiny_bert, {"kind": "embed", "normalize": True})
     assert run_job(plan).ok
     df = _read(plan)
     assert df["error"].to_list() == [None, None, "invalid UTF-8 at byte 0", "null text",

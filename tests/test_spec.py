@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lepton_batch.settings import Settings
 from lepton_batch.spec import JobSpecError, load_job
 
 GOOD = """
@@ -93,8 +94,24 @@ def test_overrides_parse_yaml_values(tmp_path):
 
 
 def test_fingerprint_tracks_outputs_not_scheduling(tmp_path):
-    base = _load(tmp_path, GOOD).fingerprint("rev")
-    assert _load(tmp_path, GOOD, ["cluster.n_workers=4"]).fingerprint("rev") == base
-    assert _load(tmp_path, GOOD, ["engine.max_tokens_per_batch=999"]).fingerprint("rev") == base
-    assert _load(tmp_path, GOOD, ["model.max_length=64"]).fingerprint("rev") != base
-    assert _load(tmp_path, GOOD).fingerprint("other-revision") != base
+    resolved = Settings(max_length=256, normalize=True)
+    base = _load(tmp_path, GOOD).fingerprint("rev", resolved)
+    assert _load(tmp_path, GOOD, ["cluster.n_workers=4"]).fingerprint("rev", resolved) == base
+    assert _load(tmp_path, GOOD, ["engine.max_tokens_per_batch=999"]).fingerprint(
+        "rev", resolved) == base
+    # the resolved values count, not whether the job or the model directory gave them
+    assert _load(tmp_path, GOOD, ["model.max_length=256", "task.normalize=true"]).fingerprint(
+        "rev", resolved) == base
+    assert _load(tmp_path, GOOD).fingerprint("rev", Settings(max_length=64)) != base
+    assert _load(tmp_path, GOOD).fingerprint(
+        "rev", Settings(max_length=256, normalize=True, prompt="query: ")) != base
+    assert _load(tmp_path, GOOD).fingerprint("other-revision", resolved) != base
+
+
+def test_settings_default_to_the_model(tmp_path):
+    job = _load(tmp_path, GOOD)
+    assert job.model.max_length is None
+    assert (job.task.pooling, job.task.normalize, job.task.prompt, job.task.prompt_name) == \
+        (None, None, None, None)
+    with pytest.raises(JobSpecError, match="'mean', 'cls', 'max' or 'lasttoken'"):
+        _load(tmp_path, GOOD, ["task.pooling=weightedmean"])

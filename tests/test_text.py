@@ -26,3 +26,11 @@ def test_wrong_column_type_marks_every_row():
     prep = prepare_text(pa.array([1, 2, 3], pa.int64()))
     assert prep.texts == [] and len(prep.valid) == 0
     assert prep.errors.to_pylist() == ["text column is int64, not a string"] * 3
+
+
+def test_control_characters():
+    column = pa.array(["\x00\x07\n", "\u200b\ufeff ", "bell\x07 inside", "\x1b[31mred"])
+    prep = prepare_text(column)
+    only = "empty text (only whitespace or control characters)"
+    assert prep.errors.to_pylist() == [only, only, None, None]
+    assert prep.texts == ["bell\x07 inside", "\x1b[31mred"]  # processed as they are

@@ -1,0 +1,181 @@
+"""A run's lifecycle: lock the output, stage, run shards on Dask, publish, report.
+
+The order is what makes a run safe to kill anywhere: the directory is marked as ours
+before anything else, one writer holds the lock, shards land in staging, and only a run
+whose every planned shard is done publishes (through a journal, see ``output.py``).
+Reporting comes after the publish and can only warn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+from lepton_batch.cluster import run_shards
+from lepton_batch.faults import checkpoint
+from lepton_batch.lock import output_lock
+from lepton_batch.manifest import ShardRecord
+from lepton_batch.output import init_output, prepare_output, publish, run_dir
+from lepton_batch.plan import Plan
+from lepton_batch.runner import RunContext
+from lepton_batch.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    planned: int
+    skipped: int
+    records: list[ShardRecord] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # shard key or input file -> cause
+    seconds: float = 0.0
+    report_dir: str = ""
+    dashboard: str | None = None
+    published: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def rows(self) -> int:
+        return sum(r.rows for r in self.records)
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.records)
+
+    @property
+    def padded_tokens(self) -> int:
+        return sum(r.padded_tokens for r in self.records)
+
+    @property
+    def error_rows(self) -> int:
+        return sum(r.error_rows for r in self.records)
+
+    def summary(self, plan: Plan) -> dict:
+        """The figures written to ``_SUCCESS`` and ``report.json``."""
+        seconds = max(self.seconds, 1e-9)
+        out = {
+            "run_id": self.run_id,
+            "job": plan.job.name,
+            "job_fingerprint": plan.job_fingerprint,
+            "shards_planned": self.planned,
+            "shards_skipped": self.skipped,
+            "shards_run": len(self.records),
+            "shards_failed": len(self.failures),
+            "failures": self.failures,
+            "rows": self.rows,
+            "tokens": self.tokens,
+            "padded_tokens": self.padded_tokens,
+            "error_rows": self.error_rows,
+            "seconds": round(self.seconds, 3),
+            "rows_per_second": round(self.rows / seconds, 2),
+            "tokens_per_second": round(self.tokens / seconds, 1),
+            "published": self.published,
+        }
+        if self.padded_tokens:
+            out["padding_efficiency"] = round(self.tokens / self.padded_tokens, 4)
+        return out
+
+
+def _file_metadata(plan: Plan, run_id: str) -> dict[str, str]:
+    versions = {p: version(p) for p in ("lepton-batch", "torch", "transformers", "pyarrow")}
+    return {
+        "job_name": plan.job.name,
+        "job_fingerprint": plan.job_fingerprint,
+        "task": plan.job.task.kind,
+        "model": plan.model.path.name,
+        "model_path": str(plan.model.path),
+        "model_revision": plan.model.revision,
+        "quantization": "none",
+        "run_id": run_id,
+        "versions": ",".join(f"{k}=={v}" for k, v in versions.items()),
+    }
+
+
+def _default_threads(job: JobSpec) -> int | None:
+    """On an embedded cluster, split this machine's cores between the workers."""
+    if job.engine.threads or job.cluster.address:
+        return job.engine.threads
+    return max(1, (os.cpu_count() or 1) // job.cluster.n_workers)
+
+
+def _write_report(report_dir: Path, summary: dict) -> None:
+    (report_dir / "report.json").write_text(json.dumps(summary, indent=1))
+
+
+def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
+            on_shard: Callable[[ShardRecord], None] | None = None) -> RunResult:
+    """Run every shard not already done; publish the dataset and ``_SUCCESS`` when all are.
+
+    Raises OutputError (OutputLocked) before any work when the output cannot be used.
+    A failed shard or unreadable input file leaves the finished shards staged and the
+    published dataset untouched; rerunning the same job resumes from the staged shards.
+    """
+    job = plan.job
+    started = time.perf_counter()
+    now = datetime.now(timezone.utc)
+    run_id = now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    root = plan.output_root
+    shard_fps = {s.fingerprint for s in plan.shards}
+    init_output(root)
+    with output_lock(root, run_id):
+        checkpoint("locked")
+        staging, done = prepare_output(root, job.output.mode, shard_fps, plan.job_fingerprint,
+                                       run_id)
+        checkpoint("prepared")
+        todo = [s for s in plan.shards if s.fingerprint not in done]
+        result = RunResult(run_id=run_id, planned=len(plan.shards), skipped=len(done))
+        report = run_dir(root, run_id)
+        result.report_dir = str(report)
+        threads = _default_threads(job)
+        if threads != job.engine.threads:
+            engine = job.engine.model_copy(update={"threads": threads})
+            job = job.model_copy(update={"engine": engine})
+        ctx = RunContext(run_id=run_id, job_fingerprint=plan.job_fingerprint, output_root=root,
+                         staging=staging, model=plan.model, settings=plan.settings,
+                         file_metadata=_file_metadata(plan, run_id))
+
+        def started_cluster(dashboard: str | None) -> None:
+            result.dashboard = dashboard
+            if on_start:
+                on_start(result)
+
+        def finished(record: ShardRecord) -> None:
+            result.records.append(record)
+            checkpoint("shard-recorded")
+            if on_shard:
+                on_shard(record)
+
+        def failed(key: str, cause: str) -> None:
+            result.failures[key] = cause
+            log.error("shard %s failed: %s", key, cause)
+
+        if todo:
+            run_shards(todo, job, ctx, report, started_cluster, finished, failed)
+        else:
+            started_cluster(None)
+        for bad in plan.bad_files:
+            result.failures[f"input {bad.path}"] = bad.reason
+        result.seconds = time.perf_counter() - started
+        if result.ok:
+            result.published = True
+            publish(root, staging, shard_fps, plan.job_fingerprint, job.output.mode,
+                    now.date().isoformat(), result.summary(plan))
+    checkpoint("published")
+    try:
+        _write_report(report, result.summary(plan))
+    except Exception as exc:  # the data is published; a report can only warn
+        log.warning("could not write the run report in %s: %s", report, exc)
+    return result
