@@ -94,6 +94,7 @@ def test_embed_job_matches_direct_forward(tmp_path, tiny_bert, corpus):
     meta = json.loads(schema.metadata[b"lepton_batch"])
     assert meta["job_fingerprint"] == plan.job_fingerprint and meta["dtype"] == "float32"
     assert meta["model_revision"] == plan.model.revision and "torch==" in meta["versions"]
+    assert json.loads(meta["settings"])["max_length"] == MAX_LEN
     assert json.loads((plan.output_root / "_SUCCESS").read_text())["rows"] == len(rows)
     # one worker, one model load: every later shard reused the cached engine
     assert sum(r.model_load_seconds > 0 for r in result.records) == 1
