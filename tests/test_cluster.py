@@ -12,6 +12,12 @@ def _env(name: str) -> str | None:
     return os.environ.get(name)
 
 
+def _profiling() -> bool:
+    import dask
+
+    return dask.config.get("distributed.worker.profile.enabled")
+
+
 def test_local_cluster_is_loopback_and_untrimmed(monkeypatch):
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     spec = ClusterSpec(n_workers=1, dashboard_address="127.0.0.1:0")
@@ -22,6 +28,8 @@ def test_local_cluster_is_loopback_and_untrimmed(monkeypatch):
         assert all(addr.startswith("tcp://127.0.0.1:") for addr in workers)
         # Dask's default MALLOC_TRIM_THRESHOLD_ slows torch on CPU by ~25%: not for us.
         assert set(client.run(_env, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
+        # the statistical profiler is off in the worker processes (memory, see cluster.py)
+        assert set(client.run(_profiling).values()) == {False}
 
 
 def test_thread_cluster_listens_on_loopback_only():
