@@ -20,8 +20,10 @@ from lepton_batch.spec import JobSpecError, load_job
 app = typer.Typer(
     help="Batch offline inference for large text corpora: sharded Parquet in, a transformer "
     "model run by Dask workers, a Parquet dataset out.\n\n"
-    "Start with `lepton-batch validate job.yaml`, then `lepton-batch submit job.yaml`; a rerun "
-    "resumes where the last one stopped. Any job field can be overridden with "
+    "Start with `lepton-batch validate job.yaml`, then `lepton-batch submit job.yaml`. The "
+    "model directory's own settings (max length, pooling, normalisation, prompt) are the "
+    "defaults, as in sentence-transformers. A run publishes its output only when every shard "
+    "is done; killed or failed, the same command resumes it. Any job field can be overridden with "
     "`--set section.key=value`. Example jobs: jobs/quickstart.yaml (embeddings) and "
     "jobs/topics.yaml (zero-shot topics); every field is documented in README.md.",
     no_args_is_help=True,
