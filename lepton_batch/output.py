@@ -107,10 +107,16 @@ def _remove_temp_files(folder: Path) -> None:
             tmp.unlink()
 
 
-def published_records(root: Path, shard_fps: set[str], job_fp: str) -> dict[str, ShardRecord]:
-    """Published records of planned shards, made by this job, whose part file is there."""
+def published_records(root: Path, shard_fps: set[str], job_fp: str,
+                      records: dict[str, ShardRecord] | None = None) -> dict[str, ShardRecord]:
+    """Published records of planned shards, made by this job, whose part file is there.
+
+    ``records``: every record in ``_manifest/`` when the caller has read them already.
+    """
+    if records is None:
+        records = read_records(root / MANIFEST_DIR)
     keep = {}
-    for fp, rec in read_records(root / MANIFEST_DIR).items():
+    for fp, rec in records.items():
         part = _inside(root, rec.part)
         if (fp in shard_fps and rec.job_fingerprint == job_fp and part is not None
                 and part.is_file() and rec.part.startswith("run_date=")):
@@ -193,7 +199,8 @@ def publish(root: Path, staging: str, shard_fps: set[str], job_fp: str, mode: st
     folder = root / staging
     staged = {fp: rec for fp, rec in read_records(folder / MANIFEST_DIR).items()
               if fp in shard_fps and rec.job_fingerprint == job_fp}
-    keep = {} if mode == "overwrite" else published_records(root, shard_fps, job_fp)
+    published = read_records(root / MANIFEST_DIR)
+    keep = {} if mode == "overwrite" else published_records(root, shard_fps, job_fp, published)
     keep = {fp: rec for fp, rec in keep.items() if fp not in staged}
     missing = shard_fps - set(staged) - set(keep)
     assert not missing, f"publish called with {len(missing)} shard(s) not done"
@@ -202,7 +209,7 @@ def publish(root: Path, staging: str, shard_fps: set[str], job_fp: str, mode: st
     live = {rec.part for rec in keep.values()} | {dst for _, _, dst in moves}
     deletes = sorted(str(p.relative_to(root)) for p in root.glob(f"{PARTITION_GLOB}/*")
                      if p.is_file() and str(p.relative_to(root)) not in live)
-    drop = sorted(set(read_records(root / MANIFEST_DIR)) - set(keep) - set(staged))
+    drop = sorted(set(published) - set(keep) - set(staged))
     if not (moves or deletes or drop) and (root / SUCCESS).exists():
         shutil.rmtree(root / STAGING, ignore_errors=True)
         return  # the published dataset is already this one
