@@ -11,6 +11,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+import torch
+import torch.nn.functional as F
+
 log = logging.getLogger(__name__)
 
 
@@ -27,3 +30,56 @@ def pick_attention(device: str, dtype_name: str) -> tuple[str, str]:
     if importlib.util.find_spec("flash_attn") is None:
         return "sdpa", "flash-attn not installed (pip install 'lepton-batch[gpu]'): torch SDPA"
     return "flash_attention_2", "CUDA + flash-attn installed: flash_attention_2"
+
+
+def _torch_varlen():
+    """torch's own varlen attention (``torch.nn.attention.varlen``), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def pick_varlen(device: str, dtype_name: str) -> tuple[str, str]:
+    """Attention for packed rows: ``(backend, reason)``, backend one of ``flash_attn``,
+    ``torch_varlen`` (both GPU only, fp16/bf16) or ``sdpa_padded`` (everywhere)."""
+    if device != "cuda":
+        return "sdpa_padded", "CPU: dense layers packed, attention by torch SDPA per batch"
+    if dtype_name not in ("float16", "bfloat16"):
+        return "sdpa_padded", f"varlen kernels need fp16/bf16, model runs in {dtype_name}"
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attn", "CUDA + flash-attn installed: flash_attn_varlen_func"
+    if _torch_varlen() is not None:
+        return "torch_varlen", "flash-attn not installed: torch.nn.attention.varlen"
+    return "sdpa_padded", "no varlen kernel in this torch: torch SDPA per batch"
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_len: int, backend: str, row_of: torch.Tensor, positions: torch.Tensor,
+                     key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Bidirectional attention within each packed row.
+
+    q, k, v: (T, heads, head_dim), rows back to back; cu_seqlens: (b + 1,) int32 row starts;
+    max_len: longest row. ``sdpa_padded`` (the reference) also needs row_of (T,) int64,
+    positions (T,) int64 and key_mask (b, max_len) bool (None: every row is max_len
+    long), to scatter into (b, heads, L,
+    head_dim) and back. Returns (T, heads, head_dim) in q's dtype; scale 1/sqrt(head_dim).
+    """
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+    if backend == "torch_varlen":
+        return _torch_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+    assert backend == "sdpa_padded", f"unknown varlen backend {backend!r}"
+    b, heads, dim = len(cu_seqlens) - 1, q.shape[1], q.shape[2]
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(b, max_len, heads, dim)
+        out[row_of, positions] = x
+        return out.transpose(1, 2)
+
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask)
+    return out.transpose(1, 2)[row_of, positions]

@@ -51,7 +51,22 @@ class RunContext:
             trust_remote_code=job.model.trust_remote_code,
             allow_pickle=job.model.allow_pickle,
             threads=job.engine.threads,
+            quantization=job.model.quantization,
+            packed=job.engine.packed,
+            min_cosine=job.quality.min_cosine,
+            min_label_agreement=job.quality.min_label_agreement,
+            on_fail=job.quality.on_fail,
         )
+
+
+def quality_sample(texts: list[str], n: int) -> list[str]:
+    """Up to ``n`` of ``texts`` for calibration and the quality gate: the longest quarter
+    (where low precision drifts most) and the rest spread evenly over the shard."""
+    if len(texts) <= n:
+        return list(texts)
+    longest = sorted(range(len(texts)), key=lambda i: -len(texts[i]))[: n // 4]
+    rest = [i for i in np.linspace(0, len(texts) - 1, n).astype(int) if i not in set(longest)]
+    return [texts[i] for i in sorted(set(longest) | set(rest[: n - len(longest)]))]
 
 
 def _expand(values: pa.Array, valid: np.ndarray, n: int,
@@ -100,17 +115,22 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
     prep = prepare_text(table[inp.text_column])
 
     pipeline = make_pipeline(job.task, ctx.model, ctx.settings)
+    texts = pipeline.prepare(prep.texts)
     loads, load_start = cache.loads, time.perf_counter()
-    engine = cache.get(ctx.engine_config(job, pipeline.head))
+    engine = cache.get(ctx.engine_config(job, pipeline.head),
+                       quality_sample(texts, job.quality.sample_rows))
     load_seconds = time.perf_counter() - load_start if cache.loads > loads else 0.0
-    tok = engine.tokenize(pipeline.prepare(prep.texts))
+    tok = engine.tokenize(texts)
     stats = BatchStats()
     results = pipeline.run(engine, tok, job.engine, stats)
 
     meta = {**ctx.file_metadata, "shard": shard.fingerprint, "source": redact(shard.path),
             "row_groups": ",".join(map(str, shard.row_groups)),
             "dtype": str(engine.dtype).removeprefix("torch."),
-            "attention": engine.attn_implementation}
+            "quantization": engine.quantization,
+            "attention": engine.attn_implementation, "forward": engine.forward_reason}
+    if engine.quality is not None:
+        meta["quality"] = json.dumps(engine.quality.to_dict())
     passthrough = [table.schema.field(c) for c in inp.passthrough_columns]
     schema = output_schema(job, table.schema.field(inp.id_column).type, passthrough,
                            pipeline.fields(), meta)

@@ -57,6 +57,9 @@ class ModelSpec(_Strict):
     # Pickled weights (pytorch_model.bin) can run arbitrary code when loaded; by default a
     # model must ship safetensors, and a pickle-only directory is refused before it loads.
     allow_pickle: bool = False
+    # int8: linear layers swapped for int8 ones (dynamic per-token activations, per-channel
+    # weights), calibrated on the job's rows; layers that lose too much stay in `dtype`.
+    quantization: Literal["none", "int8"] = "none"
 
 
 class TaskSpec(_Strict):
@@ -105,6 +108,18 @@ class EngineSpec(_Strict):
     threads: PositiveInt | None = Field(
         default=None, description="torch threads per worker; default: cores / n_workers"
     )
+    # BERT-family encoders run on packed rows (no FLOP on padding); false: the Hugging Face
+    # forward on padded batches, for every architecture.
+    packed: bool = True
+
+
+class QualitySpec(_Strict):
+    """The gate a precision other than fp32 (bf16, fp16, int8) passes on the job's rows."""
+
+    min_cosine: float = Field(default=0.99, ge=0, le=1)  # embeddings vs fp32, worst row
+    min_label_agreement: float = Field(default=0.98, ge=0, le=1)  # classifier top label
+    sample_rows: int = Field(default=64, ge=0)  # rows of the first shard; 0: no check
+    on_fail: Literal["fallback", "error"] = "fallback"  # fallback: run in float32
 
 
 class OutputSpec(_Strict):
@@ -128,6 +143,7 @@ class JobSpec(_Strict):
     model: ModelSpec
     task: TaskSpec
     engine: EngineSpec = EngineSpec()
+    quality: QualitySpec = QualitySpec()
     output: OutputSpec
     cluster: ClusterSpec = ClusterSpec()
 

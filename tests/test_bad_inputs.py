@@ -38,7 +38,7 @@ def _write_job(folder: Path, model_dir: Path | str, input_path: Path | None = No
         folder / "job.yaml",
         name="bad-inputs",
         input={"path": str(input_path or folder / "in"), "rows_per_shard": 20, **input_extra},
-        model={"path": str(model_dir), "max_length": MAX_LEN},
+        model={"path": str(model_dir), "max_length": MAX_LEN, "dtype": "float32"},
         task={"kind": "embed", "normalize": True},  # a plain HF model is not normalised
         engine={"max_tokens_per_batch": 256, "max_rows_per_batch": 16},
         output={"path": str(folder / "out")},

@@ -22,7 +22,7 @@ def _job(tmp_path, model_dir, **task) -> Path:
         tmp_path / "job.yaml",
         name="cli-job",
         input={"path": str(tmp_path / "in"), "rows_per_shard": 20},
-        model={"path": str(model_dir), "max_length": 48},
+        model={"path": str(model_dir), "max_length": 48, "dtype": "float32"},
         task=task or {"kind": "embed"},
         output={"path": str(tmp_path / "out")},
         cluster={"dashboard_address": "127.0.0.1:0"},

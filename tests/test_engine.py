@@ -45,7 +45,8 @@ def _reference_embed(model_dir, texts, max_length, pooling="mean"):
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_embed_matches_unbatched_forward(tiny_bert, pooling):
     texts = sample_texts(120)
-    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64))
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+                                 dtype="float32"))
     tok = engine.tokenize(texts)
     stats = BatchStats()
     got = engine.embed(tok, pooling, True, max_tokens=512, max_rows=16, stats=stats)
@@ -57,18 +58,20 @@ def test_embed_matches_unbatched_forward(tiny_bert, pooling):
 
 
 def test_truncation_is_flagged(tiny_bert):
-    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=16))
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=16,
+                                 dtype="float32"))
     long_text = " ".join(sample_texts(50))
     tok = engine.tokenize(["short text", long_text])
     assert tok.truncated.tolist() == [False, True]
     assert tok.lengths[1] == 16
     sep = engine.tokenizer.sep_token_id
-    assert tok.ids[1][-1] == sep and tok.ids[0][-1] == sep
+    assert tok.row(1)[-1] == sep and tok.row(0)[-1] == sep
 
 
 def test_logits_match_direct_forward(tiny_bert_cls):
     texts = sample_texts(40)
-    engine = Engine(EngineConfig(model_dir=str(tiny_bert_cls), head="classifier", max_length=64))
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert_cls), head="classifier", max_length=64,
+                                 dtype="float32"))
     got = engine.logits(engine.tokenize(texts), max_tokens=256, max_rows=8)
     tok = AutoTokenizer.from_pretrained(tiny_bert_cls)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_cls).eval()
@@ -84,6 +87,8 @@ def test_cache_loads_once_and_cpu_defaults(tiny_bert):
     assert cache.get(cfg) is cache.get(cfg)
     assert cache.loads == 1
     engine = cache.get(cfg)
-    assert engine.dtype == torch.float32 and engine.device == "cpu"
-    assert engine.attn_implementation == "sdpa"
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert engine.device == "cpu"
+    assert engine.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert engine.attn_implementation == "packed/sdpa_padded"
     assert engine.token_budget(None) == 4096 and engine.token_budget(100) == 100

@@ -74,7 +74,7 @@ def _job(tmp_path: Path, model: Path, corpus: Path, processes: bool = False, **o
         tmp_path / "job.yaml",
         name="fault-job",
         input={"path": str(corpus), "rows_per_shard": 20},
-        model={"path": str(model), "max_length": 48},
+        model={"path": str(model), "max_length": 48, "dtype": "float32"},
         task={"kind": "embed", "normalize": True},
         engine={"max_tokens_per_batch": 256},
         output={"path": str(tmp_path / "out"), **output},

@@ -33,7 +33,7 @@ def _job(tmp_path, model_dir, task, overrides=(), **input_extra):
         name="test-job",
         input={"path": str(tmp_path / "in"), "text_column": "text", "id_column": "id",
                "passthrough_columns": ["lang"], "rows_per_shard": 20, **input_extra},
-        model={"path": str(model_dir), "max_length": MAX_LEN},
+        model={"path": str(model_dir), "max_length": MAX_LEN, "dtype": "float32"},
         task=task,
         engine={"max_tokens_per_batch": 256, "max_rows_per_batch": 16},
         output={"path": str(tmp_path / "out")},

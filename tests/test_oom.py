@@ -24,16 +24,25 @@ CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 b
 
 
 class Injected:
-    """Wraps ``model.forward``: refuses batches of more than ``max_rows`` rows, or any
+    """Wraps the model's forward: refuses batches of more than ``max_rows`` rows, or any
     batch that holds the ``poison`` row (matched by its exact token ids), with an
-    allocation error; records every attempt as (rows, longest row, refused)."""
+    allocation error; records every attempt as (rows, longest row, refused).
 
-    def __init__(self, model, max_rows: int | None = None, poison: list[int] | None = None,
+    ``target`` is an :class:`Engine` (its packed forward, or the Hugging Face model's when
+    it runs padded) or a Hugging Face model."""
+
+    def __init__(self, target, max_rows: int | None = None, poison: list[int] | None = None,
                  error=torch.OutOfMemoryError) -> None:
-        self.forward, self.max_rows, self.error = model.forward, max_rows, error
+        self.max_rows, self.error = max_rows, error
         self.poison = torch.tensor(poison) if poison is not None else None
         self.attempts: list[tuple[int, int, bool]] = []
-        model.forward = self
+        if isinstance(target, Engine) and target.packed is not None:
+            self.owner, self.name = target.packed, "hidden"
+        else:
+            self.owner = target.model if isinstance(target, Engine) else target
+            self.name = "forward"
+        self.forward = getattr(self.owner, self.name)
+        setattr(self.owner, self.name, self)
 
     def _has_poison(self, ids: torch.Tensor, mask: torch.Tensor) -> bool:
         m = len(self.poison)
@@ -41,14 +50,22 @@ class Injected:
             return False
         return bool(((mask.sum(1) == m) & (ids[:, :m] == self.poison).all(1)).any())
 
-    def __call__(self, *args, input_ids, attention_mask, **kwargs):
-        refuse = (self.max_rows is not None and len(input_ids) > self.max_rows) or (
-            self.poison is not None and self._has_poison(input_ids, attention_mask))
-        self.attempts.append((len(input_ids), int(attention_mask.sum(1).max()), refuse))
+    def _check(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        refuse = (self.max_rows is not None and len(ids) > self.max_rows) or (
+            self.poison is not None and self._has_poison(ids, mask))
+        self.attempts.append((len(ids), int(mask.sum(1).max()), refuse))
         if refuse:
             raise self.error(CPU_OOM if self.error is RuntimeError else "CUDA out of memory")
-        return self.forward(*args, input_ids=input_ids, attention_mask=attention_mask,
-                            **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if self.name == "hidden":  # packed: rebuild the padded view to check it
+            (batch,) = args
+            padded = torch.zeros_like(batch.mask)
+            padded[batch.row_of, batch.positions] = batch.ids
+            self._check(padded, batch.mask)
+        else:
+            self._check(kwargs["input_ids"], kwargs["attention_mask"])
+        return self.forward(*args, **kwargs)
 
 
 def _after_first_recovery(attempts: list[tuple[int, int, bool]]) -> tuple[int, list]:
@@ -64,9 +81,10 @@ def texts() -> list[str]:
     return sample_texts(200)
 
 
-@pytest.fixture
-def engine(tiny_bert) -> Engine:
-    return Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64))
+@pytest.fixture(params=[True, False], ids=["packed", "padded"])
+def engine(tiny_bert, request) -> Engine:
+    return Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+                               dtype="float32", packed=request.param))
 
 
 def _embed(engine: Engine, tok, stats=None, max_tokens=1024, max_rows=32):
@@ -87,7 +105,7 @@ def test_oom_splits_and_keeps_the_size_that_worked(engine, texts):
     budget_rows = [min(32, 1024 // int(n)) for n in sorted(tok.lengths, reverse=True)]
     assert max(budget_rows) > 20 > min(budget_rows)  # long rows run, short ones overflow
 
-    inj = Injected(engine.model, max_rows=20)
+    inj = Injected(engine, max_rows=20)
     stats = BatchStats()
     got = _embed(engine, tok, stats)
 
@@ -107,7 +125,7 @@ def test_a_row_that_cannot_run_alone_is_nan_and_listed(engine, texts, error):
     tok = engine.tokenize(texts)
     want = _embed(engine, tok)
     poison = int(tok.lengths.argsort()[len(texts) // 2])  # a mid-length row, mid-shard
-    inj = Injected(engine.model, poison=tok.ids[poison], error=error)
+    inj = Injected(engine, poison=tok.row(poison), error=error)
     stats = BatchStats()
     got = _embed(engine, tok, stats)
 
@@ -130,14 +148,14 @@ def test_a_row_that_cannot_run_alone_is_nan_and_listed(engine, texts, error):
 
 def test_without_stats_a_lost_row_raises_and_other_errors_pass_through(engine, texts):
     tok = engine.tokenize(texts[:40])
-    Injected(engine.model, poison=tok.ids[5])
+    inj = Injected(engine, poison=tok.row(5))
     with pytest.raises(torch.OutOfMemoryError):
         _embed(engine, tok)  # no stats: nobody could learn the row was lost
 
     def broken(*args, **kwargs):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
-    engine.model.forward = broken
+    setattr(inj.owner, inj.name, broken)
     with pytest.raises(RuntimeError, match="mat1"):
         _embed(engine, tok, BatchStats())
 
@@ -155,14 +173,14 @@ def test_job_gives_the_refused_row_an_error_and_the_rest_their_embeddings(
 
     def init_then_inject(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
-        Injected(self.model, poison=poison)
+        Injected(self, poison=poison)
 
     monkeypatch.setattr(Engine, "__init__", init_then_inject)
     path = write_job(
         tmp_path / "job.yaml", name="oom-job",
         input={"path": str(tmp_path / "in"), "text_column": "text", "id_column": "id",
                "rows_per_shard": 20},
-        model={"path": str(tiny_bert), "max_length": 48},
+        model={"path": str(tiny_bert), "max_length": 48, "dtype": "float32"},
         task={"kind": "embed", "normalize": True},  # a plain HF model is not normalised
         engine={"max_tokens_per_batch": 256, "max_rows_per_batch": 16},
         output={"path": str(tmp_path / "out")},

@@ -185,7 +185,7 @@ def _ours(model_dir: Path, texts: list[str], **task) -> np.ndarray:
     settings = resolve_settings(info, ModelSpec(path=str(model_dir)), spec)
     pipeline = make_pipeline(spec, info, settings)
     engine = Engine(EngineConfig(model_dir=str(model_dir), head="base",
-                                 max_length=settings.max_length))
+                                 max_length=settings.max_length, dtype="float32"))
     tok = engine.tokenize(pipeline.prepare(texts))
     emb = pipeline.run(engine, tok, EngineSpec(max_tokens_per_batch=512), BatchStats())
     return np.asarray(emb["embedding"].to_pylist(), dtype=np.float32)

@@ -1,68 +1,47 @@
-"""The throughput engine: load a local model once, tokenize, batch by token budget, run.
+"""The encoder engine: tokenize, batch by token budget, forward (packed or padded), pool.
 
 Rows are sorted by true token count (longest first, so an out-of-memory shows up on the
-first batch) and cut into batches whose *padded* size ``rows x longest`` stays under
-``max_tokens_per_batch``; results are scattered back so callers always get input order.
+first batch) and cut into batches by a token budget; results are scattered back so callers
+always get input order. The next batch is collated (and, on CUDA, copied to the device)
+on a helper thread while the current one computes, and results stay on the device until
+the whole call is done: no host sync per batch.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lepton_batch.kernels import pick_attention
+from lepton_batch.engine.batching import Batch, Tokenized, collate, plan_batches
+from lepton_batch.engine.load import EngineConfig, load_model, resolve_device, resolve_dtype
+from lepton_batch.engine.packed import PackedEncoder, packable
+from lepton_batch.engine.quality import QualityCheck, check_quality
+from lepton_batch.kernels import pick_attention, pick_varlen
 
 log = logging.getLogger(__name__)
 
-Head = Literal["base", "classifier"]
-Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Everything that identifies a loaded model; the engine cache is keyed by it."""
-
-    model_dir: str
-    head: Head
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda
-    max_length: int = 512
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # load pytorch_model.bin when there is no safetensors
-    threads: int | None = None
-
-
-@dataclass(frozen=True)
-class Tokenized:
-    """Token ids for a list of texts.
-
-    ``ids[i]``: list of int token ids of row i, special tokens included, at most
-    ``max_length`` long. ``truncated``: (n,) bool. ``lengths``: (n,) int64.
-    """
-
-    ids: list[list[int]]
-    truncated: np.ndarray
-    lengths: np.ndarray
+Step = Callable[[Batch], torch.Tensor]
 
 
 @dataclass
 class BatchStats:
-    """Counters for one engine call: real tokens vs tokens including padding.
+    """Counters for one engine call: real tokens vs tokens the dense layers computed.
 
-    ``sizes``: rows of each batch that ran, in run order. ``oom_splits``: batches halved
-    after an out-of-memory error; ``max_rows_cap``: the batch size that then worked, kept
-    for the rest of the call (None when nothing ran out of memory). ``failed_rows``:
-    indices into the tokenized rows that could not run even alone (their output is NaN),
-    with the reason for each in ``failed_reasons``.
+    ``padded_tokens``: rows x longest per batch on the padded path; the real tokens on the
+    packed path, where no dense layer sees padding. ``sizes``: rows of each batch that
+    ran, in run order. ``oom_splits``: batches halved after an out-of-memory error;
+    ``max_rows_cap``: the batch size that then worked, kept for the rest of the call (None
+    when nothing ran out of memory). ``failed_rows``: indices into the tokenized rows that
+    could not run even alone (their output is NaN), with the reason for each in
+    ``failed_reasons``.
     """
 
     batches: int = 0
@@ -85,79 +64,83 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device is cuda but torch sees no CUDA device")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto``: bf16 (or fp16) on CUDA; fp32 on CPU, where fp16 GEMMs are ~100x slower."""
-    if dtype == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype == "float16" and device == "cpu":
-        log.warning("model.dtype float16 on CPU is very slow on most CPUs; prefer bfloat16")
-    return getattr(torch, dtype)
-
-
-def plan_batches(lengths: np.ndarray, max_tokens: int, max_rows: int) -> list[np.ndarray]:
-    """Indices of rows per batch, longest rows first, padded size <= ``max_tokens``.
-
-    lengths: (n,) int token counts. Returns a list of int64 index arrays covering 0..n-1
-    once each. A single row longer than ``max_tokens`` forms a batch of its own.
-    """
-    order = np.argsort(-lengths, kind="stable")
-    batches, start = [], 0
-    while start < len(order):
-        longest = max(int(lengths[order[start]]), 1)
-        size = max(1, min(max_rows, max_tokens // longest))
-        batches.append(order[start : start + size])
-        start += size
-    return batches
-
-
 class Engine:
-    """A tokenizer and a model loaded from a local directory, ready for batched inference."""
+    """A tokenizer and a model loaded from a local directory, ready for batched inference.
 
-    def __init__(self, config: EngineConfig) -> None:
-        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    ``sample``: some of the job's own texts (prompt applied). With a precision other than
+    fp32 (bf16, fp16, int8) they calibrate int8 and feed the quality gate, which compares
+    the model with its fp32 self before any row is written (``self.quality``).
+    """
+
+    def __init__(self, config: EngineConfig, sample: list[str] | None = None) -> None:
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bars in worker logs
 
         self.config = config
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device == "cpu":
             # Dask's nanny starts workers with OMP_NUM_THREADS=1; set torch's pool explicitly.
             threads = config.threads or int(os.environ.get("LEPTON_BATCH_THREADS", 0)) or (
                 os.cpu_count() or 1
             )
             torch.set_num_threads(threads)
-        dtype_name = str(self.dtype).removeprefix("torch.")
-        self.attn_implementation, reason = pick_attention(self.device, dtype_name)
-        log.info("attention: %s (%s)", self.attn_implementation, reason)
         self.tokenizer = AutoTokenizer.from_pretrained(
             config.model_dir, trust_remote_code=config.trust_remote_code
         )
         if not self.tokenizer.is_fast:
             log.warning("%s has no fast tokenizer; tokenization will be slow", config.model_dir)
-        cls = AutoModelForSequenceClassification if config.head == "classifier" else AutoModel
-        self.model = cls.from_pretrained(
-            config.model_dir,
-            dtype=self.dtype,
-            attn_implementation=self.attn_implementation,
-            trust_remote_code=config.trust_remote_code,
-            # True refuses pickled weights; None prefers safetensors and falls back to the
-            # pickle (False would refuse safetensors, and so a safetensors-only model).
-            use_safetensors=None if config.allow_pickle else True,
-        ).to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="lepton-collate")
+        self.quantization = "none"
+        self.setup(resolve_dtype(config.dtype, self.device))
+        if config.quantization == "int8":
+            from lepton_batch.kernels.int8 import quantize_linears
+
+            calib = self.tokenize(sample or [])
+
+            def calibrate() -> None:
+                # Through the Hugging Face forward: the packed one fuses q/k/v into one
+                # GEMM, and the calibration hooks need each Linear called on its own.
+                packed, self.packed = self.packed, None
+                if len(calib):
+                    self.embed(calib, "mean", False, 4096, 64)
+                self.packed = packed
+
+            report = quantize_linears(self.model, calibrate, skip=lambda name, _: (
+                "classifier" in name or "pooler" in name))
+            log.info("%s", report.summary())
+            self.quantization = "int8"
+            self.quant_summary = report.summary()
+            self.setup(self.dtype, self.model)  # rebuild the packed view over the swapped layers
+        self.quality: QualityCheck | None = None
+        if (self.dtype != torch.float32 or self.quantization != "none") and sample:
+            self.quality = check_quality(self, sample)
+
+    def setup(self, dtype: torch.dtype, model: torch.nn.Module | None = None) -> None:
+        """Load the model in ``dtype`` (or adopt ``model``) and choose how it runs."""
+        self.dtype = dtype
+        dtype_name = str(dtype).removeprefix("torch.")
+        attn, reason = pick_attention(self.device, dtype_name)
+        if model is None:
+            self.model = load_model(self.config, dtype, self.device, attn)
+        else:
+            self.model = model
         self.hidden_size = int(self.model.config.hidden_size)
+        self.packed: PackedEncoder | None = None
+        ok, why = packable(self.model, self.config.head) if self.config.packed else (
+            False, "engine.packed is off: Hugging Face forward")
+        if ok:
+            backend, reason = pick_varlen(self.device, dtype_name)
+            self.packed = PackedEncoder(self.model, backend)
+            self.attn_implementation = f"packed/{backend}"
+            why = f"{why}; {reason}"
+        else:
+            self.attn_implementation = attn
+            why = f"{why}; {reason}"
+        self.forward_reason = why
+        log.info("forward: %s (%s)", self.attn_implementation, why)
 
     def token_budget(self, requested: int | None) -> int:
         """``engine.max_tokens_per_batch``, or the default for this device."""
@@ -167,8 +150,7 @@ class Engine:
         """Fast batched tokenization; rows over ``max_length`` are truncated and flagged."""
         max_len = self.config.max_length
         if not texts:
-            empty = np.zeros(0, dtype=np.int64)
-            return Tokenized([], empty.astype(bool), empty)
+            return Tokenized.from_lists([], np.zeros(0, dtype=bool))
         ids = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
         truncated = np.fromiter((len(x) > max_len for x in ids), dtype=bool, count=len(ids))
         long_rows = np.flatnonzero(truncated)
@@ -179,26 +161,18 @@ class Engine:
             )["input_ids"]
             for i, row in zip(long_rows, cut, strict=True):
                 ids[i] = row
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        return Tokenized(ids, truncated, lengths)
+        return Tokenized.from_lists(ids, truncated)
 
-    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """rows -> input_ids (b, L) int64 and attention_mask (b, L) int64, right-padded."""
-        longest = max(len(r) for r in rows)
-        ids = np.full((len(rows), longest), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), longest), dtype=np.int64)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = r
-            mask[j, : len(r)] = 1
-        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+    def _collate(self, tok: Tokenized, idx: np.ndarray) -> Batch:
+        return collate(tok, idx, self.pad_id, self.packed is not None, self.device)
 
     @torch.inference_mode()
     def run(self, tok: Tokenized, step: Step, width: int, max_tokens: int, max_rows: int,
             stats: BatchStats | None = None) -> torch.Tensor:
         """Apply ``step`` to every row in token-budget batches; return (n, width) float32.
 
-        step(input_ids (b, L) int64, attention_mask (b, L) int64) -> (b, width) tensor.
-        Output row i belongs to input row i, whatever order the batches ran in.
+        step(batch) -> (b, width) tensor, row j for ``batch.rows[j]``. Output row i belongs
+        to input row i, whatever order the batches ran in.
 
         Out of memory: the batch is halved and retried, down to one row; the first size
         that then works caps the rows per batch for the rest of this call (the remaining
@@ -208,17 +182,27 @@ class Engine:
         """
         report_failures = stats is not None
         stats = stats if stats is not None else BatchStats()
-        out = torch.empty((len(tok.ids), width), dtype=torch.float32)
-        pending = deque(plan_batches(tok.lengths, max_tokens, max_rows))
+        packed = self.packed is not None
+        out = torch.empty((len(tok), width), dtype=torch.float32, device=self.device)
+        pending = deque(plan_batches(tok.lengths, max_tokens, max_rows, packed))
+        ahead: tuple[np.ndarray, Future[Batch]] | None = None
         cap, split = max_rows, False  # split: a batch was halved and nothing ran since
         while pending:
             idx = pending.popleft()
+            if ahead is not None and ahead[0] is idx:
+                batch = ahead[1].result()
+            else:
+                batch = self._collate(tok, idx)
+            ahead = None
+            if pending:  # collate the next batch while this one computes
+                ahead = (pending[0], self._prefetch.submit(self._collate, tok, pending[0]))
             try:
-                result = step(*self._pad([tok.ids[i] for i in idx]))
+                result = step(batch)
             except RuntimeError as exc:
                 if not is_oom(exc) or (len(idx) == 1 and not report_failures):
                     raise
                 result = None
+            del batch
             if result is None:
                 # Outside the except block, so the failed batch's tensors are already freed.
                 if self.device == "cuda":
@@ -246,14 +230,25 @@ class Engine:
                 if pending:
                     rest = np.concatenate(list(pending))  # still longest first
                     pending = deque(rest[b] for b in
-                                    plan_batches(tok.lengths[rest], max_tokens, cap))
+                                    plan_batches(tok.lengths[rest], max_tokens, cap, packed))
             split = False
-            out[torch.from_numpy(idx)] = result.float().cpu()
+            out[torch.from_numpy(idx).to(self.device, non_blocking=True)] = result.float()
+            lengths = tok.lengths[idx]
             stats.batches += 1
             stats.sizes.append(len(idx))
-            stats.tokens += int(tok.lengths[idx].sum())
-            stats.padded_tokens += len(idx) * int(tok.lengths[idx].max())
-        return out
+            stats.tokens += int(lengths.sum())
+            stats.padded_tokens += int(lengths.sum()) if packed else len(idx) * int(
+                lengths.max())
+        return out.cpu()  # the one host sync of the call
+
+    def hidden_states(self, batch: Batch) -> torch.Tensor:
+        """Last hidden states as (b, L, hidden), right-padded to ``batch.mask``."""
+        if self.packed is None:
+            return self.model(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
+        flat = self.packed.hidden(batch)
+        padded = flat.new_zeros(len(batch.rows), batch.max_len, flat.shape[-1])
+        padded[batch.row_of, batch.positions] = flat
+        return padded
 
     def embed(self, tok: Tokenized, pooling: str, normalize: bool, max_tokens: int,
               max_rows: int, stats: BatchStats | None = None, skip: int = 0) -> torch.Tensor:
@@ -262,9 +257,8 @@ class Engine:
         skip: leading tokens of every row left out of pooling (a prompt's, see ``pool``).
         """
 
-        def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-            pooled = pool(hidden, mask, pooling, skip)
+        def step(batch: Batch) -> torch.Tensor:
+            pooled = pool(self.hidden_states(batch).float(), batch.mask, pooling, skip)
             return F.normalize(pooled, dim=-1) if normalize else pooled
 
         return self.run(tok, step, self.hidden_size, max_tokens, max_rows, stats)
@@ -273,8 +267,10 @@ class Engine:
                stats: BatchStats | None = None) -> torch.Tensor:
         """Sequence-classification logits, (n, num_labels) float32, in input order."""
 
-        def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=ids, attention_mask=mask).logits
+        def step(batch: Batch) -> torch.Tensor:
+            if self.packed is not None:
+                return self.packed.logits(batch)
+            return self.model(input_ids=batch.ids, attention_mask=batch.mask).logits
 
         return self.run(tok, step, int(self.model.config.num_labels), max_tokens, max_rows,
                         stats)
@@ -303,20 +299,3 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, skip: int = 0) 
         return hidden[rows, last] * m[rows, last]
     assert pooling == "mean", f"unknown pooling {pooling!r}"
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
-class EngineCache:
-    """Engines loaded in this process, keyed by their config: one load per worker."""
-
-    def __init__(self) -> None:
-        self._engines: dict[EngineConfig, Engine] = {}
-        self._lock = threading.Lock()  # worker threads share the cache; load each model once
-        self.loads = 0
-
-    def get(self, config: EngineConfig) -> Engine:
-        with self._lock:
-            if config not in self._engines:
-                log.info("loading %s (%s head)", config.model_dir, config.head)
-                self._engines[config] = Engine(config)
-                self.loads += 1
-            return self._engines[config]

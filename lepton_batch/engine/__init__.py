@@ -1,0 +1,42 @@
+"""The throughput engine: a model loaded once per worker, fed token-budget batches.
+
+``batching``: plans and collation (padded or packed); ``load``: device, dtype, weights;
+``packed``: the BERT family without padding; ``encoder``: the engine itself (embed,
+logits); ``quality``: the gate any precision but fp32 passes before it writes a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from lepton_batch.engine.batching import Batch, Tokenized, collate, plan_batches
+from lepton_batch.engine.encoder import BatchStats, Engine, is_oom, pool
+from lepton_batch.engine.load import EngineConfig, resolve_device, resolve_dtype
+from lepton_batch.engine.quality import QualityCheck, QualityError
+
+log = logging.getLogger(__name__)
+
+
+class EngineCache:
+    """Engines loaded in this process, keyed by their config: one load per worker."""
+
+    def __init__(self) -> None:
+        self._engines: dict[EngineConfig, Engine] = {}
+        self._lock = threading.Lock()  # worker threads share the cache; load each model once
+        self.loads = 0
+
+    def get(self, config: EngineConfig, sample: list[str] | None = None) -> Engine:
+        """The engine for ``config``, loaded on first use; ``sample`` (the job's texts)
+        calibrates and checks a reduced precision when it loads (see ``quality.py``)."""
+        with self._lock:
+            if config not in self._engines:
+                log.info("loading %s (%s head)", config.model_dir, config.head)
+                self._engines[config] = Engine(config, sample)
+                self.loads += 1
+            return self._engines[config]
+
+
+__all__ = ["Batch", "BatchStats", "Engine", "EngineCache", "EngineConfig", "QualityCheck",
+           "QualityError", "Tokenized", "collate", "is_oom", "plan_batches", "pool",
+           "resolve_device", "resolve_dtype"]

@@ -1,0 +1,115 @@
+"""The quality gate: a precision other than fp32 must agree with fp32 on the job's rows.
+
+Before an engine in bf16, fp16 or int8 writes a row, it runs a sample of the job's own
+texts through itself and through the same model loaded in fp32 (Hugging Face's padded
+forward, the reference). Embedding heads are compared by the cosine of their mean-pooled
+last hidden states (the worst row counts), classifier heads by how often the top label
+agrees. Below the threshold the engine falls back to the fp32 reference (or, with
+``on_fail: error``, refuses to run); either way the figure goes into the file metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from lepton_batch.engine.batching import collate, plan_batches
+from lepton_batch.engine.load import load_model
+
+if TYPE_CHECKING:
+    from lepton_batch.engine.encoder import Engine
+
+log = logging.getLogger(__name__)
+
+
+class QualityError(RuntimeError):
+    """The requested precision disagrees with fp32 beyond the job's threshold."""
+
+
+@dataclass(frozen=True)
+class QualityCheck:
+    """What the gate measured. ``metric``: ``min_cosine`` or ``label_agreement``;
+    ``candidate``: the precision that was checked (``bfloat16``, ``float32+int8`` …);
+    ``used``: the precision the engine runs with after the check."""
+
+    candidate: str
+    metric: str
+    value: float
+    mean: float
+    threshold: float
+    passed: bool
+    used: str
+    sample_rows: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verdict = "kept" if self.passed else f"below {self.threshold}: using {self.used}"
+        return (f"quality gate: {self.candidate} vs float32 on {self.sample_rows} rows of "
+                f"the job, {self.metric} {self.value:.4f} (mean {self.mean:.4f}); {verdict}")
+
+
+@torch.inference_mode()
+def _reference(engine: Engine, model: torch.nn.Module, tok) -> torch.Tensor:
+    """fp32 outputs of ``model`` over ``tok`` with the padded HF forward, input order."""
+    parts = []
+    for idx in plan_batches(tok.lengths, 4096, 64):
+        batch = collate(tok, idx, engine.pad_id, False, engine.device)
+        out = model(input_ids=batch.ids, attention_mask=batch.mask)
+        if engine.config.head == "classifier":
+            parts.append((idx, out.logits.float().cpu()))
+        else:
+            hidden = out.last_hidden_state.float()
+            m = batch.mask.unsqueeze(-1).float()
+            parts.append((idx, ((hidden * m).sum(1) / m.sum(1)).cpu()))
+    outs = torch.empty(len(tok), parts[0][1].shape[1])
+    for idx, val in parts:
+        outs[torch.from_numpy(idx)] = val
+    return outs
+
+
+def check_quality(engine: Engine, sample: list[str]) -> QualityCheck:
+    """Compare ``engine`` with its fp32 self on ``sample``; fall back or raise when the
+    agreement is below the configured threshold. Returns what was measured."""
+    cfg, start = engine.config, time.perf_counter()
+    candidate = str(engine.dtype).removeprefix("torch.")
+    if engine.quantization != "none":
+        candidate += f"+{engine.quantization}"
+    tok = engine.tokenize(sample)
+    reference = load_model(cfg, torch.float32, engine.device, "sdpa")
+    want = _reference(engine, reference, tok)
+    if cfg.head == "classifier":
+        got = engine.logits(tok, 4096, 64)
+        agree = (got.argmax(-1) == want.argmax(-1)).float()
+        metric, value, mean, threshold = ("label_agreement", float(agree.mean()),
+                                          float(agree.mean()), cfg.min_label_agreement)
+    else:
+        got = engine.embed(tok, "mean", False, 4096, 64)
+        cos = F.cosine_similarity(got, want, dim=-1)
+        metric, value, mean, threshold = ("min_cosine", float(cos.min()), float(cos.mean()),
+                                          cfg.min_cosine)
+    passed = value >= threshold
+    used = candidate
+    if not passed:
+        if cfg.on_fail == "error":
+            field = "min_label_agreement" if cfg.head == "classifier" else "min_cosine"
+            raise QualityError(
+                f"{candidate} disagrees with float32 on the job's rows: {metric} {value:.4f} "
+                f"< quality.{field} {threshold}; use model.dtype: float32 and "
+                "model.quantization: none, or lower the threshold")
+        engine.quantization = "none"
+        engine.setup(torch.float32, reference)
+        used = "float32"
+    else:
+        del reference
+    check = QualityCheck(candidate, metric, round(value, 6), round(mean, 6), threshold, passed,
+                         used, len(sample), round(time.perf_counter() - start, 3))
+    (log.info if passed else log.warning)("%s", check.summary())
+    return check

@@ -1,0 +1,148 @@
+"""Batching invariants, the packed forward against Hugging Face's padded one, reduced
+precision against fp32, and the quality gate — all on tiny random models loaded through
+``from_pretrained(local_dir)``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import LABELS, _bert_config, _tokenizer, sample_texts
+
+from lepton_batch.engine import (
+    BatchStats,
+    Engine,
+    EngineConfig,
+    QualityError,
+    collate,
+    plan_batches,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return sample_texts(150)
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory):
+    """A random RobertaModel (positions counted from pad + 1) with the WordPiece tokenizer."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    path = tmp_path_factory.mktemp("tiny-roberta")
+    _tokenizer(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(3)
+    cfg = RobertaConfig(**_bert_config(len(tok)).to_dict())
+    cfg.pad_token_id, cfg.max_position_embeddings, cfg.type_vocab_size = tok.pad_token_id, 132, 1
+    RobertaModel(cfg).eval().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_plans_cover_every_row_once_within_budget(packed):
+    rng = np.random.default_rng(1)
+    lengths = np.concatenate([rng.integers(1, 40, 400), rng.integers(200, 300, 5)])
+    batches = plan_batches(lengths, max_tokens=1024, max_rows=64, packed=packed)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for b in batches:
+        real, padded = lengths[b].sum(), len(b) * lengths[b].max()
+        assert len(b) <= 64
+        if packed:
+            assert (real <= 1024 and padded <= 2048) or len(b) == 1
+        else:
+            assert padded <= 1024 or len(b) == 1
+    longest = [lengths[b].max() for b in batches]
+    assert longest == sorted(longest, reverse=True)
+    if packed:  # packing fits more rows per batch than padding does
+        assert len(batches) < len(plan_batches(lengths, 1024, 64, packed=False))
+
+
+def test_collate_packed_and_padded_hold_the_same_tokens(tiny_bert, texts):
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64))
+    tok = engine.tokenize(texts)
+    rows = np.array([5, 0, 77, 3])
+    padded = collate(tok, rows, engine.pad_id, packed=False, device="cpu")
+    packed = collate(tok, rows, engine.pad_id, packed=True, device="cpu")
+    for j, i in enumerate(rows):
+        n = int(tok.lengths[i])
+        assert padded.ids[j, :n].tolist() == tok.row(i) == packed.ids[
+            packed.cu_seqlens[j] : packed.cu_seqlens[j + 1]].tolist()
+        assert padded.mask[j].sum() == n and (padded.ids[j, n:] == engine.pad_id).all()
+    assert packed.positions.tolist() == [p for i in rows for p in range(tok.lengths[i])]
+    torch.testing.assert_close(packed.mask, padded.mask)
+
+
+def _embed(model_dir, texts, pooling, **config):
+    engine = Engine(EngineConfig(model_dir=str(model_dir), head="base", max_length=64,
+                                 **config))
+    stats = BatchStats()
+    out = engine.embed(engine.tokenize(texts), pooling, True, 1024, 32, stats)
+    return engine, out, stats
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "lasttoken"])
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_roberta"])
+def test_packed_equals_padded_in_fp32(request, model, pooling, texts):
+    model_dir = request.getfixturevalue(model)
+    packed, got, stats = _embed(model_dir, texts, pooling, dtype="float32")
+    padded, want, ref_stats = _embed(model_dir, texts, pooling, dtype="float32", packed=False)
+    assert packed.attn_implementation == "packed/sdpa_padded"
+    assert padded.attn_implementation == "sdpa"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert stats.tokens == ref_stats.tokens == stats.padded_tokens  # no padding in dense
+    assert ref_stats.padded_tokens > ref_stats.tokens
+
+
+def test_packed_classifier_logits_equal_padded(tiny_bert_cls, texts):
+    def logits(packed):
+        e = Engine(EngineConfig(model_dir=str(tiny_bert_cls), head="classifier", max_length=64,
+                                dtype="float32", packed=packed))
+        return e.logits(e.tokenize(texts), 1024, 32)
+
+    torch.testing.assert_close(logits(True), logits(False), atol=1e-5, rtol=1e-4)
+    assert logits(True).shape == (len(texts), len(LABELS))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_bf16_agrees_with_fp32_and_passes_the_gate(tiny_bert, texts, packed):
+    _, want, _ = _embed(tiny_bert, texts, "mean", dtype="float32", packed=False)
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+                                 dtype="bfloat16", packed=packed), sample=texts[:32])
+    got = engine.embed(engine.tokenize(texts), "mean", True, 1024, 32)
+    cos = F.cosine_similarity(got, want, dim=-1)
+    assert cos.min() > 0.99
+    q = engine.quality
+    assert q is not None and q.passed and q.candidate == q.used == "bfloat16"
+    assert q.metric == "min_cosine" and 0.99 < q.value <= 1.0 and q.sample_rows == 32
+    assert engine.dtype == torch.bfloat16
+
+
+def test_gate_falls_back_to_fp32_when_the_precision_is_too_lossy(tiny_bert, texts):
+    # No bf16 result equals fp32 to the last bit: a threshold of 1.0 must refuse it.
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+                                 dtype="bfloat16", min_cosine=1.0), sample=texts[:16])
+    q = engine.quality
+    assert not q.passed and q.candidate == "bfloat16" and q.used == "float32" and q.value < 1
+    assert engine.dtype == torch.float32 and engine.packed is not None
+    got = engine.embed(engine.tokenize(texts), "mean", True, 1024, 32)
+    _, want, _ = _embed(tiny_bert, texts, "mean", dtype="float32", packed=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_gate_with_on_fail_error_refuses_to_run(tiny_bert, texts):
+    with pytest.raises(QualityError, match=r"bfloat16 disagrees with float32.*min_cosine"):
+        Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+                            dtype="bfloat16", min_cosine=1.0, on_fail="error"),
+               sample=texts[:16])
+
+
+def test_classifier_gate_measures_label_agreement(tiny_bert_cls, texts):
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert_cls), head="classifier",
+                                 max_length=64, dtype="bfloat16"), sample=texts[:40])
+    q = engine.quality
+    assert q.metric == "label_agreement" and 0 <= q.value <= 1 and q.sample_rows == 40
+    assert q.passed == (q.value >= 0.98)
