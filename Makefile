@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_embed.py --rounds 3 --rows 1000
+	$(BIN)/lepton-batch bench
 
 bench-memory: $(STAMP)
 	$(BIN)/python benchmarks/bench_memory.py

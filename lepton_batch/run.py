@@ -98,7 +98,6 @@ def _file_metadata(plan: Plan, run_id: str) -> dict[str, str]:
         "model": plan.model.path.name,
         "model_path": str(plan.model.path),
         "model_revision": plan.model.revision,
-        "quantization": "none",
         # the resolved max_length / pooling / normalize / prompt, so a reader can tell
         # which settings made these values (see settings.py)
         "settings": json.dumps(plan.settings.values(), sort_keys=True),

@@ -167,6 +167,7 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
         worker=f"{socket.gethostname()}:{os.getpid()}",
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         oom_splits=stats.oom_splits,
+        engine=engine.describe(),
     )
     checkpoint("part-written")
     write_record(ctx.output_root / ctx.staging / MANIFEST_DIR, record)

@@ -156,6 +156,9 @@ class JobSpec(_Strict):
         clash = sorted(set(self.input.passthrough_columns) & reserved)
         if clash:
             raise ValueError(f"input.passthrough_columns may not include {clash}")
+        if self.model.quantization == "int8" and self.quality.sample_rows == 0:
+            raise ValueError("model.quantization int8 calibrates on quality.sample_rows rows "
+                             "of the job; set quality.sample_rows above 0")
         return self
 
     def fingerprint(self, model_revision: str, settings: Settings) -> str:

@@ -142,6 +142,18 @@ class Engine:
         self.forward_reason = why
         log.info("forward: %s (%s)", self.attn_implementation, why)
 
+    def describe(self) -> str:
+        """One line: dtype, quantization, forward, and the quality gate's verdict."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        quant = f"+{self.quantization}" if self.quantization != "none" else ""
+        line = f"{dtype}{quant} on {self.device}, {self.attn_implementation}"
+        if self.quality is not None:
+            q = self.quality
+            line += (f"; quality gate: {q.candidate} {q.metric.replace('_', ' ')} "
+                     f"{q.value:.4f} vs float32 on {q.sample_rows} rows, "
+                     + ("passed" if q.passed else f"below {q.threshold}, fell back to float32"))
+        return line
+
     def token_budget(self, requested: int | None) -> int:
         """``engine.max_tokens_per_batch``, or the default for this device."""
         return requested or (16_384 if self.device == "cuda" else 4096)
