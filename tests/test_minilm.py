@@ -7,8 +7,11 @@ model directory's own settings (256 tokens, mean pooling, Normalize) are the def
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
 
@@ -54,4 +57,11 @@ def test_quickstart_matches_sentence_transformers(tmp_path, capsys, monkeypatch)
               f"{cos.min():.8f}, mean {cos.mean():.8f}; truncated rows "
               f"{int(good['truncated'].sum())}")
     assert cos.min() >= 0.999
+    # dtype auto: bf16 where the CPU has it natively, checked against fp32 by the gate
+    meta = json.loads(pq.read_schema(sorted(plan.output_root.glob("run_date=*/*.parquet"))[0])
+                      .metadata[b"lepton_batch"])
+    if meta["dtype"] != "float32":
+        quality = json.loads(meta["quality"])
+        assert quality["passed"] and quality["value"] >= 0.99 and quality["sample_rows"] == 64
+    assert meta["attention"].startswith("packed/")
     assert int(good["truncated"].sum()) == 149  # rows over the model's 256 tokens

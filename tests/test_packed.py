@@ -146,3 +146,23 @@ def test_classifier_gate_measures_label_agreement(tiny_bert_cls, texts):
     q = engine.quality
     assert q.metric == "label_agreement" and 0 <= q.value <= 1 and q.sample_rows == 40
     assert q.passed == (q.value >= 0.98)
+
+
+def test_int8_engine_agrees_with_fp32_and_records_the_gate(tiny_bert, texts):
+    pytest.importorskip("lepton_batch.kernels.int8")
+    from lepton_batch.kernels.int8 import Int8Linear
+
+    _, want, _ = _embed(tiny_bert, texts, "mean", dtype="float32", packed=False)
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+                                 dtype="float32", quantization="int8"), sample=texts[:48])
+    swapped = [m for m in engine.model.modules() if isinstance(m, Int8Linear)]
+    assert swapped and engine.quantization == "int8"
+    q = engine.quality
+    assert q.candidate == "float32+int8" and q.metric == "min_cosine"
+    got = engine.embed(engine.tokenize(texts), "mean", True, 1024, 32)
+    cos = F.cosine_similarity(got, want, dim=-1)
+    if q.passed:
+        assert engine.packed is not None and cos.min() > 0.95
+    else:  # the gate fell back: the fp32 model itself
+        assert engine.quantization == "none" and cos.min() > 0.9999
+    assert "int8" in engine.describe() or not q.passed
