@@ -26,9 +26,13 @@ app = typer.Typer(
     "Start with `lepton-batch validate job.yaml`, then `lepton-batch submit job.yaml`. The "
     "model directory's own settings (max length, pooling, normalisation, prompt) are the "
     "defaults, as in sentence-transformers. A run publishes its output only when every shard "
-    "is done; killed or failed, the same command resumes it. Any job field can be overridden with "
-    "`--set section.key=value`. Example jobs: jobs/quickstart.yaml (embeddings) and "
-    "jobs/topics.yaml (zero-shot topics); every field is documented in README.md.",
+    "is done; killed or failed, the same command resumes it. dtype auto runs bf16 on GPUs and "
+    "on CPUs with native bf16, after a quality gate against fp32 on the job's own rows; "
+    "BERT-family models run on packed rows (no padding). Any job field can be overridden with "
+    "`--set section.key=value`. Example jobs: jobs/quickstart.yaml (embeddings), "
+    "jobs/quickstart-int8.yaml (int8 linears) and jobs/topics.yaml (zero-shot topics); every "
+    "field is documented in README.md. `lepton-batch bench` measures throughput against "
+    "sentence-transformers.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
