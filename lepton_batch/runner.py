@@ -64,9 +64,9 @@ def quality_sample(texts: list[str], n: int) -> list[str]:
     (where low precision drifts most) and the rest spread evenly over the shard."""
     if len(texts) <= n:
         return list(texts)
-    longest = sorted(range(len(texts)), key=lambda i: -len(texts[i]))[: n // 4]
-    rest = [i for i in np.linspace(0, len(texts) - 1, n).astype(int) if i not in set(longest)]
-    return [texts[i] for i in sorted(set(longest) | set(rest[: n - len(longest)]))]
+    longest = set(sorted(range(len(texts)), key=lambda i: -len(texts[i]))[: n // 4])
+    rest = [i for i in np.linspace(0, len(texts) - 1, n).astype(int) if i not in longest]
+    return [texts[i] for i in sorted(longest | set(rest[: n - len(longest)]))]
 
 
 def _expand(values: pa.Array, valid: np.ndarray, n: int,
@@ -118,7 +118,7 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
     texts = pipeline.prepare(prep.texts)
     loads, load_start = cache.loads, time.perf_counter()
     engine = cache.get(ctx.engine_config(job, pipeline.head),
-                       quality_sample(texts, job.quality.sample_rows))
+                       lambda: quality_sample(texts, job.quality.sample_rows))
     load_seconds = time.perf_counter() - load_start if cache.loads > loads else 0.0
     tok = engine.tokenize(texts)
     stats = BatchStats()

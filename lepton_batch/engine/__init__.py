@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from lepton_batch.engine.batching import Batch, Tokenized, collate, plan_batches
 from lepton_batch.engine.encoder import BatchStats, Engine, is_oom, pool
@@ -26,13 +27,15 @@ class EngineCache:
         self._lock = threading.Lock()  # worker threads share the cache; load each model once
         self.loads = 0
 
-    def get(self, config: EngineConfig, sample: list[str] | None = None) -> Engine:
-        """The engine for ``config``, loaded on first use; ``sample`` (the job's texts)
-        calibrates and checks a reduced precision when it loads (see ``quality.py``)."""
+    def get(self, config: EngineConfig,
+            sample: Callable[[], list[str]] | None = None) -> Engine:
+        """The engine for ``config``, loaded on first use; ``sample()`` (some of the job's
+        texts, only asked for when the engine loads) calibrates and checks a reduced
+        precision (see ``quality.py``)."""
         with self._lock:
             if config not in self._engines:
                 log.info("loading %s (%s head)", config.model_dir, config.head)
-                self._engines[config] = Engine(config, sample)
+                self._engines[config] = Engine(config, sample() if sample else None)
                 self.loads += 1
             return self._engines[config]
 

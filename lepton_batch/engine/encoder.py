@@ -112,7 +112,6 @@ class Engine:
                 "classifier" in name or "pooler" in name))
             log.info("%s", report.summary())
             self.quantization = "int8"
-            self.quant_summary = report.summary()
             self.setup(self.dtype, self.model)  # rebuild the packed view over the swapped layers
         self.quality: QualityCheck | None = None
         if (self.dtype != torch.float32 or self.quantization != "none") and sample:

@@ -59,6 +59,8 @@ class QualityCheck:
 @torch.inference_mode()
 def _reference(engine: Engine, model: torch.nn.Module, tok) -> torch.Tensor:
     """fp32 outputs of ``model`` over ``tok`` with the padded HF forward, input order."""
+    from lepton_batch.engine.encoder import pool  # encoder imports this module
+
     parts = []
     for idx in plan_batches(tok.lengths, 4096, 64):
         batch = collate(tok, idx, engine.pad_id, False, engine.device)
@@ -67,8 +69,7 @@ def _reference(engine: Engine, model: torch.nn.Module, tok) -> torch.Tensor:
             parts.append((idx, out.logits.float().cpu()))
         else:
             hidden = out.last_hidden_state.float()
-            m = batch.mask.unsqueeze(-1).float()
-            parts.append((idx, ((hidden * m).sum(1) / m.sum(1)).cpu()))
+            parts.append((idx, pool(hidden, batch.mask, "mean").cpu()))
     outs = torch.empty(len(tok), parts[0][1].shape[1])
     for idx, val in parts:
         outs[torch.from_numpy(idx)] = val
