@@ -30,6 +30,22 @@ class ModelInfo:
     def has_classifier_head(self) -> bool:
         return any(a.endswith("ForSequenceClassification") for a in self.architectures)
 
+    @property
+    def is_causal_lm(self) -> bool:
+        """A decoder with a language-model head (``LlamaForCausalLM``, ``GPT2LMHeadModel``)."""
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in self.architectures)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """The tokenizer ships a chat template (in its config or a template file)."""
+        if any((self.path / f).is_file() for f in ("chat_template.jinja", "chat_template.json")):
+            return True
+        try:
+            config = json.loads((self.path / "tokenizer_config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(config.get("chat_template"))
+
 
 def resolve_model_dir(spec_path: str) -> Path:
     """``package:NAME`` -> the model folder an installed package ships; else a local path.
@@ -56,6 +72,8 @@ def resolve_model_dir(spec_path: str) -> Path:
 def _revision(path: Path) -> str:
     """Cheap content id: config bytes plus name, size and mtime of every weight file."""
     h = hashlib.sha256((path / "config.json").read_bytes())
+    if (path / "generation_config.json").is_file():  # sampling defaults change generations
+        h.update((path / "generation_config.json").read_bytes())
     for f in sorted(path.glob("*")):
         if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file():
             st = f.stat()
@@ -144,7 +162,7 @@ def inspect_model_dir(path: Path, *, allow_pickle: bool = False,
         model_type=str(config.get("model_type", "unknown")),
         architectures=tuple(config.get("architectures") or ()),
         hidden_size=hidden,
-        max_positions=config.get("max_position_embeddings"),
+        max_positions=config.get("max_position_embeddings") or config.get("n_positions"),
         id2label={int(k): str(v) for k, v in (config.get("id2label") or {}).items()},
         problem_type=config.get("problem_type"),
         has_safetensors=has_safetensors,

@@ -23,7 +23,7 @@ from lepton_batch.shards import (
     describe_files,
     plan_shards,
 )
-from lepton_batch.spec import JobSpec, JobSpecError
+from lepton_batch.spec import CAUSAL_KINDS, JobSpec, JobSpecError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def make_plan(job: JobSpec, source: str = "job file") -> Plan:
             settings = resolve_settings(model, job.model, job.task)
         except SettingsError as exc:
             problems += exc.problems
+    pipeline_columns: list[str] | None = None
     if model is not None and settings is not None:
         if model.max_positions and settings.max_length > model.max_positions:
             origin = settings.sources["max_length"]
@@ -78,7 +79,7 @@ def make_plan(job: JobSpec, source: str = "job file") -> Plan:
                 + ("" if origin == "job" else "; set model.max_length")
             )
         try:
-            make_pipeline(job.task, model, settings)
+            pipeline_columns = make_pipeline(job.task, model, settings, job.input).columns
         except ValueError as exc:
             problems.append(str(exc))
     files: list[InputFile] = []
@@ -93,7 +94,13 @@ def make_plan(job: JobSpec, source: str = "job file") -> Plan:
         log.warning("input file %s: %s; its rows are skipped and the run will not publish",
                     b.path, b.reason)
     inp = job.input
-    problems += check_columns(files, inp.text_column, inp.id_column, inp.passthrough_columns)
+    if job.task.kind in CAUSAL_KINDS:
+        # The prompt template names the columns; input.text_column is its default field.
+        problems += check_columns(files, None, inp.id_column, inp.passthrough_columns,
+                                  task_columns=pipeline_columns or [])
+    else:
+        problems += check_columns(files, inp.text_column, inp.id_column,
+                                  inp.passthrough_columns)
     output_root = None
     try:
         output_root = resolve_output_root(job.output.path)

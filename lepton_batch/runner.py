@@ -23,7 +23,7 @@ from lepton_batch.engine import BatchStats, EngineCache, EngineConfig
 from lepton_batch.faults import checkpoint
 from lepton_batch.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
 from lepton_batch.modeldir import ModelInfo
-from lepton_batch.pipelines import make_pipeline, prepare_text
+from lepton_batch.pipelines import make_pipeline
 from lepton_batch.settings import Settings
 from lepton_batch.shards import Shard, read_shard, redact
 from lepton_batch.spec import JobSpec
@@ -109,18 +109,17 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
     """Run the job's task over one shard and write its part file and manifest record."""
     start = time.perf_counter()
     inp = job.input
-    columns = [inp.id_column, inp.text_column, *inp.passthrough_columns]
+    pipeline = make_pipeline(job.task, ctx.model, ctx.settings, inp)
+    columns = [inp.id_column, *inp.passthrough_columns]
+    columns += [c for c in pipeline.columns if c not in columns]
     table = read_shard(shard, columns)
     n = table.num_rows
-    prep = prepare_text(table[inp.text_column])
-
-    pipeline = make_pipeline(job.task, ctx.model, ctx.settings)
-    texts = pipeline.prepare(prep.texts)
+    texts, prep = pipeline.prepare(table)
     loads, load_start = cache.loads, time.perf_counter()
     engine = cache.get(ctx.engine_config(job, pipeline.head),
                        lambda: quality_sample(texts, job.quality.sample_rows))
     load_seconds = time.perf_counter() - load_start if cache.loads > loads else 0.0
-    tok = engine.tokenize(texts)
+    tok = pipeline.tokenize(engine, texts)
     stats = BatchStats()
     results = pipeline.run(engine, tok, job.engine, stats)
 

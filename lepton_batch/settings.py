@@ -236,7 +236,9 @@ def resolve_settings(info: ModelInfo, model: ModelSpec, task: TaskSpec) -> Setti
             problems.append(f"task.prompt_name: {task.prompt_name!r} is not one of the "
                             f"model's prompts in config_sentence_transformers.json ({known})")
     else:
-        prompt = pick("prompt", task.prompt, model_prompt, prompt_source,
+        # A causal LM's task.prompt is a template the pipeline renders, not a prefix.
+        job_prompt = task.prompt if task.kind in ("embed", "classify") else None
+        prompt = pick("prompt", job_prompt, model_prompt, prompt_source,
                       declared=bool(default_name))
     if problems:
         raise SettingsError(problems)

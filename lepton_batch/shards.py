@@ -125,18 +125,26 @@ def describe_files(path: str) -> tuple[list[InputFile], list[BadFile]]:
     return out, bad
 
 
-def check_columns(files: list[InputFile], text_column: str, id_column: str,
-                  passthrough: list[str]) -> list[str]:
-    """Problems with the named columns across all files (empty list when all is well)."""
+def check_columns(files: list[InputFile], text_column: str | None, id_column: str,
+                  passthrough: list[str], task_columns: list[str] = ()) -> list[str]:
+    """Problems with the named columns across all files (empty list when all is well).
+
+    ``text_column`` None: the task reads ``task_columns`` (a prompt template's fields)
+    instead, any type."""
     problems = []
     for f in files:
         names = f.schema.names
-        for role, col in [("text_column", text_column), ("id_column", id_column)] + [
-            ("passthrough_columns", c) for c in passthrough
-        ]:
+        roles = [("text_column", text_column)] if text_column else []
+        roles += [("id_column", id_column)] + [("passthrough_columns", c) for c in passthrough]
+        for col in task_columns:
+            if col not in names:
+                problems.append(f"task: column {col!r} (named in task.prompt or a task "
+                                f"*_column field) not in {f.path} (has {names})")
+        for role, col in roles:
             if col not in names:
                 problems.append(f"input.{role}: column {col!r} not in {f.path} (has {names})")
-        if text_column in names and f.schema.field(text_column).type not in TEXT_TYPES:
+        if text_column and text_column in names and (
+                f.schema.field(text_column).type not in TEXT_TYPES):
             kind = f.schema.field(text_column).type
             problems.append(
                 f"input.text_column: {text_column!r} in {f.path} is {kind}, expected a string "

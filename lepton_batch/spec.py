@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import string
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,6 +21,30 @@ if TYPE_CHECKING:
 
 # Task fields that settings.py resolves against the model; the fingerprint hashes the result.
 RESOLVED_TASK_FIELDS = {"pooling", "normalize", "prompt", "prompt_name"}
+ENCODER_KINDS = ("embed", "classify")
+CAUSAL_KINDS = ("generate", "score")
+# Fields that only the causal-LM tasks read; each is refused with embed and classify.
+GENERATE_FIELDS = {"chat", "system", "max_new_tokens", "max_new_tokens_column", "do_sample",
+                   "temperature", "top_p", "repetition_penalty", "stop", "seed"}
+
+
+def template_fields(template: str) -> list[str]:
+    """Column names a prompt template reads (``"Summarize: {text}"`` -> ``["text"]``).
+
+    Raises ValueError for a malformed template or a field that is not a plain name.
+    """
+    names = []
+    for _, name, spec, conv in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier() and not name.replace("-", "_").replace(".", "_").isidentifier():
+            raise ValueError(f"{{{name}}} is not a column name; write {{column}}, and {{{{ "
+                             "}} for literal braces")
+        if spec or conv:
+            raise ValueError(f"{{{name}}} may not carry a format spec or conversion")
+        if name not in names:
+            names.append(name)
+    return names
 
 
 class JobSpecError(ValueError):
@@ -63,20 +88,68 @@ class ModelSpec(_Strict):
 
 
 class TaskSpec(_Strict):
-    kind: Literal["embed", "classify"]
+    kind: Literal["embed", "classify", "generate", "score"]
     # None: the model directory's own setting (1_Pooling/, a Normalize module, the prompts in
     # config_sentence_transformers.json), so a job gives what sentence-transformers gives.
     pooling: Literal["mean", "cls", "max", "lasttoken"] | None = None
     normalize: bool | None = None  # zero-shot classify always normalises (cosine similarity)
-    prompt: str | None = None  # literal text prepended to every row (and zero-shot label)
+    # embed / classify: literal text prepended to every row (and zero-shot label).
+    # generate / score: a template over the row's columns, "Summarize: {text}"; default
+    # "{<input.text_column>}".
+    prompt: str | None = None
     prompt_name: str | None = None  # a key of the model's `prompts`
     # classify: None uses the model's sequence-classification head; a list (or a mapping of
     # label -> description) runs zero-shot classification by cosine similarity.
     labels: list[str] | dict[str, str] | None = None
-    top_k: PositiveInt = 1
+    # classify: how many top labels to write (default 1). generate: top-k sampling (0 off;
+    # default: the model's generation_config.json, as for the other sampling fields).
+    top_k: int | None = Field(default=None, ge=0)
+
+    # generate: the prompt through the tokenizer's chat template (a user turn, after
+    # `system` when given) instead of as plain text.
+    chat: bool = False
+    system: str | None = None
+    max_new_tokens: PositiveInt = 128
+    max_new_tokens_column: str | None = None  # per-row limit; null rows use max_new_tokens
+    # Sampling. None: the model's generation_config.json, as model.generate reads it;
+    # do_sample false (greedy) when it says nothing.
+    do_sample: bool | None = None
+    temperature: float | None = Field(default=None, gt=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    stop: list[str] = Field(default_factory=list)  # generation ends before any of these
+    seed: int = 0  # a row samples from seed + its id: the same text in any batch or rerun
+    # score: log p(continuation | prompt) only, instead of the whole prompt's likelihood.
+    continuation_column: str | None = None
 
     @model_validator(mode="after")
     def _check_kind_fields(self) -> TaskSpec:
+        causal = self.kind in CAUSAL_KINDS
+        if not causal:
+            given = sorted(f for f in GENERATE_FIELDS if f in self.model_fields_set)
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to kind: generate; remove "
+                                 "them or change task.kind")
+        if self.kind != "score" and self.continuation_column is not None:
+            raise ValueError("continuation_column only applies to kind: score")
+        if causal:
+            for name in ("pooling", "normalize", "prompt_name", "labels"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} does not apply to kind: {self.kind}; for a "
+                                     "causal LM write the prompt template in task.prompt")
+            extra = self.model_fields_set & (GENERATE_FIELDS | {"top_k"})
+            if self.kind == "score" and extra:
+                raise ValueError(f"{', '.join(sorted(extra))} only apply to kind: generate")
+            if self.prompt is not None:
+                template_fields(self.prompt)
+            if self.system is not None and not self.chat:
+                raise ValueError("system is the chat template's system message; set "
+                                 "task.chat: true or drop task.system")
+            if any(not s for s in self.stop):
+                raise ValueError("stop may not hold an empty string")
+            return self
+        if self.top_k == 0:
+            raise ValueError("top_k must be at least 1 for classify")
         if self.prompt is not None and self.prompt_name is not None:
             raise ValueError("give task.prompt (literal text) or task.prompt_name (one of the "
                              "model's prompts), not both")
@@ -87,11 +160,16 @@ class TaskSpec(_Strict):
                 raise ValueError("labels needs at least 2 labels for zero-shot classification")
             if len(set(self.labels)) != len(self.labels):
                 raise ValueError("labels has duplicates")
-            if self.top_k > len(self.labels):
+            if self.labels_k > len(self.labels):
                 raise ValueError(
                     f"top_k is {self.top_k} but there are only {len(self.labels)} labels"
                 )
         return self
+
+    @property
+    def labels_k(self) -> int:
+        """classify: how many top labels each row gets."""
+        return self.top_k or 1
 
     def label_texts(self) -> tuple[list[str], list[str]]:
         """Zero-shot labels and the texts embedded for them (the description when given)."""
@@ -101,6 +179,11 @@ class TaskSpec(_Strict):
 
 
 class EngineSpec(_Strict):
+    # generate: sequences decoded together (KV-cache slots; a finished one is refilled at
+    # once) and the KV cache size in tokens; None: from memory (a fraction of free GPU
+    # memory, 1 GiB on CPU).
+    max_num_seqs: PositiveInt = 64
+    kv_cache_tokens: PositiveInt | None = None
     # Padded tokens per batch (rows x longest row). Default: 16384 on CUDA, 4096 on CPU,
     # where smaller batches measured faster (less padding, activations stay in cache).
     max_tokens_per_batch: PositiveInt | None = None
@@ -152,10 +235,15 @@ class JobSpec(_Strict):
         if self.input.text_column == self.input.id_column:
             raise ValueError("input.text_column and input.id_column must differ")
         reserved = {"error", "truncated", "num_tokens", "embedding", "label", "score", "labels",
-                    "scores", self.input.id_column}
+                    "scores", "generation", "finish_reason", "prompt_tokens",
+                    "generated_tokens", "logprob", "mean_logprob", "perplexity", "tokens",
+                    self.input.id_column}
         clash = sorted(set(self.input.passthrough_columns) & reserved)
         if clash:
             raise ValueError(f"input.passthrough_columns may not include {clash}")
+        if self.model.quantization == "int8" and self.task.kind in CAUSAL_KINDS:
+            raise ValueError(f"model.quantization int8 is for embed and classify; "
+                             f"kind: {self.task.kind} runs in model.dtype")
         if self.model.quantization == "int8" and self.quality.sample_rows == 0:
             raise ValueError("model.quantization int8 calibrates on quality.sample_rows rows "
                              "of the job; set quality.sample_rows above 0")
@@ -171,7 +259,9 @@ class JobSpec(_Strict):
             "input": self.input.model_dump(exclude={"path", "rows_per_shard"}),
             "model": self.model.model_dump(exclude={"device", "max_length"}),
             "model_revision": model_revision,
-            "task": self.task.model_dump(exclude=RESOLVED_TASK_FIELDS),
+            # A causal LM's prompt is a template the job states; nothing resolves it.
+            "task": self.task.model_dump(
+                exclude=RESOLVED_TASK_FIELDS if self.task.kind in ENCODER_KINDS else set()),
             "settings": settings.values(),
         }
         blob = json.dumps(payload, sort_keys=True).encode()

@@ -1,26 +1,43 @@
-"""Task pipelines (installed as ``lepton_batch.pipelines``): prepare, engine call, finish."""
+"""Task pipelines (installed as ``lepton_batch.pipelines``).
+
+Each pipeline names the input ``columns`` it reads and its output ``fields()``, and runs a
+shard in four steps: ``prepare(table)`` (usable texts, bad rows recorded),
+``tokenize(engine, texts)``, ``run(engine, tok, spec, stats)`` (one Arrow array per output
+field, in row order). ``head`` picks the engine: an encoder, or a causal LM.
+"""
 
 from __future__ import annotations
 
 from lepton_batch.modeldir import ModelInfo
 from lepton_batch.pipelines.classify import ClassifyPipeline
 from lepton_batch.pipelines.embed import EmbedPipeline
+from lepton_batch.pipelines.generate import GeneratePipeline
+from lepton_batch.pipelines.score import ScorePipeline
 from lepton_batch.pipelines.text import PreparedText, prepare_text
 from lepton_batch.settings import Settings
-from lepton_batch.spec import TaskSpec
+from lepton_batch.spec import InputSpec, TaskSpec
 
-Pipeline = EmbedPipeline | ClassifyPipeline
+Pipeline = EmbedPipeline | ClassifyPipeline | GeneratePipeline | ScorePipeline
 
 
-def make_pipeline(task: TaskSpec, info: ModelInfo, settings: Settings) -> Pipeline:
+def make_pipeline(task: TaskSpec, info: ModelInfo, settings: Settings,
+                  inp: InputSpec) -> Pipeline:
     """The pipeline for ``task.kind``; raises ValueError when the model cannot serve it.
 
-    ``settings``: the resolved pooling, normalisation, prompt and lowercasing.
+    ``settings``: the resolved pooling, normalisation, prompt and lowercasing (encoders).
     """
     if task.kind == "embed":
-        return EmbedPipeline(task, info, settings)
-    return ClassifyPipeline(task, info, settings)
+        return EmbedPipeline(task, info, settings, inp)
+    if task.kind == "classify":
+        return ClassifyPipeline(task, info, settings, inp)
+    if not info.is_causal_lm:
+        arch = ", ".join(info.architectures) or "no architecture"
+        raise ValueError(f"task.kind: {task.kind} needs a causal language model "
+                         f"(*ForCausalLM); {info.path.name} is {arch}")
+    if task.kind == "generate":
+        return GeneratePipeline(task, info, inp)
+    return ScorePipeline(task, info, inp)
 
 
-__all__ = ["ClassifyPipeline", "EmbedPipeline", "Pipeline", "PreparedText", "make_pipeline",
-           "prepare_text"]
+__all__ = ["ClassifyPipeline", "EmbedPipeline", "GeneratePipeline", "Pipeline",
+           "PreparedText", "ScorePipeline", "make_pipeline", "prepare_text"]

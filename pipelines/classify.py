@@ -14,15 +14,19 @@ import torch
 from lepton_batch.engine import BatchStats, Engine, Tokenized
 from lepton_batch.modeldir import ModelInfo
 from lepton_batch.pipelines.embed import prompt_tokens
+from lepton_batch.pipelines.text import PreparedText, encoder_texts
 from lepton_batch.settings import Settings
-from lepton_batch.spec import EngineSpec, TaskSpec
+from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec
 
 
 class ClassifyPipeline:
     """Output columns: ``label``, ``score`` (top 1) and ``labels``, ``scores`` (top k)."""
 
-    def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings) -> None:
+    def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings,
+                 inp: InputSpec) -> None:
         self.task = task
+        self.text_column = inp.text_column
+        self.columns = [inp.text_column]
         self.settings = settings
         self.zero_shot = task.labels is not None
         self.head = "base" if self.zero_shot else "classifier"
@@ -36,7 +40,7 @@ class ClassifyPipeline:
             )
         else:
             self.names = [info.id2label.get(i, str(i)) for i in range(len(info.id2label) or 2)]
-        if task.top_k > len(self.names):
+        if task.labels_k > len(self.names):
             raise ValueError(f"task.top_k: {task.top_k} > the model's {len(self.names)} labels")
         self.multi_label = info.problem_type == "multi_label_classification"
 
@@ -48,9 +52,13 @@ class ClassifyPipeline:
             pa.field("scores", pa.list_(pa.float32())),
         ]
 
-    def prepare(self, texts: list[str]) -> list[str]:
-        """The texts to tokenize: the prompt prepended, lowercased when the model says so."""
-        return self.settings.apply(texts)
+    def prepare(self, table: pa.Table) -> tuple[list[str], PreparedText]:
+        """The texts to tokenize (prompt prepended, lowercased when the model says so) and
+        which rows they are; bad rows are recorded, not raised."""
+        return encoder_texts(table[self.text_column], self.settings)
+
+    def tokenize(self, engine: Engine, texts: list[str]) -> Tokenized:
+        return engine.tokenize(texts)
 
     def _scores(self, engine: Engine, tok: Tokenized, spec: EngineSpec,
                 stats: BatchStats) -> torch.Tensor:
@@ -58,7 +66,7 @@ class ClassifyPipeline:
         budget, rows = engine.token_budget(spec.max_tokens_per_batch), spec.max_rows_per_batch
         if self.zero_shot:
             pooling, skip = self.settings.pooling, prompt_tokens(engine, self.settings)
-            labels = engine.tokenize(self.prepare(self.label_texts))
+            labels = engine.tokenize(self.settings.apply(self.label_texts))
             label_emb = engine.embed(labels, pooling, True, budget, rows, skip=skip)
             return engine.embed(tok, pooling, True, budget, rows, stats, skip=skip) @ label_emb.T
         logits = engine.logits(tok, budget, rows, stats)
@@ -67,7 +75,7 @@ class ClassifyPipeline:
     def run(self, engine: Engine, tok: Tokenized, spec: EngineSpec,
             stats: BatchStats) -> dict[str, pa.Array]:
         """Top-k labels and scores for the tokenized rows, in their order."""
-        k = self.task.top_k
+        k = self.task.labels_k
         top = torch.topk(self._scores(engine, tok, spec, stats), k, dim=-1)
         idx, val = top.indices.numpy(), top.values.numpy()
         names = [[self.names[j] for j in row] for row in idx]

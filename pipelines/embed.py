@@ -10,8 +10,9 @@ import pyarrow as pa
 
 from lepton_batch.engine import BatchStats, Engine, Tokenized
 from lepton_batch.modeldir import ModelInfo
+from lepton_batch.pipelines.text import PreparedText, encoder_texts
 from lepton_batch.settings import Settings
-from lepton_batch.spec import EngineSpec, TaskSpec
+from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec
 
 
 def prompt_tokens(engine: Engine, settings: Settings) -> int:
@@ -29,17 +30,24 @@ class EmbedPipeline:
 
     head = "base"
 
-    def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings) -> None:
+    def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings,
+                 inp: InputSpec) -> None:
         self.task = task
+        self.text_column = inp.text_column
+        self.columns = [inp.text_column]
         self.settings = settings
         self.dim = info.hidden_size
 
     def fields(self) -> list[pa.Field]:
         return [pa.field("embedding", pa.list_(pa.float32(), self.dim))]
 
-    def prepare(self, texts: list[str]) -> list[str]:
-        """The texts to tokenize: the prompt prepended, lowercased when the model says so."""
-        return self.settings.apply(texts)
+    def prepare(self, table: pa.Table) -> tuple[list[str], PreparedText]:
+        """The texts to tokenize (prompt prepended, lowercased when the model says so) and
+        which rows they are; bad rows are recorded, not raised."""
+        return encoder_texts(table[self.text_column], self.settings)
+
+    def tokenize(self, engine: Engine, texts: list[str]) -> Tokenized:
+        return engine.tokenize(texts)
 
     def run(self, engine: Engine, tok: Tokenized, spec: EngineSpec,
             stats: BatchStats) -> dict[str, pa.Array]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from lepton_batch.settings import Settings
+
 STRING_TYPES = (pa.string(), pa.large_string())
 BINARY_TYPES = (pa.binary(), pa.large_binary())
 # One visible character: not whitespace, not a C0/C1 control, not a zero-width format
@@ -30,7 +32,7 @@ class PreparedText:
     errors: pa.Array
 
 
-def _check(value: object) -> tuple[str | None, str | None]:
+def check_value(value: object) -> tuple[str | None, str | None]:
     """(text, None) for a usable row, (None, reason) for a bad one."""
     if value is None:
         return None, "null text"
@@ -60,9 +62,16 @@ def prepare_text(column: pa.ChunkedArray | pa.Array) -> PreparedText:
         return PreparedText([], np.zeros(0, dtype=np.int64), errors)
     texts, valid, errors = [], [], []
     for i, value in enumerate(column.to_pylist()):
-        text, error = _check(value)
+        text, error = check_value(value)
         errors.append(error)
         if text is not None:
             texts.append(text)
             valid.append(i)
     return PreparedText(texts, np.asarray(valid, dtype=np.int64), pa.array(errors, pa.string()))
+
+
+def encoder_texts(column: pa.ChunkedArray | pa.Array,
+                  settings: Settings) -> tuple[list[str], PreparedText]:
+    """The usable rows of ``column`` as the encoder sees them (``settings.apply``)."""
+    prep = prepare_text(column)
+    return settings.apply(prep.texts), prep

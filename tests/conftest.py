@@ -108,3 +108,70 @@ def write_job(path: Path, **sections) -> Path:
 def corpus(tmp_path) -> tuple[Path, list[dict]]:
     folder = tmp_path / "in"
     return folder, write_corpus(folder)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _bpe_tokenizer(path: Path, bos: bool) -> None:
+    """A byte-level BPE tokenizer trained on the sample corpus (``<s>`` prepended when
+    ``bos``), with a small chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sample_texts(400), trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>", model_max_length=256,
+                            chat_template=CHAT_TEMPLATE).save_pretrained(path)
+
+
+def _save_causal(path: Path, model, bos: bool) -> Path:
+    _bpe_tokenizer(path, bos)
+    model.eval().save_pretrained(path)
+    return path
+
+
+def tiny_llama_config(vocab: int = 800, **extra):
+    from transformers import LlamaConfig
+
+    # initializer_range 0.2: random logits with clear margins, so greedy picks are not
+    # near-ties that float rounding could flip.
+    return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=0, initializer_range=0.2, **extra)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A random LlamaForCausalLM (grouped-query attention) + BPE tokenizer with BOS."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(3)
+    return _save_causal(tmp_path_factory.mktemp("tiny-llama"),
+                        LlamaForCausalLM(tiny_llama_config()), bos=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A random GPT2LMHeadModel + byte-level BPE tokenizer (no BOS)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(4)
+    config = GPT2Config(vocab_size=800, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                        initializer_range=0.2)
+    return _save_causal(tmp_path_factory.mktemp("tiny-gpt2"), GPT2LMHeadModel(config),
+                        bos=False)

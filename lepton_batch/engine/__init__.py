@@ -10,11 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lepton_batch.engine.batching import Batch, Tokenized, collate, plan_batches
 from lepton_batch.engine.encoder import BatchStats, Engine, is_oom, pool
 from lepton_batch.engine.load import EngineConfig, resolve_device, resolve_dtype
 from lepton_batch.engine.quality import QualityCheck, QualityError
+
+if TYPE_CHECKING:
+    from lepton_batch.engine.decoder import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +32,19 @@ class EngineCache:
         self.loads = 0
 
     def get(self, config: EngineConfig,
-            sample: Callable[[], list[str]] | None = None) -> Engine:
+            sample: Callable[[], list[str]] | None = None) -> Engine | Decoder:
         """The engine for ``config``, loaded on first use; ``sample()`` (some of the job's
         texts, only asked for when the engine loads) calibrates and checks a reduced
         precision (see ``quality.py``)."""
         with self._lock:
             if config not in self._engines:
                 log.info("loading %s (%s head)", config.model_dir, config.head)
-                self._engines[config] = Engine(config, sample() if sample else None)
+                if config.head == "causal_lm":
+                    from lepton_batch.engine.decoder import Decoder
+
+                    self._engines[config] = Decoder(config)
+                else:
+                    self._engines[config] = Engine(config, sample() if sample else None)
                 self.loads += 1
             return self._engines[config]
 

@@ -13,7 +13,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-Head = Literal["base", "classifier"]
+Head = Literal["base", "classifier", "causal_lm"]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,346 @@
+"""Causal LMs for ``generate`` and ``score``: the model loaded once, a forward over a KV cache.
+
+``DecoderStack`` is our own forward for the Llama family (llama, mistral, qwen2, qwen3) and
+GPT-2. It reuses the modules ``from_pretrained`` loaded (same safetensors weights, same
+dtype) and runs token-major: every tensor is (N, ...) over the N tokens of a step, so a
+decode step over B sequences is B tokens, and attention reads a per-sequence slice of
+:class:`KVCache`. ``Decoder.score`` uses the Hugging Face forward and so serves any causal
+LM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lepton_batch.engine.batching import Tokenized, collate, plan_batches
+from lepton_batch.engine.load import EngineConfig, resolve_device
+
+log = logging.getLogger(__name__)
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+GPT2_LIKE = ("gpt2",)
+STACK_MODEL_TYPES = LLAMA_LIKE + GPT2_LIKE
+
+# attend(layer, q (N, H, D), k (N, Hkv, D), v (N, Hkv, D)) -> (N, H * D)
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def stack_support(config) -> tuple[bool, str]:
+    """Whether :class:`DecoderStack` runs this model config, and why not when it does not."""
+    mt = getattr(config, "model_type", None)
+    if mt not in STACK_MODEL_TYPES:
+        return False, (f"model_type {mt!r}: generate runs the Llama family "
+                       f"({', '.join(LLAMA_LIKE)}) and GPT-2")
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", mt == "mistral"):
+        return False, f"{mt} with a sliding window ({window} tokens) is not supported yet"
+    if getattr(config, "rope_parameters", None) and config.rope_parameters.get(
+            "rope_type", "default") not in ("default", "linear", "llama3"):
+        return False, f"rope_type {config.rope_parameters['rope_type']} is not supported yet"
+    return True, f"{mt}: lepton-batch decoder stack with a KV cache"
+
+
+def _fuse(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear computing ``cat([l(x) for l in linears], -1)``; each original keeps a
+    view of the fused weight, so the model holds one copy of it."""
+    weight = torch.cat([lin.weight.data for lin in linears])
+    bias = None
+    if linears[0].bias is not None:
+        bias = torch.cat([lin.bias.data for lin in linears])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    start = 0
+    for lin in linears:
+        n = lin.out_features
+        lin.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+        start += n
+    return fused
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as Hugging Face applies it; x (N, H, D), cos/sin (N, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class DecoderStack:
+    """Token-major forward of a causal LM's loaded modules.
+
+    ``n_heads``, ``n_kv`` (key/value heads; fewer for grouped-query attention),
+    ``head_dim``, ``n_layers`` describe the KV cache it needs.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg = model.config
+        self.gpt2 = cfg.model_type in GPT2_LIKE
+        self.n_heads = cfg.num_attention_heads
+        self.lm_head = model.get_output_embeddings()
+        if self.gpt2:
+            base = model.transformer
+            self.layers = list(base.h)
+            self.n_kv = self.n_heads
+            self.head_dim = cfg.hidden_size // self.n_heads
+            self.final_norm = base.ln_f
+            self.wte, self.wpe = base.wte, base.wpe
+            self.qkv = [layer.attn.c_attn for layer in self.layers]
+            self.out = [layer.attn.c_proj for layer in self.layers]
+            self.norm1 = [layer.ln_1 for layer in self.layers]
+            self.norm2 = [layer.ln_2 for layer in self.layers]
+            self.mlp = [layer.mlp for layer in self.layers]
+            self.scaling = [layer.attn.scaling for layer in self.layers]
+            self.q_norm = self.k_norm = None
+        else:
+            base = model.model
+            self.layers = list(base.layers)
+            attn0 = self.layers[0].self_attn
+            self.n_kv = cfg.num_key_value_heads
+            self.head_dim = attn0.head_dim
+            self.final_norm = base.norm
+            self.wte, self.rotary = base.embed_tokens, base.rotary_emb
+            self.qkv = [_fuse([la.self_attn.q_proj, la.self_attn.k_proj, la.self_attn.v_proj])
+                        for la in self.layers]
+            self.out = [layer.self_attn.o_proj for layer in self.layers]
+            self.norm1 = [layer.input_layernorm for layer in self.layers]
+            self.norm2 = [layer.post_attention_layernorm for layer in self.layers]
+            self.mlp = [layer.mlp for layer in self.layers]
+            self.scaling = [layer.self_attn.scaling for layer in self.layers]
+            qk = hasattr(attn0, "q_norm")
+            self.q_norm = [la.self_attn.q_norm for la in self.layers] if qk else None
+            self.k_norm = [la.self_attn.k_norm for la in self.layers] if qk else None
+        self.n_layers = len(self.layers)
+        self.splits = (self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                       self.n_kv * self.head_dim)
+
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """Final hidden states (before the last norm), (N, d), for token ids (N,) int64 at
+        ``positions`` (N,) int64; ``attend`` writes the cache and attends for each layer."""
+        n = ids.shape[0]
+        if self.gpt2:
+            x = self.wte(ids) + self.wpe(positions)
+            cos = sin = None
+        else:
+            x = self.wte(ids)
+            cos, sin = self.rotary(x, positions[None])
+            cos, sin = cos[0], sin[0]
+        for i in range(self.n_layers):
+            q, k, v = self.qkv[i](self.norm1[i](x)).split(self.splits, dim=-1)
+            q = q.reshape(n, self.n_heads, self.head_dim)
+            k = k.reshape(n, self.n_kv, self.head_dim)
+            v = v.reshape(n, self.n_kv, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm[i](q), self.k_norm[i](k)
+            if cos is not None:
+                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            x = x + self.out[i](attend(i, q, k, v))
+            x = x + self.mlp[i](self.norm2[i](x))
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, vocab) float32 logits from ``hidden`` (N, d)."""
+        return self.lm_head(self.final_norm(hidden)).float()
+
+
+class KVCache:
+    """Keys and values of ``slots`` sequences, up to ``max_len`` tokens each.
+
+    ``k``, ``v``: (layers, slots, n_kv, max_len, head_dim) in the model dtype, zeroed so
+    a masked-out position never holds a NaN that would leak through attention.
+    """
+
+    def __init__(self, stack: DecoderStack, slots: int, max_len: int, dtype: torch.dtype,
+                 device: str) -> None:
+        shape = (stack.n_layers, slots, stack.n_kv, max_len, stack.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.gqa = stack.n_kv != stack.n_heads
+        self.scaling = stack.scaling
+
+    @staticmethod
+    def bytes_per_token(stack: DecoderStack, dtype: torch.dtype) -> int:
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        return 2 * stack.n_layers * stack.n_kv * stack.head_dim * itemsize
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot ``src``'s first ``length`` positions into slot ``dst``."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def prefill_attend(self, first: int, lengths: torch.Tensor, width: int,
+                       start: int) -> Attend:
+        """Attention for a prefill of b sequences into slots ``first .. first+b-1``.
+
+        Each sequence's tokens sit at positions ``start .. start+width-1`` (right-padded to
+        ``width``; ``lengths`` (b,) int64 real tokens); positions ``< start`` already hold a
+        shared prefix. Queries are (b * width, H, D), row-major.
+        """
+        b = lengths.shape[0]
+        device = lengths.device
+        i = torch.arange(width, device=device)
+        j = torch.arange(start + width, device=device)
+        rel = j[None, :] - start  # key position relative to the new tokens
+        mask = (rel[None] <= i[None, :, None]) & (rel[None] < lengths[:, None, None])
+        mask = (mask | (j < start)[None, None, :])[:, None]  # (b, 1, width, start+width)
+        slots = slice(first, first + b)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            h, d = q.shape[1], q.shape[2]
+            self.k[layer, slots, :, start:start + width] = k.view(b, width, -1, d).transpose(1, 2)
+            self.v[layer, slots, :, start:start + width] = v.view(b, width, -1, d).transpose(1, 2)
+            keys = self.k[layer, slots, :, :start + width]
+            values = self.v[layer, slots, :, :start + width]
+            qq = q.view(b, width, h, d).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qq, keys, values, attn_mask=mask,
+                                               scale=self.scaling[layer], enable_gqa=self.gqa)
+            return o.transpose(1, 2).reshape(b * width, h * d)
+
+        return attend
+
+    def decode_attend(self, positions: torch.Tensor, span: int) -> Attend:
+        """Attention for one new token in each of slots ``0 .. b-1`` at ``positions`` (b,)
+        int64; keys up to ``span`` (> every position) are read."""
+        b = positions.shape[0]
+        rows = torch.arange(b, device=positions.device)
+        mask = (torch.arange(span, device=positions.device)[None] <= positions[:, None])
+        mask = mask[:, None, None, :]  # (b, 1, 1, span)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.k[layer, rows, :, positions] = k
+            self.v[layer, rows, :, positions] = v
+            o = F.scaled_dot_product_attention(
+                q[:, :, None], self.k[layer, :b, :, :span], self.v[layer, :b, :, :span],
+                attn_mask=mask, scale=self.scaling[layer], enable_gqa=self.gqa)
+            return o.reshape(b, -1)
+
+        return attend
+
+
+def resolve_causal_dtype(dtype: str, device: str, config_dtype: object) -> torch.dtype:
+    """``auto``: on CUDA the checkpoint's own half precision (bf16 when supported); on CPU
+    float32, so greedy output is what ``model.generate`` gives on the same machine."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device == "cuda":
+        if config_dtype in ("float16", torch.float16):
+            return torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class Decoder:
+    """A causal LM and its tokenizer, loaded once per worker for ``generate`` and ``score``.
+
+    The attributes the runner reads from any engine: ``dtype``, ``device``,
+    ``quantization``, ``attn_implementation``, ``forward_reason``, ``quality``,
+    ``describe()``, ``token_budget()``.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        self.config = config
+        self.device = resolve_device(config.device)
+        if self.device == "cpu":
+            threads = config.threads or int(os.environ.get("LEPTON_BATCH_THREADS", 0)) or (
+                os.cpu_count() or 1)
+            torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            config.model_dir, trust_remote_code=config.trust_remote_code)
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(config.model_dir,
+                                               trust_remote_code=config.trust_remote_code)
+        self.dtype = resolve_causal_dtype(config.dtype, self.device,
+                                          getattr(hf_config, "dtype", None))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            config.model_dir, dtype=self.dtype, attn_implementation="sdpa",
+            trust_remote_code=config.trust_remote_code,
+            use_safetensors=None if config.allow_pickle else True,
+        ).to(self.device).eval()
+        self.quantization = "none"
+        self.quality = None
+        ok, why = stack_support(self.model.config)
+        self.stack = DecoderStack(self.model) if ok else None
+        self.attn_implementation = "kv-cache/sdpa" if ok else "hf/sdpa"
+        self.forward_reason = why
+        self.generation_config = self.model.generation_config
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id or 0
+        log.info("decoder: %s (%s)", self.attn_implementation, why)
+
+    @property
+    def context(self) -> int:
+        """Most tokens (prompt + generated) one sequence may hold."""
+        return self.config.max_length
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{dtype} on {self.device}, {self.attn_implementation}"
+
+    def token_budget(self, requested: int | None) -> int:
+        """``engine.max_tokens_per_batch``, or the default for this device."""
+        return requested or (16_384 if self.device == "cuda" else 4096)
+
+    def eos_ids(self) -> list[int]:
+        """End-of-sequence ids as ``model.generate`` takes them: the generation config's,
+        else the tokenizer's."""
+        eos = self.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return []
+        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+    @torch.inference_mode()
+    def score(self, tok: Tokenized, first: np.ndarray, max_tokens: int, max_rows: int,
+              stats=None) -> tuple[np.ndarray, np.ndarray]:
+        """Log-probability of each row's tokens from position ``first[i]`` on.
+
+        tok: n rows; first: (n,) int64, at least 1 (token 0 has no prediction). Returns
+        ``(logprob (n,) float64 sums, scored (n,) int64 token counts)``. Hugging Face
+        forward on right-padded token-budget batches; the vocabulary projection runs only
+        for scored positions, in chunks, in float32.
+        """
+        n = len(tok)
+        logprob = np.zeros(n, dtype=np.float64)
+        scored = np.maximum(tok.lengths - first, 0)
+        base, head = self.model.base_model, self.model.get_output_embeddings()
+        for rows in plan_batches(tok.lengths, max_tokens, max_rows):
+            batch = collate(tok, rows, self.pad_id, False, self.device)
+            hidden = base(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
+            starts = torch.as_tensor(first[rows], device=self.device)
+            lengths = torch.as_tensor(tok.lengths[rows], device=self.device)
+            pos = torch.arange(batch.max_len, device=self.device)[None]
+            use = (pos >= starts[:, None]) & (pos < lengths[:, None])  # target positions
+            row_idx, tgt = use.nonzero(as_tuple=True)
+            targets = batch.ids[row_idx, tgt]
+            h = hidden[row_idx, tgt - 1]
+            lp = torch.empty(len(targets), dtype=torch.float32, device=self.device)
+            for c in range(0, len(targets), 2048):
+                logits = head(h[c:c + 2048]).float()
+                lp[c:c + 2048] = logits.log_softmax(-1).gather(
+                    1, targets[c:c + 2048, None])[:, 0]
+            sums = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
+            sums.index_add_(0, row_idx, lp.double())
+            logprob[rows] = sums.cpu().numpy()
+            if stats is not None:
+                stats.batches += 1
+                stats.tokens += int(tok.lengths[rows].sum())
+                stats.padded_tokens += len(rows) * batch.max_len
+                stats.sizes.append(len(rows))
+        return logprob, scored
