@@ -131,7 +131,8 @@ def inspect_model_dir(path: Path, *, allow_pickle: bool = False,
     if not weights:
         raise FileNotFoundError(f"model.path: {path} has no weights (*.safetensors or *.bin)")
     config = json.loads(config_file.read_text())
-    hidden = config.get("hidden_size") or config.get("d_model") or config.get("dim")
+    hidden = (config.get("hidden_size") or config.get("d_model") or config.get("dim")
+              or config.get("n_embd"))
     if not isinstance(hidden, int):
         raise ValueError(f"model.path: {config_file} has no hidden_size")
     has_safetensors = any(f.suffix == ".safetensors" for f in weights)

@@ -116,29 +116,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def _bpe_tokenizer(path: Path, bos: bool) -> None:
-    """A byte-level BPE tokenizer trained on the sample corpus (``<s>`` prepended when
-    ``bos``), with a small chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(sample_texts(400), trainer)
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>", model_max_length=256,
-                            chat_template=CHAT_TEMPLATE).save_pretrained(path)
-
-
 def _save_causal(path: Path, model, bos: bool) -> Path:
-    _bpe_tokenizer(path, bos)
+    """A byte-level BPE tokenizer (``<s>`` first when ``bos``; a small chat template) and
+    ``model``, saved with ``save_pretrained``."""
+    from lepton_batch.bench_generate import train_bpe_tokenizer
+
+    train_bpe_tokenizer(path, sample_texts(400), bos, chat_template=CHAT_TEMPLATE)
     model.eval().save_pretrained(path)
     return path
 
