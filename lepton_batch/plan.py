@@ -23,7 +23,7 @@ from lepton_batch.shards import (
     describe_files,
     plan_shards,
 )
-from lepton_batch.spec import CAUSAL_KINDS, JobSpec, JobSpecError
+from lepton_batch.spec import JobSpec, JobSpecError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def make_plan(job: JobSpec, source: str = "job file") -> Plan:
         log.warning("input file %s: %s; its rows are skipped and the run will not publish",
                     b.path, b.reason)
     inp = job.input
-    if job.task.kind in CAUSAL_KINDS:
+    if job.task.uses_template:
         # The prompt template names the columns; input.text_column is its default field.
         problems += check_columns(files, None, inp.id_column, inp.passthrough_columns,
                                   task_columns=pipeline_columns or [])

@@ -139,7 +139,7 @@ def resolve_settings(info: ModelInfo, model: ModelSpec, task: TaskSpec) -> Setti
     warnings: list[str] = []
     sources: dict[str, str] = {}
     # Pooling only matters for embeddings; a classifier head ignores it.
-    pools = task.kind == "embed" or task.labels is not None
+    pools = task.kind == "embed" or (task.labels is not None and task.method != "likelihood")
 
     def pick(name: str, job_value: Any, model_value: Any, model_source: str,
              declared: bool) -> Any:
@@ -237,7 +237,7 @@ def resolve_settings(info: ModelInfo, model: ModelSpec, task: TaskSpec) -> Setti
                             f"model's prompts in config_sentence_transformers.json ({known})")
     else:
         # A causal LM's task.prompt is a template the pipeline renders, not a prefix.
-        job_prompt = task.prompt if task.kind in ("embed", "classify") else None
+        job_prompt = None if task.uses_template else task.prompt
         prompt = pick("prompt", job_prompt, model_prompt, prompt_source,
                       declared=bool(default_name))
     if problems:

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 # Task fields that settings.py resolves against the model; the fingerprint hashes the result.
 RESOLVED_TASK_FIELDS = {"pooling", "normalize", "prompt", "prompt_name"}
-ENCODER_KINDS = ("embed", "classify")
 CAUSAL_KINDS = ("generate", "score")
 # Fields that only the causal-LM tasks read; each is refused with embed and classify.
 GENERATE_FIELDS = {"chat", "system", "max_new_tokens", "max_new_tokens_column", "do_sample",
@@ -104,6 +103,9 @@ class TaskSpec(_Strict):
     # classify: how many top labels to write (default 1). generate: top-k sampling (0 off;
     # default: the model's generation_config.json, as for the other sampling fields).
     top_k: int | None = Field(default=None, ge=0)
+    # classify with labels: "embedding" (zero-shot by cosine similarity, the default) or
+    # "likelihood" (a causal LM scores each label as the continuation of task.prompt).
+    method: Literal["embedding", "likelihood"] | None = None
 
     # generate: the prompt through the tokenizer's chat template (a user turn, after
     # `system` when given) instead of as plain text.
@@ -132,6 +134,16 @@ class TaskSpec(_Strict):
                                  "them or change task.kind")
         if self.kind != "score" and self.continuation_column is not None:
             raise ValueError("continuation_column only applies to kind: score")
+        if self.method is not None and (self.kind != "classify" or self.labels is None):
+            raise ValueError("method applies to kind: classify with labels (zero-shot)")
+        if self.method == "likelihood":
+            for name in ("pooling", "normalize", "prompt_name"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} does not apply to method: likelihood; write "
+                                     "the prompt template in task.prompt")
+            if self.prompt is not None:
+                template_fields(self.prompt)
+            return self._check_labels()
         if causal:
             for name in ("pooling", "normalize", "prompt_name", "labels"):
                 if getattr(self, name) is not None:
@@ -155,6 +167,9 @@ class TaskSpec(_Strict):
                              "model's prompts), not both")
         if self.kind == "embed" and self.labels is not None:
             raise ValueError("labels only apply to kind: classify; remove task.labels")
+        return self._check_labels()
+
+    def _check_labels(self) -> TaskSpec:
         if self.labels is not None:
             if len(self.labels) < 2:
                 raise ValueError("labels needs at least 2 labels for zero-shot classification")
@@ -165,6 +180,11 @@ class TaskSpec(_Strict):
                     f"top_k is {self.top_k} but there are only {len(self.labels)} labels"
                 )
         return self
+
+    @property
+    def uses_template(self) -> bool:
+        """task.prompt is a template over the row's columns (causal LMs), not a prefix."""
+        return self.kind in CAUSAL_KINDS or self.method == "likelihood"
 
     @property
     def labels_k(self) -> int:
@@ -241,7 +261,7 @@ class JobSpec(_Strict):
         clash = sorted(set(self.input.passthrough_columns) & reserved)
         if clash:
             raise ValueError(f"input.passthrough_columns may not include {clash}")
-        if self.model.quantization == "int8" and self.task.kind in CAUSAL_KINDS:
+        if self.model.quantization == "int8" and self.task.uses_template:
             raise ValueError(f"model.quantization int8 is for embed and classify; "
                              f"kind: {self.task.kind} runs in model.dtype")
         if self.model.quantization == "int8" and self.quality.sample_rows == 0:
@@ -261,7 +281,7 @@ class JobSpec(_Strict):
             "model_revision": model_revision,
             # A causal LM's prompt is a template the job states; nothing resolves it.
             "task": self.task.model_dump(
-                exclude=RESOLVED_TASK_FIELDS if self.task.kind in ENCODER_KINDS else set()),
+                exclude=set() if self.task.uses_template else RESOLVED_TASK_FIELDS),
             "settings": settings.values(),
         }
         blob = json.dumps(payload, sort_keys=True).encode()

@@ -12,12 +12,14 @@ from lepton_batch.modeldir import ModelInfo
 from lepton_batch.pipelines.classify import ClassifyPipeline
 from lepton_batch.pipelines.embed import EmbedPipeline
 from lepton_batch.pipelines.generate import GeneratePipeline
+from lepton_batch.pipelines.likelihood import LikelihoodPipeline
 from lepton_batch.pipelines.score import ScorePipeline
 from lepton_batch.pipelines.text import PreparedText, prepare_text
 from lepton_batch.settings import Settings
 from lepton_batch.spec import InputSpec, TaskSpec
 
-Pipeline = EmbedPipeline | ClassifyPipeline | GeneratePipeline | ScorePipeline
+Pipeline = (EmbedPipeline | ClassifyPipeline | GeneratePipeline | ScorePipeline
+            | LikelihoodPipeline)
 
 
 def make_pipeline(task: TaskSpec, info: ModelInfo, settings: Settings,
@@ -28,16 +30,23 @@ def make_pipeline(task: TaskSpec, info: ModelInfo, settings: Settings,
     """
     if task.kind == "embed":
         return EmbedPipeline(task, info, settings, inp)
-    if task.kind == "classify":
+    if task.kind == "classify" and task.method != "likelihood":
+        if info.is_causal_lm and task.labels is not None and task.method is None:
+            raise ValueError(f"task.method: {info.path.name} is a causal LM; set method: "
+                             "likelihood to score each label as the prompt's continuation, "
+                             "or method: embedding for zero-shot by embeddings")
         return ClassifyPipeline(task, info, settings, inp)
     if not info.is_causal_lm:
         arch = ", ".join(info.architectures) or "no architecture"
         raise ValueError(f"task.kind: {task.kind} needs a causal language model "
                          f"(*ForCausalLM); {info.path.name} is {arch}")
+    if task.kind == "classify":
+        return LikelihoodPipeline(task, info, inp)
     if task.kind == "generate":
         return GeneratePipeline(task, info, inp)
     return ScorePipeline(task, info, inp)
 
 
-__all__ = ["ClassifyPipeline", "EmbedPipeline", "GeneratePipeline", "Pipeline",
+__all__ = ["ClassifyPipeline", "EmbedPipeline", "GeneratePipeline", "LikelihoodPipeline",
+           "Pipeline",
            "PreparedText", "ScorePipeline", "make_pipeline", "prepare_text"]

@@ -19,6 +19,21 @@ from lepton_batch.settings import Settings
 from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec
 
 
+def top_labels(scores: torch.Tensor, names: list[str], k: int) -> dict[str, pa.Array]:
+    """``label``/``score`` (top 1) and ``labels``/``scores`` (top k) from (n, L) scores."""
+    top = torch.topk(scores, k, dim=-1)
+    idx, val = top.indices.numpy(), top.values.numpy()
+    picked = [[names[j] for j in row] for row in idx]
+    offsets = pa.array(range(0, len(idx) * k + 1, k), pa.int32())
+    return {
+        "label": pa.array([p[0] for p in picked], pa.string()),
+        "score": pa.array(val[:, 0], pa.float32()),
+        "labels": pa.ListArray.from_arrays(
+            offsets, pa.array([n for p in picked for n in p], pa.string())),
+        "scores": pa.ListArray.from_arrays(offsets, pa.array(val.reshape(-1), pa.float32())),
+    }
+
+
 class ClassifyPipeline:
     """Output columns: ``label``, ``score`` (top 1) and ``labels``, ``scores`` (top k)."""
 
@@ -75,15 +90,5 @@ class ClassifyPipeline:
     def run(self, engine: Engine, tok: Tokenized, spec: EngineSpec,
             stats: BatchStats) -> dict[str, pa.Array]:
         """Top-k labels and scores for the tokenized rows, in their order."""
-        k = self.task.labels_k
-        top = torch.topk(self._scores(engine, tok, spec, stats), k, dim=-1)
-        idx, val = top.indices.numpy(), top.values.numpy()
-        names = [[self.names[j] for j in row] for row in idx]
-        flat_names = [n for row in names for n in row]
-        offsets = pa.array(range(0, len(idx) * k + 1, k), pa.int32())
-        return {
-            "label": pa.array([n[0] for n in names], pa.string()),
-            "score": pa.array(val[:, 0], pa.float32()),
-            "labels": pa.ListArray.from_arrays(offsets, pa.array(flat_names, pa.string())),
-            "scores": pa.ListArray.from_arrays(offsets, pa.array(val.reshape(-1), pa.float32())),
-        }
+        return top_labels(self._scores(engine, tok, spec, stats), self.names,
+                          self.task.labels_k)

@@ -106,3 +106,31 @@ def test_score_batches_do_not_change_the_figures(tmp_path, tiny_llama):
     many, n2 = dec.score(tok, first, max_tokens=64, max_rows=2)
     assert np.array_equal(n1, n2)
     assert np.allclose(one, many, atol=1e-4)
+
+
+def test_likelihood_classify_picks_the_most_likely_label(tmp_path, tiny_llama):
+    texts = [t[:120] for t in sample_texts(10)]
+    labels = {"yes": "yes", "no": "no", "maybe": "maybe so"}
+    table = pa.table({"id": pa.array(range(10), pa.int64()), "text": texts})
+    df = _job(tmp_path, tiny_llama, {"kind": "classify", "method": "likelihood",
+                                     "prompt": "{text}\nIs this about files?",
+                                     "labels": labels, "top_k": 3}, table)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    for row in df.iter_rows(named=True):
+        prompt = tok(f"{texts[row['id']]}\nIs this about files?")["input_ids"]
+        lp = torch.tensor([_direct(tiny_llama, prompt + tok(" " + d, add_special_tokens=False)
+                                   ["input_ids"], len(prompt)) for d in labels.values()])
+        probs = lp.softmax(-1)
+        best = int(probs.argmax())
+        assert row["label"] == list(labels)[best]
+        assert abs(row["score"] - float(probs[best])) < 1e-4
+        assert sorted(row["scores"], reverse=True) == row["scores"]
+        assert abs(sum(row["scores"]) - 1) < 1e-4
+
+
+def test_causal_lm_with_labels_asks_for_a_method(tmp_path, tiny_llama):
+    from lepton_batch.spec import JobSpecError
+
+    table = pa.table({"id": pa.array(range(3), pa.int64()), "text": ["a b", "c d", "e f"]})
+    with pytest.raises(JobSpecError, match="set method: likelihood"):
+        _job(tmp_path, tiny_llama, {"kind": "classify", "labels": ["x", "y"]}, table)
