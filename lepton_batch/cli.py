@@ -29,10 +29,15 @@ app = typer.Typer(
     "is done; killed or failed, the same command resumes it. dtype auto runs bf16 on GPUs and "
     "on CPUs with native bf16, after a quality gate against fp32 on the job's own rows; "
     "BERT-family models run on packed rows (no padding). Any job field can be overridden with "
-    "`--set section.key=value`. Example jobs: jobs/quickstart.yaml (embeddings), "
-    "jobs/quickstart-int8.yaml (int8 linears) and jobs/topics.yaml (zero-shot topics); every "
-    "field is documented in README.md. `lepton-batch bench` measures throughput against "
-    "sentence-transformers.",
+    "`--set section.key=value`. Tasks: embed, classify (a head, zero-shot by embeddings, or "
+    "by likelihood with a causal LM), generate (continuous batching over a KV cache; greedy "
+    "output is model.generate's, sampling is reproducible per row) and score (log-prob, "
+    "perplexity). Example jobs: jobs/quickstart.yaml (embeddings), "
+    "jobs/quickstart-int8.yaml (int8 linears), jobs/topics.yaml (zero-shot topics), "
+    "jobs/summarize.yaml and jobs/perplexity.yaml (a causal LM you name with --set "
+    "model.path=DIR); every field is documented in README.md. `lepton-batch bench` measures "
+    "throughput against sentence-transformers, `bench --task generate` against "
+    "model.generate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from conftest import sample_texts, write_corpus, write_job
 
@@ -19,7 +20,7 @@ from lepton_batch.modeldir import inspect_model_dir
 from lepton_batch.pipelines import make_pipeline
 from lepton_batch.plan import make_plan
 from lepton_batch.settings import DEFAULT, Settings, SettingsError, resolve_settings
-from lepton_batch.spec import EngineSpec, JobSpecError, ModelSpec, TaskSpec, load_job
+from lepton_batch.spec import EngineSpec, InputSpec, JobSpecError, ModelSpec, TaskSpec, load_job
 
 ST_MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -183,10 +184,11 @@ def _ours(model_dir: Path, texts: list[str], **task) -> np.ndarray:
     info = inspect_model_dir(model_dir)
     spec = TaskSpec(**{"kind": "embed", **task})
     settings = resolve_settings(info, ModelSpec(path=str(model_dir)), spec)
-    pipeline = make_pipeline(spec, info, settings)
+    pipeline = make_pipeline(spec, info, settings, InputSpec(path="unused"))
     engine = Engine(EngineConfig(model_dir=str(model_dir), head="base",
                                  max_length=settings.max_length, dtype="float32"))
-    tok = engine.tokenize(pipeline.prepare(texts))
+    texts, _ = pipeline.prepare(pa.table({"text": texts}))
+    tok = pipeline.tokenize(engine, texts)
     emb = pipeline.run(engine, tok, EngineSpec(max_tokens_per_batch=512), BatchStats())
     return np.asarray(emb["embedding"].to_pylist(), dtype=np.float32)
 
