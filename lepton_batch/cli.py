@@ -84,8 +84,18 @@ def _plan_table(plan) -> Table:
     job = plan.job
     table.add_row("model", f"{plan.model.path} ({plan.model.model_type}, "
                   f"{', '.join(plan.model.architectures)})")
-    task = job.task.kind + (" (zero-shot)" if job.task.labels else "")
-    table.add_row("task", task)
+    t = job.task
+    task = t.kind + (f" (zero-shot, {t.method or 'embedding'})" if t.labels else "")
+    if t.kind == "generate":
+        task += (f", at most {t.max_new_tokens} new tokens"
+                 + (f" (or {t.max_new_tokens_column})" if t.max_new_tokens_column else "")
+                 + (", chat template" if t.chat else "")
+                 + (f", seed {t.seed}" if t.do_sample else ""))
+    table.add_row("task", escape(task))
+    if t.uses_template:
+        from lepton_batch.pipelines.prompts import template
+
+        table.add_row("prompt", escape(repr(template(t, job.input.text_column))))
     table.add_row("max_length", f"{plan.settings.max_length} tokens, from the "
                   f"{escape(plan.settings.sources['max_length'])}")
     table.add_row("input", f"{len(plan.files)} file(s), {plan.rows:,} rows")
@@ -131,19 +141,22 @@ def validate(
         table.add_row("tokens (estimate)", f"~{total:,} ({mean:.1f} per row, after truncation "
                       f"to {plan.settings.max_length})")
     console.print(table)
-    console.print(_settings_table(plan.settings))
+    console.print(_settings_table(plan.settings, plan.job.task.uses_template))
     for warning in plan.settings.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     _warn_duplicate_ids(plan)
     console.print("[green]job is valid[/]")
 
 
-def _settings_table(settings) -> Table:
-    """Each resolved setting, its value and where it came from."""
+def _settings_table(settings, causal: bool = False) -> Table:
+    """Each resolved setting, its value and where it came from (a causal LM's prompt is the
+    job's template, so only the context length is resolved)."""
     table = Table(title="settings")
     for column in ("setting", "value", "from"):
         table.add_column(column)
     for name, value in settings.values().items():
+        if causal and name != "max_length":
+            continue
         # repr shows an empty or space-ended prompt; YAML spelling for booleans
         shown = repr(value) if name == "prompt" else (
             str(value).lower() if isinstance(value, bool) else str(value))

@@ -166,9 +166,18 @@ def estimate_tokens(plan: Plan, sample_rows: int = 2000) -> tuple[int, float]:
     sampled = plan.shards[:: max(1, len(plan.shards) // 20)][:20]
     per_shard = max(1, sample_rows // max(1, len(sampled)))
     lengths: list[int] = []
+    task = plan.job.task
     for shard in sampled:
-        column = read_shard(shard, [plan.job.input.text_column]).column(0).slice(0, per_shard)
-        texts = plan.settings.apply(prepare_text(column).texts)
+        if task.uses_template:  # causal LMs: the rendered prompts
+            from lepton_batch.pipelines.prompts import render, template
+            from lepton_batch.spec import template_fields
+
+            tmpl = template(task, plan.job.input.text_column)
+            rows = read_shard(shard, template_fields(tmpl)).slice(0, per_shard)
+            texts = [p for p in render(rows, tmpl)[0] if p is not None]
+        else:
+            column = read_shard(shard, [plan.job.input.text_column]).column(0)
+            texts = plan.settings.apply(prepare_text(column.slice(0, per_shard)).texts)
         if texts:
             ids = tok(texts, truncation=True, max_length=plan.settings.max_length)["input_ids"]
             lengths += [len(x) for x in ids]
