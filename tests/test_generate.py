@@ -286,6 +286,7 @@ def test_sampled_job_is_identical_after_resume_and_reshard(tmp_path, tiny_llama)
     ({"kind": "score", "temperature": 0.5}, "temperature only apply to kind: generate"),
     ({"kind": "generate", "system": "hi"}, "set task.chat: true"),
     ({"kind": "generate", "stop": [""]}, "empty string"),
+    ({"kind": "generate", "max_new_tokens": 256}, "leaves no room for a prompt"),
 ])
 def test_bad_generate_jobs_name_the_field(tmp_path, tiny_llama, task, message):
     write_corpus(tmp_path / "in", n_files=1, rows=15)
