@@ -62,12 +62,12 @@ class GeneratePipeline:
 
     head = "causal_lm"
 
-    def __init__(self, task: TaskSpec, info: ModelInfo, inp: InputSpec) -> None:
+    def __init__(self, task: TaskSpec, info: ModelInfo, inp: InputSpec, context: int) -> None:
         from transformers import AutoConfig
 
         from lepton_batch.engine.decoder import stack_support
 
-        ok, why = stack_support(AutoConfig.from_pretrained(info.path))
+        ok, why = stack_support(AutoConfig.from_pretrained(info.path), context)
         if not ok:
             raise ValueError(f"task.kind: generate cannot run {info.path.name}: {why}")
         if task.chat and not info.has_chat_template:

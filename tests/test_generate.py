@@ -313,6 +313,18 @@ def test_model_mismatches_are_validation_errors(tmp_path, tiny_llama, tiny_bert)
         _causal_job(tmp_path, plain, {"kind": "generate", "chat": True})
 
 
+def test_sliding_window_longer_than_the_context_is_fine():
+    from transformers import MistralConfig
+
+    from lepton_batch.engine.decoder import stack_support
+
+    config = MistralConfig(sliding_window=4096, max_position_embeddings=32768)
+    ok, why = stack_support(config, 32768)
+    assert not ok and "set model.max_length to at most 4096" in why
+    assert stack_support(config, 4096)[0]
+    assert not stack_support(type("C", (), {"model_type": "gemma"})(), 512)[0]
+
+
 def test_model_generation_config_sets_the_sampling_defaults(tmp_path, tiny_llama):
     from transformers import GenerationConfig
 
@@ -343,3 +355,41 @@ def test_example_jobs_run_on_a_local_model(tmp_path, tiny_llama, monkeypatch):
         assert df.height == sum(pq.read_metadata(f).num_rows
                                 for f in (REPO / "data" / "samples").glob("*.parquet"))
         assert df.filter(pl.col("error").is_null())[column].null_count() == 0
+
+
+def _family(tmp_path, tiny_llama, model_type: str):
+    """A tiny random model of another family of the decoder stack, saved beside a copy of
+    the tiny Llama's tokenizer."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = tmp_path / model_type
+    shutil.copytree(tiny_llama, path)
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    (path / "config.json").unlink()
+    extra = {"sliding_window": None} if model_type in ("mistral", "qwen2", "qwen3") else {}
+    config = AutoConfig.for_model(
+        model_type, vocab_size=800, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        initializer_range=0.2, tie_word_embeddings=False, **extra)
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_other_families_match_model_generate(tmp_path, tiny_llama, model_type):
+    """Qwen2 has q/k/v biases, Qwen3 per-head q/k norms, Mistral is Llama-shaped."""
+    model_dir = _family(tmp_path, tiny_llama, model_type)
+    dec = _decoder(model_dir)
+    assert dec.stack is not None, dec.forward_reason
+    ids = _prompts(dec, 8)
+    max_new = np.array([4 + 3 * i for i in range(8)])
+    tok = Tokenized.from_lists(ids, np.zeros(8, dtype=bool))
+    out = generate(dec, tok, max_new, np.zeros(8, dtype=np.int64), Sampling(), [], 3, None,
+                   300)
+    ref = _reference(model_dir, ids, max_new)
+    assert out.tokens == [_strip_eos(r, dec.eos_ids()) for r in ref]

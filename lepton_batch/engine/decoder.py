@@ -32,15 +32,20 @@ STACK_MODEL_TYPES = LLAMA_LIKE + GPT2_LIKE
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def stack_support(config) -> tuple[bool, str]:
-    """Whether :class:`DecoderStack` runs this model config, and why not when it does not."""
+def stack_support(config, context: int | None = None) -> tuple[bool, str]:
+    """Whether :class:`DecoderStack` runs this model config with sequences of up to
+    ``context`` tokens, and why not when it does not."""
     mt = getattr(config, "model_type", None)
     if mt not in STACK_MODEL_TYPES:
         return False, (f"model_type {mt!r}: generate runs the Llama family "
                        f"({', '.join(LLAMA_LIKE)}) and GPT-2")
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", mt == "mistral"):
-        return False, f"{mt} with a sliding window ({window} tokens) is not supported yet"
+    # A sliding window changes nothing for sequences that fit in it.
+    if window and getattr(config, "use_sliding_window", mt == "mistral") and (
+            context is None or context > window):
+        return False, (f"{mt} attends over a sliding window of {window} tokens, which the "
+                       f"decoder stack does not implement; set model.max_length to at most "
+                       f"{window}")
     if getattr(config, "rope_parameters", None) and config.rope_parameters.get(
             "rope_type", "default") not in ("default", "linear", "llama3"):
         return False, f"rope_type {config.rope_parameters['rope_type']} is not supported yet"
@@ -273,7 +278,7 @@ class Decoder:
         ).to(self.device).eval()
         self.quantization = "none"
         self.quality = None
-        ok, why = stack_support(self.model.config)
+        ok, why = stack_support(self.model.config, config.max_length)
         self.stack = DecoderStack(self.model) if ok else None
         self.attn_implementation = "kv-cache/sdpa" if ok else "hf/sdpa"
         self.forward_reason = why
