@@ -393,3 +393,15 @@ def test_other_families_match_model_generate(tmp_path, tiny_llama, model_type):
                    300)
     ref = _reference(model_dir, ids, max_new)
     assert out.tokens == [_strip_eos(r, dec.eos_ids()) for r in ref]
+
+
+def test_auto_dtype_is_what_from_pretrained_loads():
+    import torch as t
+
+    from lepton_batch.engine.decoder import resolve_causal_dtype
+
+    assert resolve_causal_dtype("auto", "cpu", "bfloat16") == t.bfloat16
+    assert resolve_causal_dtype("auto", "cpu", t.float32) == t.float32
+    assert resolve_causal_dtype("auto", "cpu", None) == t.float32
+    assert resolve_causal_dtype("auto", "cpu", "float16") == t.float32  # emulated on CPU
+    assert resolve_causal_dtype("float16", "cpu", "bfloat16") == t.float16  # the job's word

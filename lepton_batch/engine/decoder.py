@@ -232,16 +232,23 @@ class KVCache:
         return attend
 
 
-def resolve_causal_dtype(dtype: str, device: str, config_dtype: object) -> torch.dtype:
-    """``auto``: on CUDA the checkpoint's own half precision (bf16 when supported); on CPU
-    float32, so greedy output is what ``model.generate`` gives on the same machine."""
+def resolve_causal_dtype(dtype: str, device: str, checkpoint: object) -> torch.dtype:
+    """``auto`` loads what ``from_pretrained`` loads by default, the checkpoint's own dtype
+    (``checkpoint``: config.json's ``dtype``; float32 when it names none), so greedy output
+    is token for token what ``model.generate`` gives. Except: on CUDA a float32 checkpoint
+    runs in bf16 (fp16 without bf16), and on CPU an fp16 one in float32 (CPUs emulate fp16
+    at a crawl)."""
     if dtype != "auto":
         return getattr(torch, dtype)
+    if isinstance(checkpoint, str):
+        checkpoint = getattr(torch, checkpoint, None)
+    if not isinstance(checkpoint, torch.dtype) or not checkpoint.is_floating_point:
+        checkpoint = torch.float32
     if device == "cuda":
-        if config_dtype in ("float16", torch.float16):
-            return torch.float16
+        if checkpoint in (torch.float16, torch.bfloat16):
+            return checkpoint
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return torch.float32 if checkpoint == torch.float16 else checkpoint
 
 
 class Decoder:
