@@ -249,64 +249,75 @@ def generate(dec: Decoder, tok: Tokenized, max_new: np.ndarray, seeds: np.ndarra
             u = torch.from_numpy(uniforms(seeds[rows], steps))
         return sampling.pick(sampling.process(logits, hist), u).cpu().numpy()
 
-    def admit() -> None:
-        nonlocal active
-        while waiting and active < slots:
-            group: list[int] = []
+    def next_group() -> list[int]:
+        """Waiting rows to admit now: longest first, into free slots, under the budget."""
+        group: list[int] = []
+        if waiting:
             width = int(tok.lengths[waiting[-1]]) - prefix
             while waiting and active + len(group) < slots and (
                     (len(group) + 1) * width <= prefill_tokens or not group):
                 group.append(waiting.pop())
-            first, b = active, len(group)
+        return group
+
+    def step(group: list[int]) -> None:
+        """One forward: a decode token for each active slot and, in the same GEMMs, the
+        prefill of ``group`` into the slots after them."""
+        nonlocal active
+        d, b = active, len(group)
+        ids_parts = [torch.as_tensor(last[:d], device=device)]
+        pos_parts = [torch.as_tensor(pos[:d], device=device)]
+        if b:
             rows = np.asarray(group, dtype=np.int64)
             lengths = tok.lengths[rows] - prefix
+            width = int(lengths.max())
             ids = np.full((b, width), dec.pad_id, dtype=np.int64)
             for j, r in enumerate(rows):
                 ids[j, :lengths[j]] = tok.flat[tok.offsets[r] + prefix: tok.offsets[r + 1]]
-            row_of[first:first + b] = rows
-            pos[first:first + b] = tok.lengths[rows]
+            row_of[d:d + b] = rows
+            pos[d:d + b] = tok.lengths[rows]
             if prefix_kv is not None:
-                cache.k[:, first:first + b, :, :prefix] = prefix_kv[0][:, None]
-                cache.v[:, first:first + b, :, :prefix] = prefix_kv[1][:, None]
-            len_t = torch.as_tensor(lengths, device=device)
-            positions = (prefix + torch.arange(width, device=device)).repeat(b)
-            attend = cache.prefill_attend(first, len_t, width, prefix)
-            hidden = stack.hidden(torch.as_tensor(ids.reshape(-1), device=device), positions,
-                                  attend)
-            ends = torch.arange(b, device=device) * width + len_t - 1
-            logits = stack.logits(hidden[ends])
+                cache.k[:, d:d + b, :, :prefix] = prefix_kv[0][:, None]
+                cache.v[:, d:d + b, :, :prefix] = prefix_kv[1][:, None]
             if history is not None:
                 for j, r in enumerate(rows):
                     row = torch.as_tensor(tok.flat[tok.offsets[r]: tok.offsets[r + 1]])
-                    history[first + j, :len(row)] = row
-                    history[first + j, len(row):] = row[0]
-            active += b
+                    history[d + j, :len(row)] = row
+                    history[d + j, len(row):] = row[0]
+            len_t = torch.as_tensor(lengths, device=device)
+            ids_parts.append(torch.as_tensor(ids.reshape(-1), device=device))
+            pos_parts.append((prefix + torch.arange(width, device=device)).repeat(b))
+            prefill = cache.prefill_attend(d, len_t, width, prefix)
+            ends = d + torch.arange(b, device=device) * width + len_t - 1
             stats.prefills += 1
             stats.prompt_tokens += int(lengths.sum())
             stats.padded_prefill_tokens += b * width
             stats.sizes.append(b)
-            new = sample(logits, first, b)
-            if history is not None:
-                history[torch.arange(first, first + b), torch.as_tensor(pos[first:first + b])] = (
-                    torch.as_tensor(new, device=device))
-            accept(first, new)
+        decode = cache.decode_attend(pos_parts[0], int(pos[:d].max()) + 1) if d else None
 
-    admit()
-    while active:
-        b = active
-        positions = torch.as_tensor(pos[:b], device=device)
-        ids = torch.as_tensor(last[:b], device=device)
-        attend = cache.decode_attend(positions, int(pos[:b].max()) + 1)
-        logits = stack.logits(stack.hidden(ids, positions, attend))
-        pos[:b] += 1
-        new = sample(logits, 0, b)
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+            if not b:
+                return decode(layer, q, k, v)
+            if not d:
+                return prefill(layer, q, k, v)
+            return torch.cat([decode(layer, q[:d], k[:d], v[:d]),
+                              prefill(layer, q[d:], k[d:], v[d:])])
+
+        hidden = stack.hidden(torch.cat(ids_parts), torch.cat(pos_parts), attend)
+        logits = stack.logits(torch.cat([hidden[:d], hidden[ends]]) if b else hidden)
+        pos[:d] += 1
+        if d:
+            stats.decode_steps += 1
+            stats.slot_steps += d
+        active += b
+        new = sample(logits, 0, active)
         if history is not None:
-            history[torch.arange(b, device=device), torch.as_tensor(pos[:b], device=device)] = (
-                torch.as_tensor(new, device=device))
-        stats.decode_steps += 1
-        stats.slot_steps += b
+            history[torch.arange(active, device=device),
+                    torch.as_tensor(pos[:active], device=device)] = torch.as_tensor(
+                        new, device=device)
         accept(0, new)
-        admit()
+
+    while active or waiting:
+        step(next_group())
     return Generated(tokens, finish)
 
 
