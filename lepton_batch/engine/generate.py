@@ -2,8 +2,9 @@
 finishes (end-of-sequence token, stop string, length) its slot is refilled from the waiting
 prompts at once, so no sequence waits on the longest one of its batch.
 
-Prompts are admitted longest first; a prefill (many new prompts, right-padded to the
-longest of them) and a decode step (one token for every active slot) are separate steps.
+Prompts are admitted longest first. Each step is one forward over the model's weights: the
+decode tokens of every active slot and, in the same GEMMs, the prefill of the prompts just
+admitted (right-padded to the longest of them); attention runs apart for the two parts.
 Active sequences always occupy slots ``0 .. active-1``: a finished slot takes the last
 active one's keys and values, so a decode step reads one contiguous block of the cache.
 A token span every prompt starts with (a system message, an instruction) is computed once
