@@ -166,3 +166,25 @@ def test_int8_engine_agrees_with_fp32_and_records_the_gate(tiny_bert, texts):
     else:  # the gate fell back: the fp32 model itself
         assert engine.quantization == "none" and cos.min() > 0.9999
     assert "int8" in engine.describe() or not q.passed
+
+
+def test_dense_layers_see_few_row_counts_on_cpu(tiny_bert, texts):
+    """Every packed batch has its own token count; on CPU each new GEMM shape is a new
+    oneDNN primitive kept in a cache, and the worker's memory grew with the corpus. The
+    dense layers see row counts rounded up to PACK_BUCKET; outputs are unchanged (the
+    fp32 packed-vs-padded test above)."""
+    from lepton_batch.engine.packed import PACK_BUCKET
+
+    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+                                 dtype="float32"))
+    seen: list[int] = []
+    dense = engine.model.encoder.layer[0].intermediate.dense
+    hook = dense.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    try:
+        stats = BatchStats()
+        engine.embed(engine.tokenize(texts), "mean", True, 700, 32, stats)
+    finally:
+        hook.remove()
+    assert stats.batches > 3 and len(seen) == stats.batches
+    assert all(n % PACK_BUCKET == 0 for n in seen), seen
+    assert len(set(seen)) < stats.batches

@@ -52,6 +52,9 @@ def _has(module: nn.Module, name: str) -> bool:
     return True
 
 
+PACK_BUCKET = 1024  # tokens; see PackedEncoder.hidden
+
+
 class PackedEncoder:
     """Runs a BERT-family model loaded by transformers on packed rows.
 
@@ -92,19 +95,28 @@ class PackedEncoder:
         if int(batch.rows.size) * batch.max_len != int(batch.ids.shape[0]):
             key_mask = batch.mask.bool()
         total, width = x.shape[0], self.heads * self.head_dim
+        # On CPU every new GEMM row count costs oneDNN a new cached primitive, and packed
+        # batches each have their own token count: the worker's memory grew with the
+        # corpus. Zero rows up to a multiple of PACK_BUCKET keep the shapes few.
+        pad = (-total) % PACK_BUCKET if x.device.type == "cpu" else 0
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        shape = (total, self.heads, self.head_dim)
         for layer, qkv in zip(self.layers, self.qkv, strict=True):
             s = layer.attention.self
             if qkv is not None:
                 q, k, v = nn.functional.linear(x, *qkv).split(width, dim=-1)
             else:
                 q, k, v = s.query(x), s.key(x), s.value(x)
-            shape = (total, self.heads, self.head_dim)
-            ctx = varlen_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                   batch.cu_seqlens, batch.max_len, self.backend,
-                                   batch.row_of, batch.positions, key_mask)
-            x = layer.attention.output(ctx.reshape(total, width), x)  # dense + residual + LN
+            ctx = varlen_attention(q[:total].reshape(shape), k[:total].reshape(shape),
+                                   v[:total].reshape(shape), batch.cu_seqlens, batch.max_len,
+                                   self.backend, batch.row_of, batch.positions, key_mask)
+            ctx = ctx.reshape(total, width)
+            if pad:
+                ctx = torch.cat([ctx, ctx.new_zeros(pad, width)])
+            x = layer.attention.output(ctx, x)  # dense + residual + LN
             x = layer.output(layer.intermediate(x), x)
-        return x
+        return x[:total]
 
     def logits(self, batch: Batch) -> torch.Tensor:
         """Sequence-classification logits from each row's first token, (b, num_labels)."""
