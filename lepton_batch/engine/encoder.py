@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lepton_batch.engine.batching import Batch, Tokenized, collate, plan_batches
 from lepton_batch.engine.load import EngineConfig, load_model, resolve_device, resolve_dtype
-from lepton_batch.engine.packed import PackedEncoder, packable
+from lepton_batch.engine.packed import PackedEncoder, dense_rows, packable
 from lepton_batch.engine.quality import QualityCheck, check_quality
 from lepton_batch.kernels import pick_attention, pick_varlen
 
@@ -35,8 +35,9 @@ Step = Callable[[Batch], torch.Tensor]
 class BatchStats:
     """Counters for one engine call: real tokens vs tokens the dense layers computed.
 
-    ``padded_tokens``: rows x longest per batch on the padded path; the real tokens on the
-    packed path, where no dense layer sees padding. ``sizes``: rows of each batch that
+    ``padded_tokens``: rows x longest per batch on the padded path; on the packed path the
+    real tokens, rounded up on CPU to a multiple of ``PACK_BUCKET`` (zero rows that keep
+    GEMM shapes few, see ``packed.py``). ``sizes``: rows of each batch that
     ran, in run order. ``oom_splits``: batches halved after an out-of-memory error;
     ``max_rows_cap``: the batch size that then worked, kept for the rest of the call (None
     when nothing ran out of memory). ``failed_rows``: indices into the tokenized rows that
@@ -248,8 +249,8 @@ class Engine:
             stats.batches += 1
             stats.sizes.append(len(idx))
             stats.tokens += int(lengths.sum())
-            stats.padded_tokens += int(lengths.sum()) if packed else len(idx) * int(
-                lengths.max())
+            stats.padded_tokens += dense_rows(int(lengths.sum()), self.device) if packed \
+                else len(idx) * int(lengths.max())
         return out.cpu()  # the one host sync of the call
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:

@@ -55,6 +55,12 @@ def _has(module: nn.Module, name: str) -> bool:
 PACK_BUCKET = 1024  # tokens; see PackedEncoder.hidden
 
 
+def dense_rows(tokens: int, device: str) -> int:
+    """Rows the dense layers compute for ``tokens`` packed tokens: on CPU rounded up to a
+    multiple of PACK_BUCKET (zero rows), so that GEMM shapes repeat."""
+    return tokens + (-tokens) % PACK_BUCKET if device == "cpu" else tokens
+
+
 class PackedEncoder:
     """Runs a BERT-family model loaded by transformers on packed rows.
 
@@ -98,7 +104,7 @@ class PackedEncoder:
         # On CPU every new GEMM row count costs oneDNN a new cached primitive, and packed
         # batches each have their own token count: the worker's memory grew with the
         # corpus. Zero rows up to a multiple of PACK_BUCKET keep the shapes few.
-        pad = (-total) % PACK_BUCKET if x.device.type == "cpu" else 0
+        pad = dense_rows(total, x.device.type) - total
         if pad:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
         shape = (total, self.heads, self.head_dim)
