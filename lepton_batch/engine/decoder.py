@@ -11,7 +11,6 @@ LM.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lepton_batch.engine.batching import Tokenized, collate, plan_batches
-from lepton_batch.engine.load import EngineConfig, resolve_device
+from lepton_batch.engine.load import EngineConfig, resolve_device, set_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +266,7 @@ class Decoder:
         self.config = config
         self.device = resolve_device(config.device)
         if self.device == "cpu":
-            threads = config.threads or int(os.environ.get("LEPTON_BATCH_THREADS", 0)) or (
-                os.cpu_count() or 1)
-            torch.set_num_threads(threads)
+            set_cpu_threads(config)
         self.tokenizer = AutoTokenizer.from_pretrained(
             config.model_dir, trust_remote_code=config.trust_remote_code)
         from transformers import AutoConfig

@@ -10,7 +10,6 @@ the whole call is done: no host sync per batch.
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from lepton_batch.engine.batching import Batch, Tokenized, collate, plan_batches
-from lepton_batch.engine.load import EngineConfig, load_model, resolve_device, resolve_dtype
+from lepton_batch.engine.load import (
+    EngineConfig,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    set_cpu_threads,
+)
 from lepton_batch.engine.packed import PackedEncoder, dense_rows, packable
 from lepton_batch.engine.quality import QualityCheck, check_quality
 from lepton_batch.kernels import pick_attention, pick_varlen
@@ -82,11 +87,7 @@ class Engine:
         self.config = config
         self.device = resolve_device(config.device)
         if self.device == "cpu":
-            # Dask's nanny starts workers with OMP_NUM_THREADS=1; set torch's pool explicitly.
-            threads = config.threads or int(os.environ.get("LEPTON_BATCH_THREADS", 0)) or (
-                os.cpu_count() or 1
-            )
-            torch.set_num_threads(threads)
+            set_cpu_threads(config)
         self.tokenizer = AutoTokenizer.from_pretrained(
             config.model_dir, trust_remote_code=config.trust_remote_code
         )

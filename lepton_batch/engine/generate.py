@@ -223,11 +223,10 @@ def generate(dec: Decoder, tok: Tokenized, max_new: np.ndarray, seeds: np.ndarra
                 row_of[s], pos[s], last[s] = row_of[tail], pos[tail], last[tail]
             active -= 1
 
-    def accept(first_slot: int, new: np.ndarray) -> None:
-        """Record one new token per slot ``first_slot ..``; retire the finished ones."""
+    def accept(new: np.ndarray) -> None:
+        """Record one new token per active slot ``0 ..``; retire the finished ones."""
         finished = []
-        for j, token in enumerate(new.tolist()):
-            s = first_slot + j
+        for s, token in enumerate(new.tolist()):
             r = row_of[s]
             tokens[r].append(token)
             last[s] = token
@@ -238,14 +237,14 @@ def generate(dec: Decoder, tok: Tokenized, max_new: np.ndarray, seeds: np.ndarra
         stats.generated_tokens += len(new)
         retire(finished)
 
-    def sample(logits: torch.Tensor, first_slot: int, b: int) -> np.ndarray:
+    def sample(logits: torch.Tensor, b: int) -> np.ndarray:
+        """Next tokens for slots ``0 .. b-1`` from their (b, V) logits."""
         hist = None
         if history is not None:
-            width = int(pos[first_slot:first_slot + b].max()) + 1
-            hist = history[first_slot:first_slot + b, :width]
+            hist = history[:b, :int(pos[:b].max()) + 1]
         u = None
         if sampling.do_sample:
-            rows = row_of[first_slot:first_slot + b]
+            rows = row_of[:b]
             steps = np.fromiter((len(tokens[r]) for r in rows), dtype=np.int64, count=b)
             u = torch.from_numpy(uniforms(seeds[rows], steps))
         return sampling.pick(sampling.process(logits, hist), u).cpu().numpy()
@@ -310,12 +309,12 @@ def generate(dec: Decoder, tok: Tokenized, max_new: np.ndarray, seeds: np.ndarra
             stats.decode_steps += 1
             stats.slot_steps += d
         active += b
-        new = sample(logits, 0, active)
+        new = sample(logits, active)
         if history is not None:
             history[torch.arange(active, device=device),
                     torch.as_tensor(pos[:active], device=device)] = torch.as_tensor(
                         new, device=device)
-        accept(0, new)
+        accept(new)
 
     while active or waiting:
         step(next_group())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -35,6 +36,15 @@ class EngineConfig:
     min_cosine: float = 0.99
     min_label_agreement: float = 0.98
     on_fail: str = "fallback"  # fallback (to float32) | error
+
+
+def set_cpu_threads(config: EngineConfig) -> None:
+    """torch's thread pool for a CPU engine: ``engine.threads``, else LEPTON_BATCH_THREADS,
+    else every core. Dask's nanny starts workers with OMP_NUM_THREADS=1, so it is set
+    explicitly."""
+    threads = config.threads or int(os.environ.get("LEPTON_BATCH_THREADS", 0)) or (
+        os.cpu_count() or 1)
+    torch.set_num_threads(threads)
 
 
 def resolve_device(device: str) -> str:
