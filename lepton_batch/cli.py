@@ -53,6 +53,13 @@ SetOpt = Annotated[
                  "(repeatable; values are parsed as YAML)."),
 ]
 
+RunDateOpt = Annotated[
+    str | None,
+    typer.Option("--run-date", help="The run's date, YYYY-MM-DD (default: today, UTC): "
+                 "its output partition run_date=..., and what {run_date} / {yesterday} in "
+                 "input.path mean. For backfills.", show_default=False),
+]
+
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
@@ -68,11 +75,20 @@ def _setup_logging(verbose: bool) -> None:
                 logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _load(job_file: Path, overrides: list[str] | None):
+def _load(job_file: Path, overrides: list[str] | None, run_date: str | None = None):
+    from datetime import date
+
     from lepton_batch.plan import make_plan
 
+    day = None
+    if run_date is not None:
+        try:
+            day = date.fromisoformat(run_date)
+        except ValueError:
+            raise JobSpecError([f"--run-date: {run_date!r} is not a date; write YYYY-MM-DD"],
+                               "command line") from None
     job = load_job(job_file, overrides or [])
-    return make_plan(job, str(job_file))
+    return make_plan(job, str(job_file), day)
 
 
 def _fail(exc: Exception) -> None:
@@ -102,7 +118,8 @@ def _plan_table(plan) -> Table:
     table.add_row("input", f"{len(plan.files)} file(s), {plan.rows:,} rows")
     table.add_row("shards", f"{len(plan.shards)} (≤ {job.input.rows_per_shard:,} rows each, "
                   "whole row groups)")
-    table.add_row("output", f"{plan.output_root} (mode {job.output.mode})")
+    table.add_row("output", f"{plan.output_root} (mode {job.output.mode}, partition "
+                  f"run_date={plan.run_date})")
     table.add_row("job fingerprint", plan.job_fingerprint)
     return table
 
@@ -114,14 +131,16 @@ def validate(
     estimate: Annotated[bool, typer.Option(help="Tokenize a sample of rows to estimate the "
                                            "job's tokens (loads the tokenizer, not the model)."
                                            )] = True,
+    run_date: RunDateOpt = None,
 ) -> None:
     """Check a job without loading a model: fields, input files, columns, model directory.
 
     Prints every problem at once with the field it belongs to, or the plan: files, shards,
     rows and an estimate of the tokens to run; then the settings (max_length, pooling,
     normalize, prompt, lowercase) with where each came from: the job, the model directory
-    or lepton-batch's default. Warns when a job value contradicts the model's, or an id
-    value repeats.
+    or lepton-batch's default; then the output schema every part file will have (the
+    contract written to _schema.json). Warns when a job value contradicts the model's, or an
+    id value repeats.
     """
     _setup_logging(False)
     # The settings warnings are printed below, with the settings table; not twice.
@@ -129,7 +148,7 @@ def validate(
     level = settings_log.level
     settings_log.setLevel(logging.ERROR)
     try:
-        plan = _load(job_file, set_)
+        plan = _load(job_file, set_, run_date)
     except (JobSpecError, OutputError) as exc:
         _fail(exc)
     finally:
@@ -143,6 +162,7 @@ def validate(
                       f"to {plan.settings.max_length})")
     console.print(table)
     console.print(_settings_table(plan.settings, plan.job.task.uses_template))
+    console.print(_schema_table(plan))
     for warning in plan.settings.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     _warn_duplicate_ids(plan)
@@ -162,6 +182,18 @@ def _settings_table(settings, causal: bool = False) -> Table:
         shown = repr(value) if name == "prompt" else (
             str(value).lower() if isinstance(value, bool) else str(value))
         table.add_row(name, escape(shown), escape(settings.sources.get(name, "")))
+    return table
+
+
+def _schema_table(plan) -> Table:
+    """The output's columns: what every part file of every run of this job holds."""
+    from lepton_batch.contract import SCHEMA_FILE
+
+    table = Table(title=f"output schema ({SCHEMA_FILE}; plus the partition column run_date)")
+    for column in ("column", "type"):
+        table.add_column(column)
+    for f in plan.schema:
+        table.add_row(escape(f.name), escape(str(f.type)))
     return table
 
 
@@ -225,6 +257,7 @@ def submit(
     job_file: JobArg,
     set_: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
+    run_date: RunDateOpt = None,
 ) -> None:
     """Run a job on Dask workers and publish its Parquet dataset.
 
@@ -232,12 +265,19 @@ def submit(
     staging area, and publishes them (part files, _manifest/ records, _SUCCESS) only when
     every shard is done, so readers see the previous dataset or the new one. One submit per
     output at a time. Killed, interrupted or failed: run the same command again to resume.
-    Exit codes: 0 published, 1 some shard or input file failed (nothing published), 2 bad
-    job or output in use, 130 interrupted.
+
+    output.mode incremental (nightly jobs): only rows whose (id, content_hash) differs from
+    the id's newest output row under this job fingerprint are computed, and they are added
+    as partition run_date=<run date>. In every mode, rows with identical content are
+    computed once per shard.
+
+    Exit codes (for schedulers): 0 done (published, or nothing to do), 1 some shard or
+    input file failed (nothing published; rerun to resume), 2 invalid job, bad output or
+    output in use by another run, 130 interrupted.
     """
     _setup_logging(verbose)
     try:
-        plan = _load(job_file, set_)
+        plan = _load(job_file, set_, run_date)
     except (JobSpecError, OutputError) as exc:
         _fail(exc)
     from lepton_batch.run import RunResult, run_job
@@ -255,10 +295,21 @@ def submit(
     def on_start(result: RunResult) -> None:
         if result.dashboard:
             console.print(f"dashboard: [link={result.dashboard}]{result.dashboard}[/link]")
-        if result.skipped:
+        rows = result.rows_plan
+        if rows is not None:
+            if rows.previous_fingerprints:
+                console.print(
+                    f"[yellow]new job fingerprint[/] {plan.job_fingerprint}: the output holds "
+                    f"{', '.join(rows.previous_fingerprints)} (the model revision or task "
+                    "settings changed), so every row is computed again")
+            console.print(f"incremental: {rows.input_rows:,} input rows, {rows.unchanged:,} "
+                          f"unchanged, {rows.to_compute:,} to compute in {len(rows.rows)} "
+                          f"shard(s); {rows.gone:,} id(s) with output are gone from the input")
+        elif result.skipped:
             console.print(f"resume: {result.skipped} shard(s) already done, skipped")
         if result.skipped == result.planned:
-            console.print("nothing to run: every shard is done (mode: overwrite recomputes)")
+            console.print("nothing to run: every shard is done (mode: overwrite recomputes)"
+                          if rows is None else "nothing to compute: no row is new or changed")
         progress.start()
         progress.update(bar, completed=result.skipped)
 
@@ -314,7 +365,10 @@ def _print_summary(plan, result) -> None:
         f"output: {plan.output_root}" + ("" if result.published else " (not published)") + "\n"
         f"shards: {len(result.records)} run, {result.skipped} skipped, "
         f"{len(result.failures)} failed\n"
-        f"rows: {result.rows:,} ({errors:,} with errors) in {result.seconds:.1f} s: "
+        f"rows: {result.rows:,} ({errors:,} with errors"
+        + (f", {result.deduplicated_rows:,} copied from identical rows"
+           if result.deduplicated_rows else "")
+        + f") in {result.seconds:.1f} s: "
         f"{result.rows / seconds:,.1f} rows/s, {result.tokens / seconds:,.0f} "
         f"tokens/s" + (f", padding efficiency {result.tokens / padded:.1%}" if padded else "")
         + "".join(f"\nengine: {e}" for e in engines)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dask
+import numpy as np
 from dask.distributed import Client, LocalCluster, as_completed, get_worker, performance_report
 
 from lepton_batch.engine import EngineCache
@@ -87,8 +88,9 @@ def _worker_cache() -> EngineCache:
     return cache
 
 
-def _run_shard(shard: Shard, job: JobSpec, ctx: RunContext) -> ShardRecord:
-    return process_shard(shard, job, ctx, _worker_cache())
+def _run_shard(shard: Shard, job: JobSpec, ctx: RunContext, rows: np.ndarray | None
+               ) -> ShardRecord:
+    return process_shard(shard, job, ctx, _worker_cache(), rows)
 
 
 @contextlib.contextmanager
@@ -119,17 +121,21 @@ def optional_performance_report(filename: Path) -> Iterator[None]:
 def run_shards(todo: list[Shard], job: JobSpec, ctx: RunContext, report_dir: Path,
                on_start: Callable[[str | None], None],
                on_record: Callable[[ShardRecord], None],
-               on_failure: Callable[[str, str], None]) -> None:
+               on_failure: Callable[[str, str], None],
+               rows: dict[str, np.ndarray] | None = None) -> None:
     """Submit one task per shard and report each record (or failure) as it finishes.
 
-    ``on_start(dashboard_link)`` is called once the cluster is up.
+    ``on_start(dashboard_link)`` is called once the cluster is up. ``rows``: shard
+    fingerprint -> the positions to compute in that shard (mode incremental); None: all.
     """
     with open_client(job.cluster) as client:
         checkpoint("cluster-started")
         on_start(client.dashboard_link)
         with optional_performance_report(report_dir / "dask-report.html"):
             futures = [
-                client.submit(_run_shard, shard, job, ctx, key=f"{job.task.kind}-shard-"
+                client.submit(_run_shard, shard, job, ctx,
+                              None if rows is None else rows[shard.fingerprint],
+                              key=f"{job.task.kind}-shard-"
                               f"{shard.index:04d}-{ctx.run_id[-6:]}", retries=job.cluster.retries,
                               pure=False)
                 for shard in todo

@@ -46,6 +46,7 @@ class ShardRecord:
     oom_splits: int = 0  # batches halved after out of memory (default: older records)
     # how the engine ran: dtype, quantization, forward, and the quality gate's figure
     engine: str = ""
+    deduplicated_rows: int = 0  # rows that took the result of an identical row
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:

@@ -3,8 +3,10 @@
 Layout (the warehouse contract)::
 
     <root>/run_date=YYYY-MM-DD/part-<shard fp>.parquet   published parts: readers look here
+    <root>/run_date=YYYY-MM-DD/part-<shard fp>-<run id>.parquet   ... in mode incremental
     <root>/_manifest/<shard fp>.json                     one record per published part
     <root>/_SUCCESS                                      the published dataset is complete
+    <root>/_schema.json                                  the schema contract (contract.py)
     <root>/_staging/<job fp>/part-<shard fp>.parquet     a run's parts before it publishes
     <root>/_staging/<job fp>/_manifest/<shard fp>.json   ... and their records
     <root>/_publish.json                                 publish journal, only mid-publish
@@ -29,6 +31,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lepton_batch.contract import SCHEMA_FILE, contract_problem, read_contract
 from lepton_batch.faults import checkpoint
 from lepton_batch.manifest import (
     MANIFEST_DIR,
@@ -49,7 +52,7 @@ MARKER = "_lepton_batch.json"
 LOCK = "_lock"
 PARTITION_GLOB = "run_date=*"
 PARTS_GLOB = f"{PARTITION_GLOB}/*.parquet"  # every published part, relative to root
-_OURS = (MARKER, MANIFEST_DIR, SUCCESS, RUNS_DIR, STAGING, JOURNAL, LOCK)
+_OURS = (MARKER, MANIFEST_DIR, SUCCESS, RUNS_DIR, STAGING, JOURNAL, LOCK, SCHEMA_FILE)
 
 
 class OutputError(ValueError):
@@ -73,6 +76,11 @@ def check_output_dir(root: Path) -> str | None:
         return (f"output.path: {root} is not empty and holds no lepton-batch output; "
                 "choose an empty or new directory")
     return None
+
+
+def has_published(root: Path) -> bool:
+    """Whether ``root`` holds a published dataset (a finished run, or parts of one)."""
+    return (root / SUCCESS).exists() or any(root.glob(PARTS_GLOB))
 
 
 def init_output(root: Path) -> None:
@@ -167,20 +175,29 @@ def prepare_staging(root: Path, mode: str, job_fp: str, shard_fps: set[str], run
     return f"{STAGING}/{job_fp}", staged
 
 
-def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str, run_id: str
-                   ) -> tuple[str, dict[str, ShardRecord]]:
+def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str, run_id: str,
+                   contract: dict) -> tuple[str, dict[str, ShardRecord]]:
     """Make ``root`` ready for a run (the caller holds the lock).
 
-    Finishes a publish a crash interrupted, removes temp files, and returns the staging
-    folder plus every shard that need not run: staged ones, and in mode resume, published
-    ones whose record matches this plan and job fingerprint. Nothing published is changed
-    here; readers keep seeing the last published dataset until this run publishes.
+    Finishes a publish a crash interrupted, removes temp files, states the schema contract
+    on a first run, and returns the staging folder plus every shard that need not run:
+    staged ones, and in mode resume, published ones whose record matches this plan and job
+    fingerprint. Nothing published is changed here; readers keep seeing the last published
+    dataset until this run publishes. Raises OutputError when the output's contract or
+    mode forbids this run (see contract.py).
     """
     finished = roll_forward(root)
+    problem = output_problem(root, mode, contract)
+    if problem:
+        raise OutputError(problem)
+    if read_contract(root) is None:
+        write_contract(root, contract)
     for folder in (root / MANIFEST_DIR, *root.glob(PARTITION_GLOB)):
         if folder.is_dir():
             _remove_temp_files(folder)
     staging, staged = prepare_staging(root, mode, job_fp, shard_fps, run_id)
+    if mode == "incremental":  # rows, not shards, decide what is done (incremental.py)
+        return staging, staged
     # An overwrite killed while publishing has just been published by roll_forward: that is
     # the dataset this same command was making, so it is done, not to be recomputed.
     same_run = finished is not None and finished.get("job_fingerprint") == job_fp
@@ -189,32 +206,59 @@ def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str, run_
     return staging, done | staged
 
 
-def publish(root: Path, staging: str, shard_fps: set[str], job_fp: str, mode: str,
-            run_date: str, summary: dict) -> None:
-    """Move the staged parts into ``run_date=<run_date>/`` and drop what the new dataset no
-    longer holds, through a journal, then write ``_SUCCESS``.
+def output_problem(root: Path, mode: str, contract: dict) -> str | None:
+    """Why the output cannot take this run as it stands, or None: mode error_if_exists on a
+    published dataset, or a schema or layout that differs from ``_schema.json``."""
+    published = has_published(root)
+    if mode == "error_if_exists" and published:
+        return (f"output.path: {root} already holds a published dataset and output.mode is "
+                "error_if_exists; choose a new path, or mode resume / overwrite")
+    return contract_problem(root, contract, mode, published)
 
-    Every planned shard must be staged or (mode resume) published already.
+
+def write_contract(root: Path, contract: dict) -> None:
+    blob = json.dumps(contract, indent=1).encode()
+    write_atomic(root / SCHEMA_FILE, lambda fh: fh.write(blob))
+
+
+def publish(root: Path, staging: str, shard_fps: set[str], job_fp: str, mode: str,
+            run_date: str, run_id: str, summary: dict, contract: dict) -> None:
+    """Move the staged parts into ``run_date=<run_date>/`` and (snapshot modes) drop what the
+    new dataset no longer holds, through a journal, then write ``_SUCCESS``.
+
+    ``shard_fps``: the shards this run planned; each must be staged or (mode resume)
+    published already. Mode incremental adds its parts, named with the run id, beside the
+    earlier runs' and deletes nothing.
     """
     folder = root / staging
     staged = {fp: rec for fp, rec in read_records(folder / MANIFEST_DIR).items()
               if fp in shard_fps and rec.job_fingerprint == job_fp}
     published = read_records(root / MANIFEST_DIR)
-    keep = {} if mode == "overwrite" else published_records(root, shard_fps, job_fp, published)
-    keep = {fp: rec for fp, rec in keep.items() if fp not in staged}
+    if mode == "incremental":
+        keep, suffix = {}, f"-{run_id}"
+    else:
+        keep = {} if mode == "overwrite" else published_records(root, shard_fps, job_fp,
+                                                                published)
+        keep, suffix = {fp: rec for fp, rec in keep.items() if fp not in staged}, ""
     missing = shard_fps - set(staged) - set(keep)
     assert not missing, f"publish called with {len(missing)} shard(s) not done"
-    moves = [(fp, f"{staging}/{Path(rec.part).name}", f"run_date={run_date}/part-{fp}.parquet")
+    moves = [(fp, f"{staging}/{Path(rec.part).name}",
+              f"run_date={run_date}/part-{fp}{suffix}.parquet")
              for fp, rec in sorted(staged.items())]
-    live = {rec.part for rec in keep.values()} | {dst for _, _, dst in moves}
-    deletes = sorted(str(p.relative_to(root)) for p in root.glob(f"{PARTITION_GLOB}/*")
-                     if p.is_file() and str(p.relative_to(root)) not in live)
-    drop = sorted(set(published) - set(keep) - set(staged))
-    if not (moves or deletes or drop) and (root / SUCCESS).exists():
+    deletes: list[str] = []
+    drop: list[str] = []
+    if mode != "incremental":
+        live = {rec.part for rec in keep.values()} | {dst for _, _, dst in moves}
+        deletes = sorted(str(p.relative_to(root)) for p in root.glob(f"{PARTITION_GLOB}/*")
+                         if p.is_file() and str(p.relative_to(root)) not in live)
+        drop = sorted(set(published) - set(keep) - set(staged))
+    if not (moves or deletes or drop) and (root / SUCCESS).exists() and (
+            read_contract(root) == contract):
         shutil.rmtree(root / STAGING, ignore_errors=True)
         return  # the published dataset is already this one
     journal = {"staging": staging, "job_fingerprint": job_fp, "moves": moves,
-               "deletes": deletes, "drop_records": drop, "success": summary}
+               "deletes": deletes, "drop_records": drop, "success": summary,
+               "contract": contract}
     blob = json.dumps(journal, indent=1).encode()
     write_atomic(root / JOURNAL, lambda fh: fh.write(blob))
     checkpoint("publish-journaled")
@@ -258,6 +302,8 @@ def _carry_out(root: Path, journal: dict) -> None:
     for part_dir in root.glob(PARTITION_GLOB):
         if part_dir.is_dir() and not any(part_dir.iterdir()):
             part_dir.rmdir()
+    if "contract" in journal:  # an overwrite may state a new schema; the others restate it
+        write_contract(root, journal["contract"])
     checkpoint("publish-before-success")
     write_success(root, journal["success"])
     checkpoint("success-written")

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
+from lepton_batch.contract import contract_document, output_schema
 from lepton_batch.modeldir import ModelInfo, inspect_model_dir, resolve_model_dir
-from lepton_batch.output import check_output_dir
+from lepton_batch.output import check_output_dir, output_problem
 from lepton_batch.settings import Settings, SettingsError, resolve_settings
 from lepton_batch.shards import (
     BadFile,
@@ -23,7 +26,7 @@ from lepton_batch.shards import (
     describe_files,
     plan_shards,
 )
-from lepton_batch.spec import JobSpec, JobSpecError
+from lepton_batch.spec import JobSpec, JobSpecError, fill_path
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +40,20 @@ class Plan:
     job_fingerprint: str
     output_root: Path
     settings: Settings  # max_length, pooling, ...: from the job, else the model directory
+    schema: pa.Schema  # the output's columns (the schema contract, see contract.py)
+    run_date: date  # the run's partition, and what {run_date} in input.path means
+    task_columns: list[str]  # input columns the task reads: what content_hash covers
+    row_keyed: bool = False  # results depend on the row id too (sampled generation)
     bad_files: list[BadFile] = field(default_factory=list)  # unreadable; their rows not planned
 
     @property
     def rows(self) -> int:
         return sum(s.num_rows for s in self.shards)
+
+    @property
+    def contract(self) -> dict:
+        """What ``_schema.json`` states for this job."""
+        return contract_document(self.job, self.schema)
 
 
 def resolve_output_root(path: str) -> Path:
@@ -51,10 +63,21 @@ def resolve_output_root(path: str) -> Path:
     return Path(path.removeprefix("file://")).expanduser().resolve()
 
 
-def make_plan(job: JobSpec, source: str = "job file") -> Plan:
-    """Check the model directory, the input files and columns; cut shards."""
+def today() -> date:
+    """The default run date: today in UTC (``--run-date`` overrides it for backfills)."""
+    return datetime.now(timezone.utc).date()
+
+
+def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = None) -> Plan:
+    """Check the model directory, the input files and columns, the output; cut shards.
+
+    ``run_date`` (default today, UTC) fills ``{run_date}`` / ``{yesterday}`` in input.path.
+    """
     from lepton_batch.pipelines import make_pipeline
 
+    run_date = run_date or today()
+    job = job.model_copy(update={"input": job.input.model_copy(
+        update={"path": fill_path(job.input.path, run_date)})})
     problems: list[str] = []
     model = settings = None
     try:
@@ -68,7 +91,7 @@ def make_plan(job: JobSpec, source: str = "job file") -> Plan:
             settings = resolve_settings(model, job.model, job.task)
         except SettingsError as exc:
             problems += exc.problems
-    pipeline_columns: list[str] | None = None
+    pipeline = None
     if model is not None and settings is not None:
         if model.max_positions and settings.max_length > model.max_positions:
             origin = settings.sources["max_length"]
@@ -79,7 +102,7 @@ def make_plan(job: JobSpec, source: str = "job file") -> Plan:
                 + ("" if origin == "job" else "; set model.max_length")
             )
         try:
-            pipeline_columns = make_pipeline(job.task, model, settings, job.input).columns
+            pipeline = make_pipeline(job.task, model, settings, job.input)
         except ValueError as exc:
             problems.append(str(exc))
     files: list[InputFile] = []
@@ -97,7 +120,7 @@ def make_plan(job: JobSpec, source: str = "job file") -> Plan:
     if job.task.uses_template:
         # The prompt template names the columns; input.text_column is its default field.
         problems += check_columns(files, None, inp.id_column, inp.passthrough_columns,
-                                  task_columns=pipeline_columns or [])
+                                  task_columns=pipeline.columns if pipeline else [])
     else:
         problems += check_columns(files, inp.text_column, inp.id_column,
                                   inp.passthrough_columns)
@@ -110,9 +133,19 @@ def make_plan(job: JobSpec, source: str = "job file") -> Plan:
         problems.append(problem)
     if output_root is not None and (problem := _overlap(inp.path, output_root, files)):
         problems.append(problem)
+    schema = None
+    if pipeline is not None and not problems:
+        try:
+            schema = output_schema(job, files, pipeline.fields())
+        except ValueError as exc:
+            problems.append(f"input: {exc}")
+    if schema is not None and output_root is not None:
+        problem = output_problem(output_root, job.output.mode, contract_document(job, schema))
+        problems += [problem] if problem else []
     if problems:
         raise JobSpecError(problems, source)
     assert model is not None and settings is not None and output_root is not None
+    assert pipeline is not None and schema is not None
     return Plan(
         job=job,
         model=model,
@@ -121,8 +154,13 @@ def make_plan(job: JobSpec, source: str = "job file") -> Plan:
         job_fingerprint=job.fingerprint(model.revision, settings),
         output_root=output_root,
         settings=settings,
+        schema=schema,
+        run_date=run_date,
+        task_columns=list(pipeline.columns),
+        row_keyed=pipeline.row_keyed,
         bad_files=bad,
     )
+
 
 
 def _input_dir(path: str) -> Path | None:

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from lepton_batch.cluster import run_shards
 from lepton_batch.faults import checkpoint
+from lepton_batch.incremental import RowPlan, plan_rows
 from lepton_batch.lock import output_lock
 from lepton_batch.manifest import ShardRecord
-from lepton_batch.output import init_output, prepare_output, publish, run_dir
+from lepton_batch.output import PARTS_GLOB, init_output, prepare_output, publish, run_dir
 from lepton_batch.plan import Plan
 from lepton_batch.runner import RunContext
 from lepton_batch.spec import JobSpec
@@ -36,6 +37,9 @@ class RunResult:
     run_id: str
     planned: int
     skipped: int
+    run_date: str = ""
+    mode: str = "resume"
+    rows_plan: RowPlan | None = None  # mode incremental: what the anti-join left to compute
     records: list[ShardRecord] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # shard key or input file -> cause
     seconds: float = 0.0
@@ -63,6 +67,10 @@ class RunResult:
     def error_rows(self) -> int:
         return sum(r.error_rows for r in self.records)
 
+    @property
+    def deduplicated_rows(self) -> int:
+        return sum(r.deduplicated_rows for r in self.records)
+
     def summary(self, plan: Plan) -> dict:
         """The figures written to ``_SUCCESS`` and ``report.json``."""
         seconds = max(self.seconds, 1e-9)
@@ -70,6 +78,8 @@ class RunResult:
             "run_id": self.run_id,
             "job": plan.job.name,
             "job_fingerprint": plan.job_fingerprint,
+            "mode": self.mode,
+            "run_date": self.run_date,
             "shards_planned": self.planned,
             "shards_skipped": self.skipped,
             "shards_run": len(self.records),
@@ -79,6 +89,8 @@ class RunResult:
             "tokens": self.tokens,
             "padded_tokens": self.padded_tokens,
             "error_rows": self.error_rows,
+            # rows that took an identical row's result instead of a model call
+            "rows_deduplicated": self.deduplicated_rows,
             "seconds": round(self.seconds, 3),
             "rows_per_second": round(self.rows / seconds, 2),
             "tokens_per_second": round(self.tokens / seconds, 1),
@@ -86,6 +98,11 @@ class RunResult:
         }
         if self.padded_tokens:
             out["padding_efficiency"] = round(self.tokens / self.padded_tokens, 4)
+        if self.rows_plan is not None:
+            out |= {"rows_input": self.rows_plan.input_rows,
+                    "rows_unchanged": self.rows_plan.unchanged,
+                    "rows_to_compute": self.rows_plan.to_compute,
+                    "ids_gone_from_input": self.rows_plan.gone}
         return out
 
 
@@ -130,15 +147,24 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
     now = datetime.now(timezone.utc)
     run_id = now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     root = plan.output_root
+    mode = job.output.mode
     shard_fps = {s.fingerprint for s in plan.shards}
     init_output(root)
     with output_lock(root, run_id):
         checkpoint("locked")
-        staging, done = prepare_output(root, job.output.mode, shard_fps, plan.job_fingerprint,
-                                       run_id)
+        staging, done = prepare_output(root, mode, shard_fps, plan.job_fingerprint, run_id,
+                                       plan.contract)
         checkpoint("prepared")
-        todo = [s for s in plan.shards if s.fingerprint not in done]
-        result = RunResult(run_id=run_id, planned=len(plan.shards), skipped=len(done))
+        rows_plan = None
+        if mode == "incremental":
+            rows_plan = plan_rows(plan.shards, plan.schema.field(job.input.id_column),
+                                  plan.task_columns, plan.job_fingerprint,
+                                  sorted(root.glob(PARTS_GLOB)))
+            shard_fps = set(rows_plan.rows)  # the shards publish waits for
+        todo = [s for s in plan.shards if s.fingerprint in shard_fps and s.fingerprint not in done]
+        result = RunResult(run_id=run_id, planned=len(plan.shards),
+                           skipped=len(plan.shards) - len(todo), mode=mode,
+                           run_date=plan.run_date.isoformat(), rows_plan=rows_plan)
         report = run_dir(root, run_id)
         result.report_dir = str(report)
         threads = _default_threads(job)
@@ -147,7 +173,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
             job = job.model_copy(update={"engine": engine})
         ctx = RunContext(run_id=run_id, job_fingerprint=plan.job_fingerprint, output_root=root,
                          staging=staging, model=plan.model, settings=plan.settings,
-                         file_metadata=_file_metadata(plan, run_id))
+                         schema=plan.schema, file_metadata=_file_metadata(plan, run_id))
 
         def started_cluster(dashboard: str | None) -> None:
             result.dashboard = dashboard
@@ -165,7 +191,8 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
             log.error("shard %s failed: %s", key, cause)
 
         if todo:
-            run_shards(todo, job, ctx, report, started_cluster, finished, failed)
+            run_shards(todo, job, ctx, report, started_cluster, finished, failed,
+                       rows=rows_plan.rows if rows_plan else None)
         else:
             started_cluster(None)
         for bad in plan.bad_files:
@@ -173,8 +200,8 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
         result.seconds = time.perf_counter() - started
         if result.ok:
             result.published = True
-            publish(root, staging, shard_fps, plan.job_fingerprint, job.output.mode,
-                    now.date().isoformat(), result.summary(plan))
+            publish(root, staging, shard_fps, plan.job_fingerprint, mode, result.run_date,
+                    run_id, result.summary(plan), plan.contract)
     checkpoint("published")
     try:
         _write_report(report, result.summary(plan))

@@ -13,20 +13,25 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lepton_batch.engine import BatchStats, EngineCache, EngineConfig
+from lepton_batch.engine import BatchStats, Engine, EngineCache, EngineConfig
 from lepton_batch.faults import checkpoint
+from lepton_batch.incremental import content_hashes, first_occurrences
 from lepton_batch.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
 from lepton_batch.modeldir import ModelInfo
-from lepton_batch.pipelines import make_pipeline
+from lepton_batch.pipelines import Pipeline, make_pipeline
 from lepton_batch.settings import Settings
 from lepton_batch.shards import Shard, read_shard, redact
 from lepton_batch.spec import JobSpec
+
+if TYPE_CHECKING:
+    from lepton_batch.engine.decoder import Decoder
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class RunContext:
     staging: str  # folder under output_root where this run's parts wait for publish
     model: ModelInfo
     settings: Settings  # resolved from the job and the model directory (plan.settings)
+    schema: pa.Schema  # the output's columns, the same for every part (plan.schema)
     file_metadata: dict[str, str] = field(default_factory=dict)
 
     def engine_config(self, job: JobSpec, head: str) -> EngineConfig:
@@ -96,23 +102,11 @@ def _merge_errors(errors: pa.Array, rows: np.ndarray, reasons: list[str]) -> pa.
                                 pa.array([reasons[j] for j in order], pa.string()))
 
 
-def output_schema(job: JobSpec, id_type: pa.DataType, passthrough: list[pa.Field],
-                  task_fields: list[pa.Field], metadata: dict[str, str]) -> pa.Schema:
-    """The dataset's column order: id, passthrough, task columns, row bookkeeping."""
-    fields = [pa.field(job.input.id_column, id_type), *passthrough, *task_fields,
-              pa.field("num_tokens", pa.int32()), pa.field("truncated", pa.bool_()),
-              pa.field("error", pa.string())]
-    return pa.schema(fields, metadata={"lepton_batch": json.dumps(metadata)})
-
-
-def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCache) -> ShardRecord:
-    """Run the job's task over one shard and write its part file and manifest record."""
-    start = time.perf_counter()
-    inp = job.input
-    pipeline = make_pipeline(job.task, ctx.model, ctx.settings, inp)
-    columns = [inp.id_column, *inp.passthrough_columns]
-    columns += [c for c in pipeline.columns if c not in columns]
-    table = read_shard(shard, columns)
+def _compute(pipeline: Pipeline, table: pa.Table, job: JobSpec, ctx: RunContext, cache: EngineCache
+             ) -> tuple[dict[str, pa.Array], BatchStats, Engine | Decoder, float]:
+    """The task's columns plus ``num_tokens``, ``truncated``, ``error`` for ``table``'s rows
+    (in row order), the batch figures, the engine that ran them and the seconds it took to
+    load (0.0 when the worker's cached engine was reused)."""
     n = table.num_rows
     texts, prep = pipeline.prepare(table)
     loads, load_start = cache.loads, time.perf_counter()
@@ -122,6 +116,41 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
     tok = pipeline.tokenize(engine, texts)
     stats = BatchStats()
     results = pipeline.run(engine, tok, job.engine, stats)
+    # Rows the engine could not run (out of memory even alone): null results, an error.
+    failed = prep.valid[np.asarray(stats.failed_rows, dtype=np.int64)]
+    out = {name: _expand(arr, prep.valid, n, failed) for name, arr in results.items()}
+    out["num_tokens"] = _expand(pa.array(tok.lengths, pa.int32()), prep.valid, n)
+    out["truncated"] = _expand(pa.array(tok.truncated, pa.bool_()), prep.valid, n)
+    out["error"] = _merge_errors(prep.errors, failed, stats.failed_reasons)
+    return out, stats, engine, load_seconds
+
+
+def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCache,
+                  rows: np.ndarray | None = None) -> ShardRecord:
+    """Run the job's task over one shard and write its part file and manifest record.
+
+    ``rows``: (m,) int64 positions inside the shard to compute (an incremental run's
+    changed rows); None computes every row. Rows with the same content (and, for sampled
+    generation, the same id) are computed once and the result copied to each.
+    """
+    start = time.perf_counter()
+    inp = job.input
+    pipeline = make_pipeline(job.task, ctx.model, ctx.settings, inp)
+    columns = [inp.id_column, *inp.passthrough_columns]
+    columns += [c for c in pipeline.columns if c not in columns]
+    table = read_shard(shard, columns)
+    if rows is not None:
+        table = table.take(pa.array(rows, pa.int64()))
+    n = table.num_rows
+    hashes = content_hashes(table, pipeline.columns)
+    keys = content_hashes(table, [inp.id_column, *pipeline.columns]) if (
+        pipeline.row_keyed) else hashes
+    first, inverse = first_occurrences(keys)
+    unique = table.take(pa.array(first)) if len(first) < n else table
+    computed, stats, engine, load_seconds = _compute(pipeline, unique, job, ctx, cache)
+    if len(first) < n:
+        fan_out = pa.array(inverse, pa.int64())
+        computed = {name: arr.take(fan_out) for name, arr in computed.items()}
 
     meta = {**ctx.file_metadata, "shard": shard.fingerprint, "source": redact(shard.path),
             "row_groups": ",".join(map(str, shard.row_groups)),
@@ -130,17 +159,13 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
             "attention": engine.attn_implementation, "forward": engine.forward_reason}
     if engine.quality is not None:
         meta["quality"] = json.dumps(engine.quality.to_dict())
-    passthrough = [table.schema.field(c) for c in inp.passthrough_columns]
-    schema = output_schema(job, table.schema.field(inp.id_column).type, passthrough,
-                           pipeline.fields(), meta)
-    columns_out = {inp.id_column: table[inp.id_column]}
-    columns_out |= {c: table[c] for c in inp.passthrough_columns}
-    # Rows the engine could not run (out of memory even alone): null results, an error.
-    failed = prep.valid[np.asarray(stats.failed_rows, dtype=np.int64)]
-    columns_out |= {name: _expand(arr, prep.valid, n, failed) for name, arr in results.items()}
-    columns_out["num_tokens"] = _expand(pa.array(tok.lengths, pa.int32()), prep.valid, n)
-    columns_out["truncated"] = _expand(pa.array(tok.truncated, pa.bool_()), prep.valid, n)
-    columns_out["error"] = _merge_errors(prep.errors, failed, stats.failed_reasons)
+    schema = ctx.schema.with_metadata({"lepton_batch": json.dumps(meta)})
+    columns_out = {c: table[c].cast(schema.field(c).type)
+                   for c in (inp.id_column, *inp.passthrough_columns)}
+    columns_out |= computed
+    columns_out["content_hash"] = hashes
+    columns_out["job_fingerprint"] = pa.array([ctx.job_fingerprint] * n, pa.string())
+    columns_out["run_id"] = pa.array([ctx.run_id] * n, pa.string())
     out = pa.table(columns_out, schema=schema)
 
     rel = Path(ctx.staging) / shard.part_name  # published later, when the whole run is done
@@ -156,8 +181,9 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
         row_groups=list(shard.row_groups),
         part=str(rel),
         rows=n,
-        error_rows=n - len(prep.valid) + len(failed),
-        truncated_rows=int(tok.truncated.sum()),
+        error_rows=n - out["error"].null_count,
+        truncated_rows=int(pc.sum(out["truncated"]).as_py() or 0),
+        deduplicated_rows=n - len(first),
         tokens=stats.tokens,
         padded_tokens=stats.padded_tokens,
         batches=stats.batches,

@@ -10,11 +10,20 @@ import difflib
 import hashlib
 import json
 import string
+from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from lepton_batch.settings import Settings
@@ -59,12 +68,43 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Placeholders an input path may hold, filled from the run date (--run-date, default today
+# in UTC): "data/{run_date}/*.parquet", "exports/dt={yesterday:%Y%m%d}/".
+PATH_PLACEHOLDERS = ("run_date", "yesterday")
+# Bumped when lepton-batch changes the values it writes for the same job: part of the job
+# fingerprint, so an incremental output recomputes once instead of mixing old and new values.
+RESULTS_VERSION = 1
+
+
+def fill_path(path: str, run_date: date) -> str:
+    """``path`` with ``{run_date}`` / ``{yesterday}`` filled (a format spec such as
+    ``{run_date:%Y/%m/%d}`` is allowed; default ISO ``YYYY-MM-DD``)."""
+    values = dict(zip(PATH_PLACEHOLDERS, (run_date, run_date - timedelta(days=1)), strict=True))
+    out = []
+    for literal, name, spec, conv in string.Formatter().parse(path):
+        out.append(literal)
+        if name is None:
+            continue
+        if name not in values or conv:
+            raise ValueError(f"{{{name}}} is not a placeholder; use "
+                             f"{{run_date}} or {{yesterday}} (write {{{{ }}}} for a literal brace)")
+        out.append(format(values[name], spec) if spec else values[name].isoformat())
+    return "".join(out)
+
+
 class InputSpec(_Strict):
-    path: str = Field(description="Parquet file, directory, glob, or fsspec URL (memory://, s3://)")
+    path: str = Field(description="Parquet file, directory, glob, or fsspec URL (memory://, "
+                      "s3://); {run_date} and {yesterday} are filled from the run date")
     text_column: str = "text"
     id_column: str = "id"
     passthrough_columns: list[str] = Field(default_factory=list)
     rows_per_shard: PositiveInt = 20_000
+
+    @field_validator("path")
+    @classmethod
+    def _check_placeholders(cls, path: str) -> str:
+        fill_path(path, date(2000, 1, 1))  # raises on an unknown placeholder
+        return path
 
 
 class ModelSpec(_Strict):
@@ -227,7 +267,12 @@ class QualitySpec(_Strict):
 
 class OutputSpec(_Strict):
     path: str
-    mode: Literal["overwrite", "resume"] = "resume"
+    # resume: the output is a snapshot of the input; finished shards are not recomputed.
+    # overwrite: recompute everything and replace the snapshot.
+    # error_if_exists: refuse an output that already holds a published dataset.
+    # incremental: a history; each run computes only rows whose (id, content_hash) has no
+    # output under the job fingerprint and adds them as partition run_date=<run date>.
+    mode: Literal["overwrite", "resume", "incremental", "error_if_exists"] = "resume"
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
 
@@ -257,6 +302,7 @@ class JobSpec(_Strict):
         reserved = {"error", "truncated", "num_tokens", "embedding", "label", "score", "labels",
                     "scores", "generation", "finish_reason", "prompt_tokens",
                     "generated_tokens", "logprob", "mean_logprob", "perplexity", "tokens",
+                    "content_hash", "job_fingerprint", "run_id", "run_date",
                     self.input.id_column}
         clash = sorted(set(self.input.passthrough_columns) & reserved)
         if clash:
@@ -283,6 +329,7 @@ class JobSpec(_Strict):
             "task": self.task.model_dump(
                 exclude=set() if self.task.uses_template else RESOLVED_TASK_FIELDS),
             "settings": settings.values(),
+            "results_version": RESULTS_VERSION,
         }
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

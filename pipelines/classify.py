@@ -37,6 +37,8 @@ def top_labels(scores: torch.Tensor, names: list[str], k: int) -> dict[str, pa.A
 class ClassifyPipeline:
     """Output columns: ``label``, ``score`` (top 1) and ``labels``, ``scores`` (top k)."""
 
+    row_keyed = False  # a row's result depends on its content only
+
     def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings,
                  inp: InputSpec) -> None:
         self.task = task

@@ -28,6 +28,8 @@ def prompt_tokens(engine: Engine, settings: Settings) -> int:
 class EmbedPipeline:
     """Output column ``embedding``: fixed_size_list<float32>[hidden_size]."""
 
+    row_keyed = False  # a row's result depends on its content only
+
     head = "base"
 
     def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings,

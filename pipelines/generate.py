@@ -8,6 +8,8 @@ from the model's ``generation_config.json`` as ``model.generate`` reads them.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 
@@ -51,6 +53,17 @@ def resolve_sampling(task: TaskSpec, generation_config) -> Sampling:
     )
 
 
+def _samples(task: TaskSpec, info: ModelInfo) -> bool:
+    """Whether the job samples: task.do_sample, else the model's generation_config.json."""
+    if task.do_sample is not None:
+        return task.do_sample
+    try:
+        config = json.loads((info.path / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("do_sample", False))
+
+
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """``text`` up to the first stop string, and whether one was found."""
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
@@ -81,6 +94,8 @@ class GeneratePipeline:
         self.max_new = np.zeros(0, dtype=np.int64)
         self.seeds = np.zeros(0, dtype=np.int64)
         self.id_column = inp.id_column
+        # A sampled row's text depends on its id (the seed), not on its content only.
+        self.row_keyed = _samples(task, info)
 
     def fields(self) -> list[pa.Field]:
         return [pa.field("generation", pa.string()), pa.field("finish_reason", pa.string()),

@@ -25,6 +25,8 @@ from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec, template_fields
 class LikelihoodPipeline:
     """Prompt template -> one scored continuation per label -> top-k labels."""
 
+    row_keyed = False  # a row's result depends on its content only
+
     head = "causal_lm"
 
     def __init__(self, task: TaskSpec, info: ModelInfo, inp: InputSpec) -> None:

@@ -22,6 +22,8 @@ from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec, template_fields
 class ScorePipeline:
     """Prompt (and continuation) -> log-probabilities from one forward per batch."""
 
+    row_keyed = False  # a row's result depends on its content only
+
     head = "causal_lm"
 
     def __init__(self, task: TaskSpec, info: ModelInfo, inp: InputSpec) -> None:
