@@ -69,6 +69,7 @@ def contract_document(job: JobSpec, schema: pa.Schema) -> dict:
         "format": 1,
         "job": job.name,
         "task": job.task.kind,
+        "id_column": job.input.id_column,
         "layout": layout_of(job.output.mode),
         "partitioning": "hive: run_date=YYYY-MM-DD",
         "fields": [{"name": f.name, "type": str(f.type), "nullable": f.nullable}
