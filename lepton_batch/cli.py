@@ -36,7 +36,10 @@ app = typer.Typer(
     "perplexity). Example jobs: jobs/quickstart.yaml (embeddings), "
     "jobs/quickstart-int8.yaml (int8 linears), jobs/topics.yaml (zero-shot topics), "
     "jobs/summarize.yaml and jobs/perplexity.yaml (a causal LM you name with --set "
-    "model.path=DIR); every field is documented in README.md. `lepton-batch bench` measures "
+    "model.path=DIR), jobs/nightly_topics.yaml (output.mode incremental: each night computes "
+    "only new and changed rows, into partition run_date=...); every field is documented in "
+    "README.md. `lepton-batch status` and `lepton-batch inspect` read an output without a "
+    "model. `lepton-batch bench` measures "
     "throughput against sentence-transformers, `bench --task generate` against "
     "model.generate.",
     no_args_is_help=True,
@@ -376,10 +379,26 @@ def _print_summary(plan, result) -> None:
     )
 
 
+StatusArg = Annotated[Path, typer.Argument(
+    help="The job file (YAML), or an output directory (a job's output.path).",
+    show_default=False)]
+
+
 @app.command()
-def status(job_file: JobArg, set_: SetOpt = None) -> None:
+def status(job_or_output: StatusArg, set_: SetOpt = None) -> None:
     """Show what a job's output holds: published shards vs planned, rows, errors, shards
-    staged by an unfinished run, and whether a run is writing it now."""
+    staged by an unfinished run, and whether a run is writing it now.
+
+    Given an output directory instead of a job file: every run in it (shards run, skipped,
+    failed and pending, rows, errors, tokens, rows/s and tokens/s, wall time, and in mode
+    incremental the rows skipped as unchanged), the last published run, shards staged by an
+    unfinished run and the run writing it now. Exit code 2 for a directory that is not a
+    lepton-batch output.
+    """
+    if job_or_output.is_dir():
+        _status_of_output(job_or_output, set_)
+        return
+    job_file = job_or_output
     _setup_logging(False)
     try:
         plan = _load(job_file, set_)
@@ -405,6 +424,60 @@ def status(job_file: JobArg, set_: SetOpt = None) -> None:
         table.add_row("being written", escape(holder.read_text()))
     table.add_row("_SUCCESS", "yes" if (root / SUCCESS).exists() else "no")
     console.print(table)
+
+
+def _setup_light_logging() -> None:
+    """Warnings to stderr, without importing Dask (status and inspect of an output read
+    files only)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+
+
+def _status_of_output(root: Path, overrides: list[str] | None) -> None:
+    from lepton_batch.inspect import InspectError, status_tables
+
+    _setup_light_logging()
+    if overrides:
+        _fail(ValueError(f"--set applies to a job file; {root} is an output directory"))
+    try:
+        tables = status_tables(root)
+    except InspectError as exc:  # a polars message may hold [brackets]
+        _fail(ValueError(escape(str(exc))))
+    for table in tables:
+        console.print(table)
+
+
+@app.command("inspect")
+def inspect_output(
+    output: Annotated[Path, typer.Argument(help="An output directory (a job's output.path).",
+                                           show_default=False)],
+    latest: Annotated[bool, typer.Option(
+        "--latest", help="Only the newest row per id (its greatest run_date, then run id): "
+        "the output's current values.")] = False,
+    sql: Annotated[str | None, typer.Option(
+        help="A SQL query (polars SQL) to run instead; prints its result. Tables: output "
+        "(every row; with --latest the newest per id) and latest (the newest row per id), "
+        "with the partition column run_date. E.g. --sql \"select label, count(*) as n from "
+        "latest group by label\".", show_default=False)] = None,
+    rows: Annotated[int | None, typer.Option(
+        min=0, help="Sample rows to show (default 5); with --sql, result rows to show "
+        "(default 100).", show_default=False)] = None,
+) -> None:
+    """Look inside an output without loading a model: schema, rows per partition, label
+    distribution (classify) or embedding norms (embed), errors by message, sample rows.
+
+    Reads the published Parquet parts lazily with polars. Exit code 2 for a path that is
+    not a lepton-batch output, or a query polars cannot run (its message is shown).
+    """
+    from lepton_batch.inspect import InspectError, inspect_tables
+
+    _setup_light_logging()
+    try:
+        tables = inspect_tables(output, latest=latest, sql=sql, rows=rows)
+    except InspectError as exc:  # a polars message may hold [brackets]
+        _fail(ValueError(escape(str(exc))))
+    for table in tables:
+        console.print(table)
 
 
 MethodsOpt = Annotated[str | None, typer.Option(

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import write_corpus, write_job
@@ -316,3 +317,45 @@ def test_failing_optional_step_never_fails_a_finished_run(step, tmp_path, tiny_b
     assert res.exit_code == 0, res.output
     assert (tmp_path / "out" / "_SUCCESS").is_file()
     assert len(list((tmp_path / "out").glob("run_date=*/*.parquet"))) == 9
+
+
+INCREMENTAL_KILL_POINTS = ["prepared", "shard-recorded@1", "publish-moved@1", "success-written"]
+
+
+@pytest.fixture(scope="module")
+def first_night(tmp_path_factory, tiny_bert, corpus_dir) -> Path:
+    """An incremental output after one uninterrupted night over the corpus."""
+    base = tmp_path_factory.mktemp("first-night")
+    shutil.copytree(corpus_dir, base / "in")
+    res = _cli("submit", str(_job(base, tiny_bert, base / "in", mode="incremental")),
+               "--run-date", "2026-03-01")
+    assert res.returncode == 0, res.stdout + res.stderr
+    return base
+
+
+@pytest.mark.parametrize("point", INCREMENTAL_KILL_POINTS)
+def test_killed_incremental_night_resumes_without_loss_or_duplicates(point, tmp_path,
+                                                                     tiny_bert, first_night):
+    shutil.copytree(first_night / "in", tmp_path / "in")
+    shutil.copytree(first_night / "out", tmp_path / "out")
+    changed = tmp_path / "in" / "corpus-1.parquet"
+    table = pq.read_table(changed).to_pylist()
+    for row in table[20:25]:
+        row["text"] = f"changed overnight: {row['text']}"
+    table += [{"id": 5000 + i, "text": f"a new row {i}", "lang": "en"} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(table), changed, row_group_size=10)
+    expected = {row["id"] for row in table[20:25]} | {5000, 5001, 5002}
+
+    job = str(_job(tmp_path, tiny_bert, tmp_path / "in", mode="incremental"))
+    killed = _cli("submit", job, "--run-date", "2026-03-02", env={FAULT_ENV: point})
+    assert killed.returncode == KILLED, killed.stdout + killed.stderr
+    again = _cli("submit", job, "--run-date", "2026-03-02")
+    assert again.returncode == 0, again.stdout + again.stderr
+    root = tmp_path / "out"
+    assert not (root / "_staging").exists() and not (root / "_publish.json").exists()
+    night2 = pl.read_parquet(sorted(root.glob("run_date=2026-03-02/*.parquet")))
+    assert sorted(night2["id"].to_list()) == sorted(expected)  # 0 lost, 0 twice
+    assert _dataset(root).height == ROWS + len(expected)
+    # A third run over the same input computes nothing.
+    third = _cli("submit", job, "--run-date", "2026-03-03")
+    assert third.returncode == 0 and "nothing to compute" in third.stdout, third.stdout
