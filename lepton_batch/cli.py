@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lepton_batch.output import PARTS_GLOB, OutputError
+from lepton_batch.output import OutputError
 from lepton_batch.spec import JobSpecError, load_job
 
 app = typer.Typer(
@@ -218,10 +218,10 @@ def _warn_duplicate_ids(plan) -> None:
 
 
 def _preview(plan, n: int = 5) -> Table:
-    import polars as pl
+    from lepton_batch.incremental import scan_output
+    from lepton_batch.output import published_parts
 
-    parts = pl.scan_parquet(str(plan.output_root / PARTS_GLOB), hive_partitioning=False)
-    df = parts.head(n).collect()
+    df = scan_output(published_parts(plan.output_root)).head(n).collect()
     table = Table(title=f"first {min(n, df.height)} rows of the output")
     cols = [c for c in df.columns if c not in ("labels", "scores", "num_tokens", "truncated")]
     for c in cols:
@@ -244,7 +244,10 @@ def _preview(plan, n: int = 5) -> Table:
 def _label_counts(plan) -> Table:
     import polars as pl
 
-    df = (pl.scan_parquet(str(plan.output_root / PARTS_GLOB))
+    from lepton_batch.incremental import scan_output
+    from lepton_batch.output import published_parts
+
+    df = (scan_output(published_parts(plan.output_root))
           .group_by("label").agg(pl.len().alias("rows"), pl.col("score").mean().alias("mean"))
           .sort("rows", descending=True).collect())
     table = Table(title="rows per label (top 1)")

@@ -56,10 +56,17 @@ def input_field(files: list[InputFile], column: str) -> pa.Field:
 
 def output_schema(job: JobSpec, files: list[InputFile], task_fields: list[pa.Field]
                   ) -> pa.Schema:
-    """The dataset's columns: id, passthrough, the task's columns, bookkeeping."""
+    """The dataset's columns: id, passthrough, the task's columns, bookkeeping.
+
+    Delta Lake has no fixed-size arrays: with output.format delta an embedding is a
+    ``list<float>`` (every row still has the model's dimension).
+    """
     inp = job.input
     fields = [input_field(files, inp.id_column)]
     fields += [input_field(files, c) for c in inp.passthrough_columns]
+    if job.output.format == "delta":
+        task_fields = [f.with_type(pa.list_(f.type.value_type))
+                       if pa.types.is_fixed_size_list(f.type) else f for f in task_fields]
     return pa.schema([*fields, *task_fields, *BOOKKEEPING])
 
 
@@ -71,6 +78,7 @@ def contract_document(job: JobSpec, schema: pa.Schema) -> dict:
         "task": job.task.kind,
         "id_column": job.input.id_column,
         "layout": layout_of(job.output.mode),
+        "output_format": job.output.format,
         "partitioning": "hive: run_date=YYYY-MM-DD",
         "fields": [{"name": f.name, "type": str(f.type), "nullable": f.nullable}
                    for f in schema],
@@ -110,6 +118,10 @@ def contract_problem(root: Path, document: dict, mode: str, has_published: bool)
                 f"dataset; mode {mode} writes {_LAYOUTS[document['layout']]} one. Keep "
                 "output.mode as it was, choose a new output.path, or use mode: overwrite to "
                 "replace the dataset")
+    fmt = existing.get("output_format", "parquet")
+    if fmt != document["output_format"]:
+        return (f"output.path: {root} holds a {fmt} dataset; output.format is "
+                f"{document['output_format']}. Keep the format, or choose a new output.path")
     try:
         old = schema_of(existing)
     except (KeyError, ValueError, pa.ArrowException):

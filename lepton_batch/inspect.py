@@ -27,10 +27,10 @@ from lepton_batch.output import (
     LOCK,
     MARKER,
     PARTITION_GLOB,
-    PARTS_GLOB,
     RUNS_DIR,
     STAGING,
     SUCCESS,
+    published_parts,
     staged_count,
 )
 
@@ -98,7 +98,7 @@ def writer(root: Path) -> str | None:
 def scan(root: Path) -> pl.LazyFrame | None:
     """Every published row with ``run_date`` (a date) from its partition. Nothing published
     yet: an empty frame of the ``_schema.json`` schema, or None without one."""
-    parts = sorted(root.glob(PARTS_GLOB))
+    parts = published_parts(root)
     if parts:
         return scan_output(parts)
     try:
@@ -137,10 +137,10 @@ def status_tables(root: Path) -> list[Table]:
     success = _read_json(root / SUCCESS)
     reports = run_reports(root)
     overview = Table(title=f"status of output {escape(str(root))}", show_header=False)
-    for key in ("job", "task", "layout"):
+    for key in ("job", "task", "layout", "output_format"):
         if key in contract:
             overview.add_row(key, escape(str(contract[key])))
-    parts = sorted(root.glob(PARTS_GLOB))
+    parts = published_parts(root)
     if parts:
         rows = scan_output(parts).select(pl.len()).collect().item()
         dates = {p.parent.name.removeprefix("run_date=") for p in parts}
@@ -249,13 +249,13 @@ def _overview(root: Path, view: pl.LazyFrame, idc: str, latest: bool) -> Table:
     contract = read_contract(root) or {}
     table = Table(title=f"output {escape(str(root))}" + (" (newest row per id)" if latest
                                                          else ""), show_header=False)
-    for key in ("job", "task", "layout"):
+    for key in ("job", "task", "layout", "output_format"):
         if key in contract:
             table.add_row(key, escape(str(contract[key])))
     n, ids = view.select(pl.len(), pl.col(idc).n_unique()).collect().row(0)
     table.add_row("rows", f"{n:,}")
     table.add_row(f"distinct ids ({escape(idc)})", f"{ids:,}")
-    if not any(root.glob(PARTS_GLOB)):
+    if not published_parts(root):
         table.add_row("published", f"nothing yet ({staged_count(root)} shard(s) staged by an "
                       "unfinished run)")
     return table

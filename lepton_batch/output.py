@@ -31,7 +31,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lepton_batch.contract import SCHEMA_FILE, contract_problem, read_contract
+from lepton_batch.contract import SCHEMA_FILE, contract_problem, read_contract, schema_of
 from lepton_batch.faults import checkpoint
 from lepton_batch.manifest import (
     MANIFEST_DIR,
@@ -50,9 +50,11 @@ STAGING = "_staging"
 JOURNAL = "_publish.json"
 MARKER = "_lepton_batch.json"
 LOCK = "_lock"
-PARTITION_GLOB = "run_date=*"
+DELTA_LOG = "_delta_log"  # output.format delta: the table's log (delta.py)
+PARTITION_COLUMN = "run_date"
+PARTITION_GLOB = f"{PARTITION_COLUMN}=*"
 PARTS_GLOB = f"{PARTITION_GLOB}/*.parquet"  # every published part, relative to root
-_OURS = (MARKER, MANIFEST_DIR, SUCCESS, RUNS_DIR, STAGING, JOURNAL, LOCK, SCHEMA_FILE)
+_OURS = (MARKER, MANIFEST_DIR, SUCCESS, RUNS_DIR, STAGING, JOURNAL, LOCK, SCHEMA_FILE, DELTA_LOG)
 
 
 class OutputError(ValueError):
@@ -80,7 +82,21 @@ def check_output_dir(root: Path) -> str | None:
 
 def has_published(root: Path) -> bool:
     """Whether ``root`` holds a published dataset (a finished run, or parts of one)."""
-    return (root / SUCCESS).exists() or any(root.glob(PARTS_GLOB))
+    return (root / SUCCESS).exists() or bool(published_parts(root))
+
+
+def is_delta(root: Path) -> bool:
+    return (root / DELTA_LOG).is_dir()
+
+
+def published_parts(root: Path) -> list[Path]:
+    """The part files readers see: a Delta table's committed files, else every
+    ``run_date=*/*.parquet``."""
+    if is_delta(root):
+        from lepton_batch.delta import committed_files
+
+        return [root / rel for rel in sorted(committed_files(str(root)))]
+    return sorted(root.glob(PARTS_GLOB))
 
 
 def init_output(root: Path) -> None:
@@ -132,13 +148,14 @@ def published_records(root: Path, shard_fps: set[str], job_fp: str,
     return keep
 
 
-def prepare_staging(root: Path, mode: str, job_fp: str, shard_fps: set[str], run_id: str
-                    ) -> tuple[str, dict[str, ShardRecord]]:
+def prepare_staging(root: Path, mode: str, job_fp: str, shard_fps: set[str], run_id: str,
+                    delta: bool = False) -> tuple[str, dict[str, ShardRecord]]:
     """The staging folder for this job (relative to root) and the shards already in it.
 
     Staged shards of the same job fingerprint and mode are kept (a killed or failed run
     resumes from them); anything else under ``_staging/`` is removed. Within the folder,
-    records that do not match the plan and parts without a record are deleted.
+    records that do not match the plan and parts without a record are deleted. ``delta``:
+    records point at files in the table's partitions, written there by the workers.
     """
     base = root / STAGING
     folder = base / job_fp
@@ -162,7 +179,9 @@ def prepare_staging(root: Path, mode: str, job_fp: str, shard_fps: set[str], run
     staged: dict[str, ShardRecord] = {}
     for f in sorted((folder / MANIFEST_DIR).glob("*.json")):
         rec = read_record(f)
-        part = _inside(folder, Path(rec.part).name) if rec else None
+        part = None
+        if rec is not None:
+            part = _inside(root, rec.part) if delta else _inside(folder, Path(rec.part).name)
         if (rec and f.stem == rec.shard_fingerprint and rec.shard_fingerprint in shard_fps
                 and rec.job_fingerprint == job_fp and part is not None and part.is_file()):
             staged[rec.shard_fingerprint] = rec
@@ -187,6 +206,14 @@ def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str, run_
     mode forbids this run (see contract.py).
     """
     finished = roll_forward(root)
+    delta = contract.get("output_format") == "delta"
+    if delta:
+        from lepton_batch.delta import ensure_table
+
+        try:
+            ensure_table(str(root), schema_of(contract), [PARTITION_COLUMN])
+        except ValueError as exc:
+            raise OutputError(f"output.path: the Delta table at {root}: {exc}") from None
     problem = output_problem(root, mode, contract)
     if problem:
         raise OutputError(problem)
@@ -195,7 +222,9 @@ def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str, run_
     for folder in (root / MANIFEST_DIR, *root.glob(PARTITION_GLOB)):
         if folder.is_dir():
             _remove_temp_files(folder)
-    staging, staged = prepare_staging(root, mode, job_fp, shard_fps, run_id)
+    staging, staged = prepare_staging(root, mode, job_fp, shard_fps, run_id, delta)
+    if delta:
+        _remove_uncommitted(root, {rec.part for rec in staged.values()})
     if mode == "incremental":  # rows, not shards, decide what is done (incremental.py)
         return staging, staged
     # An overwrite killed while publishing has just been published by roll_forward: that is
@@ -204,6 +233,38 @@ def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str, run_
     done = {} if mode == "overwrite" and not same_run else published_records(root, shard_fps,
                                                                              job_fp)
     return staging, done | staged
+
+
+def _remove_uncommitted(root: Path, keep: set[str]) -> None:
+    """Delta: delete files in the partitions that no commit and no staged record names (a
+    killed worker's part); invisible to Delta readers, but not to a plain Parquet glob."""
+    live = {str(p.relative_to(root)) for p in published_parts(root)} | keep
+    for path in root.glob(PARTS_GLOB):
+        if str(path.relative_to(root)) not in live:
+            log.info("removing %s: written by a killed run, never committed", path)
+            path.unlink()
+
+
+def commit_delta(root: Path, staging: str, run_id: str, summary: dict, contract: dict) -> None:
+    """Delta: commit every staged shard's file (a rerun after a crash commits what the
+    killed run wrote but had not committed; one already committed is skipped), then state
+    the contract and write ``_SUCCESS``."""
+    for rec in read_records(root / staging / MANIFEST_DIR).values():
+        commit_shard(root, rec, run_id)
+    write_contract(root, contract)
+    write_success(root, summary)
+    shutil.rmtree(root / STAGING, ignore_errors=True)
+
+
+def commit_shard(root: Path, record: ShardRecord, run_id: str) -> bool:
+    """Delta: add one finished shard's file (``run_date=<date>/part-….parquet``) to the
+    table as one transaction; False when it was committed already."""
+    from lepton_batch.delta import commit_file
+
+    partition = {PARTITION_COLUMN: Path(record.part).parent.name.partition("=")[2]}
+    done = commit_file(str(root), record.part, partition, record.rows, app_id=run_id)
+    checkpoint("delta-committed")
+    return done
 
 
 def output_problem(root: Path, mode: str, contract: dict) -> str | None:

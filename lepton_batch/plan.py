@@ -133,6 +133,13 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
         problems.append(problem)
     if output_root is not None and (problem := _overlap(inp.path, output_root, files)):
         problems.append(problem)
+    if job.output.format == "delta":
+        from lepton_batch.delta import require_deltalake
+
+        try:
+            require_deltalake()
+        except ImportError as exc:
+            problems.append(f"output.format: {exc}")
     schema = None
     if pipeline is not None and not problems:
         try:

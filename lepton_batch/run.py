@@ -24,7 +24,16 @@ from lepton_batch.faults import checkpoint
 from lepton_batch.incremental import RowPlan, plan_rows
 from lepton_batch.lock import output_lock
 from lepton_batch.manifest import ShardRecord
-from lepton_batch.output import PARTS_GLOB, init_output, prepare_output, publish, run_dir
+from lepton_batch.output import (
+    PARTITION_COLUMN,
+    commit_delta,
+    commit_shard,
+    init_output,
+    prepare_output,
+    publish,
+    published_parts,
+    run_dir,
+)
 from lepton_batch.plan import Plan
 from lepton_batch.runner import RunContext
 from lepton_batch.spec import JobSpec
@@ -148,6 +157,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
     run_id = now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     root = plan.output_root
     mode = job.output.mode
+    delta = job.output.format == "delta"
     shard_fps = {s.fingerprint for s in plan.shards}
     init_output(root)
     with output_lock(root, run_id):
@@ -159,7 +169,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
         if mode == "incremental":
             rows_plan = plan_rows(plan.shards, plan.schema.field(job.input.id_column),
                                   plan.task_columns, plan.job_fingerprint,
-                                  sorted(root.glob(PARTS_GLOB)))
+                                  published_parts(root))
             shard_fps = set(rows_plan.rows)  # the shards publish waits for
         todo = [s for s in plan.shards if s.fingerprint in shard_fps and s.fingerprint not in done]
         result = RunResult(run_id=run_id, planned=len(plan.shards),
@@ -173,7 +183,9 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
             job = job.model_copy(update={"engine": engine})
         ctx = RunContext(run_id=run_id, job_fingerprint=plan.job_fingerprint, output_root=root,
                          staging=staging, model=plan.model, settings=plan.settings,
-                         schema=plan.schema, file_metadata=_file_metadata(plan, run_id))
+                         schema=plan.schema, file_metadata=_file_metadata(plan, run_id),
+                         delta_partition=f"{PARTITION_COLUMN}={result.run_date}" if delta
+                         else None)
 
         def started_cluster(dashboard: str | None) -> None:
             result.dashboard = dashboard
@@ -181,6 +193,8 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
                 on_start(result)
 
         def finished(record: ShardRecord) -> None:
+            if delta:  # one Delta transaction per shard, as soon as it is done
+                commit_shard(root, record, run_id)
             result.records.append(record)
             checkpoint("shard-recorded")
             if on_shard:
@@ -200,8 +214,11 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
         result.seconds = time.perf_counter() - started
         if result.ok:
             result.published = True
-            publish(root, staging, shard_fps, plan.job_fingerprint, mode, result.run_date,
-                    run_id, result.summary(plan), plan.contract)
+            if delta:
+                commit_delta(root, staging, run_id, result.summary(plan), plan.contract)
+            else:
+                publish(root, staging, shard_fps, plan.job_fingerprint, mode, result.run_date,
+                        run_id, result.summary(plan), plan.contract)
     checkpoint("published")
     try:
         _write_report(report, result.summary(plan))

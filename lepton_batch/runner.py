@@ -45,6 +45,9 @@ class RunContext:
     model: ModelInfo
     settings: Settings  # resolved from the job and the model directory (plan.settings)
     schema: pa.Schema  # the output's columns, the same for every part (plan.schema)
+    # output.format delta: the partition (run_date=...) workers write into; the driver
+    # commits each file. None: parts wait in ``staging`` for the run's publish.
+    delta_partition: str | None = None
     file_metadata: dict[str, str] = field(default_factory=dict)
 
     def engine_config(self, job: JobSpec, head: str) -> EngineConfig:
@@ -162,13 +165,16 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
     schema = ctx.schema.with_metadata({"lepton_batch": json.dumps(meta)})
     columns_out = {c: table[c].cast(schema.field(c).type)
                    for c in (inp.id_column, *inp.passthrough_columns)}
-    columns_out |= computed
+    columns_out |= {name: arr.cast(schema.field(name).type) for name, arr in computed.items()}
     columns_out["content_hash"] = hashes
     columns_out["job_fingerprint"] = pa.array([ctx.job_fingerprint] * n, pa.string())
     columns_out["run_id"] = pa.array([ctx.run_id] * n, pa.string())
     out = pa.table(columns_out, schema=schema)
 
-    rel = Path(ctx.staging) / shard.part_name  # published later, when the whole run is done
+    if ctx.delta_partition:  # invisible to Delta readers until the driver commits it
+        rel = Path(ctx.delta_partition) / f"part-{shard.fingerprint}-{ctx.run_id}.parquet"
+    else:  # published later, when the whole run is done
+        rel = Path(ctx.staging) / shard.part_name
     codec = None if job.output.compression == "none" else job.output.compression
     checkpoint("shard-computed")
     write_atomic(ctx.output_root / rel, lambda fh: pq.write_table(out, fh, compression=codec))

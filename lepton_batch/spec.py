@@ -273,6 +273,10 @@ class OutputSpec(_Strict):
     # incremental: a history; each run computes only rows whose (id, content_hash) has no
     # output under the job fingerprint and adds them as partition run_date=<run date>.
     mode: Literal["overwrite", "resume", "incremental", "error_if_exists"] = "resume"
+    # parquet: a Hive-partitioned Parquet dataset. delta: a Delta Lake table (needs the
+    # `delta` extra) whose files the driver commits one shard per transaction; mode
+    # incremental only, since a Delta table is a history of commits.
+    format: Literal["parquet", "delta"] = "parquet"
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
 
@@ -307,6 +311,9 @@ class JobSpec(_Strict):
         clash = sorted(set(self.input.passthrough_columns) & reserved)
         if clash:
             raise ValueError(f"input.passthrough_columns may not include {clash}")
+        if self.output.format == "delta" and self.output.mode != "incremental":
+            raise ValueError(f"output.format delta appends each shard as a Delta commit; set "
+                             f"output.mode: incremental (got {self.output.mode})")
         if self.model.quantization == "int8" and self.task.uses_template:
             raise ValueError(f"model.quantization int8 is for embed and classify; "
                              f"kind: {self.task.kind} runs in model.dtype")
