@@ -221,7 +221,7 @@ def _preview(plan, n: int = 5) -> Table:
     from lepton_batch.incremental import scan_output
     from lepton_batch.output import published_parts
 
-    df = scan_output(published_parts(plan.output_root)).head(n).collect()
+    df = scan_output(published_parts(plan.output_root)[:1]).head(n).collect()
     table = Table(title=f"first {min(n, df.height)} rows of the output")
     cols = [c for c in df.columns if c not in ("labels", "scores", "num_tokens", "truncated")]
     for c in cols:
@@ -247,7 +247,7 @@ def _label_counts(plan) -> Table:
     from lepton_batch.incremental import scan_output
     from lepton_batch.output import published_parts
 
-    df = (scan_output(published_parts(plan.output_root))
+    df = (scan_output(published_parts(plan.output_root), ["label", "score"])
           .group_by("label").agg(pl.len().alias("rows"), pl.col("score").mean().alias("mean"))
           .sort("rows", descending=True).collect())
     table = Table(title="rows per label (top 1)")

@@ -94,10 +94,13 @@ def _run_shard(shard: Shard, job: JobSpec, ctx: RunContext, rows: np.ndarray | N
 
 
 @contextlib.contextmanager
-def optional_performance_report(filename: Path) -> Iterator[None]:
+def optional_performance_report(filename: Path | None) -> Iterator[None]:
     """Dask's performance report around the block, if it can be made: the report is a nice
     to have, so a failure to start or save it (bokeh missing, say) is a warning, never an
-    error that hides a finished run."""
+    error that hides a finished run. ``filename`` None: no report."""
+    if filename is None:
+        yield
+        return
     try:
         report = performance_report(filename=str(filename))
         report.__enter__()
@@ -118,20 +121,21 @@ def optional_performance_report(filename: Path) -> Iterator[None]:
             log.warning("could not save the Dask performance report %s: %s", filename, exc)
 
 
-def run_shards(todo: list[Shard], job: JobSpec, ctx: RunContext, report_dir: Path,
+def run_shards(todo: list[Shard], job: JobSpec, ctx: RunContext, report_file: Path | None,
                on_start: Callable[[str | None], None],
                on_record: Callable[[ShardRecord], None],
                on_failure: Callable[[str, str], None],
                rows: dict[str, np.ndarray] | None = None) -> None:
     """Submit one task per shard and report each record (or failure) as it finishes.
 
-    ``on_start(dashboard_link)`` is called once the cluster is up. ``rows``: shard
+    ``on_start(dashboard_link)`` is called once the cluster is up; ``report_file``: where
+    Dask's performance report goes (a local path), or None. ``rows``: shard
     fingerprint -> the positions to compute in that shard (mode incremental); None: all.
     """
     with open_client(job.cluster) as client:
         checkpoint("cluster-started")
         on_start(client.dashboard_link)
-        with optional_performance_report(report_dir / "dask-report.html"):
+        with optional_performance_report(report_file):
             futures = [
                 client.submit(_run_shard, shard, job, ctx,
                               None if rows is None else rows[shard.fingerprint],

@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from lepton_batch.shards import InputReadError, Shard, read_shard
+from lepton_batch.store import OutputPath
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +84,23 @@ class RowPlan:
         return sum(len(r) for r in self.rows.values())
 
 
-def scan_output(parts: list[Path]):
+def scan_output(parts: list[OutputPath], columns: list[str] | None = None):
     """A polars LazyFrame over published part files, with ``run_date`` (a date) from the
-    Hive partition each lies in."""
+    Hive partition each lies in. ``columns``: what an object-store read fetches (local
+    files are scanned lazily, so only what the query uses is read anyway)."""
     import polars as pl
 
-    return pl.scan_parquet([str(p) for p in parts], hive_partitioning=True)
+    if not parts or isinstance(parts[0], Path):
+        return pl.scan_parquet([str(p) for p in parts], hive_partitioning=True)
+    # polars' object-store reader takes other option names than fsspec; read the few
+    # columns through the fsspec filesystem that wrote them.
+    tables = []
+    for p in parts:
+        table = pq.read_table(p.path, columns=columns, filesystem=p.fs)
+        day = date.fromisoformat(p.parent.name.partition("=")[2])
+        tables.append(table.append_column("run_date", pa.array([day] * table.num_rows,
+                                                                  pa.date32())))
+    return pl.from_arrow(pa.concat_tables(tables)).lazy()
 
 
 def latest_rows(frame, id_column: str):
@@ -99,7 +113,7 @@ def latest_rows(frame, id_column: str):
 
 
 def plan_rows(shards: list[Shard], id_field: pa.Field, columns: list[str], job_fp: str,
-              parts: list[Path]) -> RowPlan:
+              parts: list[OutputPath]) -> RowPlan:
     """The input rows an incremental run computes: those whose (id, content_hash) is not
     the id's current output row under ``job_fp`` (polars: a lazy scan of the published
     ``parts``, then an anti-join). Reads only the id and hashed columns of the input.
@@ -133,7 +147,8 @@ def plan_rows(shards: list[Shard], id_field: pa.Field, columns: list[str], job_f
     if not parts or inputs.is_empty():
         todo = inputs
     else:
-        latest = latest_rows(scan_output(parts), idc).select(
+        columns = [idc, "content_hash", "job_fingerprint", "run_id"]
+        latest = latest_rows(scan_output(parts, columns), idc).select(
             idc, "content_hash", "job_fingerprint").collect()
         done = latest.filter(pl.col("job_fingerprint") == job_fp).select(idc, "content_hash")
         todo = inputs.join(done, on=[idc, "content_hash"], how="anti")

@@ -13,10 +13,10 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 from lepton_batch.faults import checkpoint
+from lepton_batch.store import OutputPath, RemotePath
 
 MANIFEST_DIR = "_manifest"
 log = logging.getLogger(__name__)
@@ -49,13 +49,25 @@ class ShardRecord:
     deduplicated_rows: int = 0  # rows that took the result of an identical row
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def write_atomic(path: OutputPath, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(fh)`` on a temporary file in ``path``'s folder, fsync, rename into place.
 
     Readers never see half a file. A failed write (disk full, say) removes its temporary
     file and re-raises; only a killed process can leave a hidden ``.tmp-*`` behind, and the
-    next run removes it.
+    next run removes it. On an object store the object is written in place: it becomes
+    visible only when its upload completes.
     """
+    if isinstance(path, RemotePath):
+        fh = path.open("wb")
+        try:
+            write(fh)
+            checkpoint("write-before-rename")
+        except BaseException:
+            fh.discard()  # abort the upload: closing would publish half a file
+            fh.closed = True  # and do not let the file's finaliser close it either
+            raise
+        fh.close()
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
@@ -70,13 +82,13 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
-def write_record(manifest_dir: Path, record: ShardRecord) -> None:
+def write_record(manifest_dir: OutputPath, record: ShardRecord) -> None:
     """Write ``record`` as ``<manifest_dir>/<shard fingerprint>.json`` (atomically)."""
     blob = json.dumps(asdict(record), indent=1).encode()
     write_atomic(manifest_dir / f"{record.shard_fingerprint}.json", lambda fh: fh.write(blob))
 
 
-def read_record(path: Path) -> ShardRecord | None:
+def read_record(path: OutputPath) -> ShardRecord | None:
     """One record, or None (with a warning) when it is unreadable or from another version."""
     try:
         return ShardRecord(**json.loads(path.read_text()))
@@ -85,7 +97,7 @@ def read_record(path: Path) -> ShardRecord | None:
         return None
 
 
-def read_records(manifest_dir: Path) -> dict[str, ShardRecord]:
+def read_records(manifest_dir: OutputPath) -> dict[str, ShardRecord]:
     """Every readable record in ``manifest_dir``, keyed by shard fingerprint (reads only)."""
     if not manifest_dir.is_dir():
         return {}

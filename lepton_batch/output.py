@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +40,7 @@ from lepton_batch.manifest import (
     write_atomic,
     write_record,
 )
+from lepton_batch.store import OutputPath, RemotePath, fsync_dir, move, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,14 @@ class OutputError(ValueError):
     """The output directory cannot be used as asked."""
 
 
-def _is_ours(root: Path) -> bool:
+def _is_ours(root: OutputPath) -> bool:
     return any((root / name).exists() for name in _OURS) or any(root.glob(PARTITION_GLOB))
 
 
-def check_output_dir(root: Path) -> str | None:
+def check_output_dir(root: OutputPath) -> str | None:
     """Why ``root`` cannot hold this job's output, or None when it can."""
+    if isinstance(root, RemotePath):
+        return _check_remote(root)
     if root.exists() and not root.is_dir():
         return f"output.path: {root} is a file, not a directory"
     existing = next(p for p in (root, *root.parents) if p.exists())
@@ -80,16 +82,32 @@ def check_output_dir(root: Path) -> str | None:
     return None
 
 
-def has_published(root: Path) -> bool:
+def _check_remote(root: RemotePath) -> str | None:
+    """An object-store root: its bucket must be reachable, the prefix ours or empty."""
+    bucket = root.path.split("/", 1)[0]
+    try:
+        reachable = root.fs.exists(bucket)
+        busy = root.is_dir() and any(root.iterdir()) and not _is_ours(root)
+    except (OSError, ValueError) as exc:  # no credentials, no endpoint, denied
+        return f"output.path: cannot reach {root}: {type(exc).__name__}: {exc}"
+    if not reachable:
+        return f"output.path: bucket {bucket!r} of {root} does not exist (or is not visible)"
+    if busy:
+        return (f"output.path: {root} is not empty and holds no lepton-batch output; "
+                "choose an empty or new prefix")
+    return None
+
+
+def has_published(root: OutputPath) -> bool:
     """Whether ``root`` holds a published dataset (a finished run, or parts of one)."""
     return (root / SUCCESS).exists() or bool(published_parts(root))
 
 
-def is_delta(root: Path) -> bool:
+def is_delta(root: OutputPath) -> bool:
     return (root / DELTA_LOG).is_dir()
 
 
-def published_parts(root: Path) -> list[Path]:
+def published_parts(root: OutputPath) -> list[OutputPath]:
     """The part files readers see: a Delta table's committed files, else every
     ``run_date=*/*.parquet``."""
     if is_delta(root):
@@ -99,7 +117,7 @@ def published_parts(root: Path) -> list[Path]:
     return sorted(root.glob(PARTS_GLOB))
 
 
-def init_output(root: Path) -> None:
+def init_output(root: OutputPath) -> None:
     """Create ``root`` and mark it as ours first thing, so that whatever a killed run leaves
     behind, the same command accepts the directory again."""
     problem = check_output_dir(root)
@@ -118,20 +136,20 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _inside(root: Path, rel: str) -> Path | None:
+def _inside(root: OutputPath, rel: str) -> OutputPath | None:
     """``root / rel`` if it stays inside ``root`` (a record's path is never trusted)."""
     path = (root / rel).resolve()
     return path if path.is_relative_to(root.resolve()) else None
 
 
-def _remove_temp_files(folder: Path) -> None:
+def _remove_temp_files(folder: OutputPath) -> None:
     """Hidden ``.tmp-*`` files a killed writer left (write_atomic names them so)."""
     for tmp in folder.rglob(".*.tmp-*"):
         if tmp.is_file():
             tmp.unlink()
 
 
-def published_records(root: Path, shard_fps: set[str], job_fp: str,
+def published_records(root: OutputPath, shard_fps: set[str], job_fp: str,
                       records: dict[str, ShardRecord] | None = None) -> dict[str, ShardRecord]:
     """Published records of planned shards, made by this job, whose part file is there.
 
@@ -148,7 +166,7 @@ def published_records(root: Path, shard_fps: set[str], job_fp: str,
     return keep
 
 
-def prepare_staging(root: Path, mode: str, job_fp: str, shard_fps: set[str], run_id: str,
+def prepare_staging(root: OutputPath, mode: str, job_fp: str, shard_fps: set[str], run_id: str,
                     delta: bool = False) -> tuple[str, dict[str, ShardRecord]]:
     """The staging folder for this job (relative to root) and the shards already in it.
 
@@ -169,7 +187,7 @@ def prepare_staging(root: Path, mode: str, job_fp: str, shard_fps: set[str], run
     if base.is_dir():
         for child in base.iterdir():
             if child != folder or not reuse:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+                remove_tree(child) if child.is_dir() else child.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     if not reuse:
         blob = json.dumps({"mode": mode, "job_fingerprint": job_fp, "run_id": run_id,
@@ -194,7 +212,7 @@ def prepare_staging(root: Path, mode: str, job_fp: str, shard_fps: set[str], run
     return f"{STAGING}/{job_fp}", staged
 
 
-def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str, run_id: str,
+def prepare_output(root: OutputPath, mode: str, shard_fps: set[str], job_fp: str, run_id: str,
                    contract: dict) -> tuple[str, dict[str, ShardRecord]]:
     """Make ``root`` ready for a run (the caller holds the lock).
 
@@ -235,7 +253,7 @@ def prepare_output(root: Path, mode: str, shard_fps: set[str], job_fp: str, run_
     return staging, done | staged
 
 
-def _remove_uncommitted(root: Path, keep: set[str]) -> None:
+def _remove_uncommitted(root: OutputPath, keep: set[str]) -> None:
     """Delta: delete files in the partitions that no commit and no staged record names (a
     killed worker's part); invisible to Delta readers, but not to a plain Parquet glob."""
     live = {str(p.relative_to(root)) for p in published_parts(root)} | keep
@@ -245,7 +263,8 @@ def _remove_uncommitted(root: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def commit_delta(root: Path, staging: str, run_id: str, summary: dict, contract: dict) -> None:
+def commit_delta(root: OutputPath, staging: str, run_id: str, summary: dict,
+                 contract: dict) -> None:
     """Delta: commit every staged shard's file (a rerun after a crash commits what the
     killed run wrote but had not committed; one already committed is skipped), then state
     the contract and write ``_SUCCESS``."""
@@ -253,10 +272,10 @@ def commit_delta(root: Path, staging: str, run_id: str, summary: dict, contract:
         commit_shard(root, rec, run_id)
     write_contract(root, contract)
     write_success(root, summary)
-    shutil.rmtree(root / STAGING, ignore_errors=True)
+    remove_tree(root / STAGING)
 
 
-def commit_shard(root: Path, record: ShardRecord, run_id: str) -> bool:
+def commit_shard(root: OutputPath, record: ShardRecord, run_id: str) -> bool:
     """Delta: add one finished shard's file (``run_date=<date>/part-….parquet``) to the
     table as one transaction; False when it was committed already."""
     from lepton_batch.delta import commit_file
@@ -267,7 +286,7 @@ def commit_shard(root: Path, record: ShardRecord, run_id: str) -> bool:
     return done
 
 
-def output_problem(root: Path, mode: str, contract: dict) -> str | None:
+def output_problem(root: OutputPath, mode: str, contract: dict) -> str | None:
     """Why the output cannot take this run as it stands, or None: mode error_if_exists on a
     published dataset, or a schema or layout that differs from ``_schema.json``."""
     published = has_published(root)
@@ -277,12 +296,12 @@ def output_problem(root: Path, mode: str, contract: dict) -> str | None:
     return contract_problem(root, contract, mode, published)
 
 
-def write_contract(root: Path, contract: dict) -> None:
+def write_contract(root: OutputPath, contract: dict) -> None:
     blob = json.dumps(contract, indent=1).encode()
     write_atomic(root / SCHEMA_FILE, lambda fh: fh.write(blob))
 
 
-def publish(root: Path, staging: str, shard_fps: set[str], job_fp: str, mode: str,
+def publish(root: OutputPath, staging: str, shard_fps: set[str], job_fp: str, mode: str,
             run_date: str, run_id: str, summary: dict, contract: dict) -> None:
     """Move the staged parts into ``run_date=<run_date>/`` and (snapshot modes) drop what the
     new dataset no longer holds, through a journal, then write ``_SUCCESS``.
@@ -315,7 +334,7 @@ def publish(root: Path, staging: str, shard_fps: set[str], job_fp: str, mode: st
         drop = sorted(set(published) - set(keep) - set(staged))
     if not (moves or deletes or drop) and (root / SUCCESS).exists() and (
             read_contract(root) == contract):
-        shutil.rmtree(root / STAGING, ignore_errors=True)
+        remove_tree(root / STAGING)
         return  # the published dataset is already this one
     journal = {"staging": staging, "job_fingerprint": job_fp, "moves": moves,
                "deletes": deletes, "drop_records": drop, "success": summary,
@@ -326,7 +345,7 @@ def publish(root: Path, staging: str, shard_fps: set[str], job_fp: str, mode: st
     _carry_out(root, journal)
 
 
-def roll_forward(root: Path) -> dict | None:
+def roll_forward(root: OutputPath) -> dict | None:
     """Finish a publish that a crash interrupted (every step is idempotent); return its
     journal, or None when there was nothing to finish."""
     path = root / JOURNAL
@@ -338,7 +357,7 @@ def roll_forward(root: Path) -> dict | None:
     return journal
 
 
-def _carry_out(root: Path, journal: dict) -> None:
+def _carry_out(root: OutputPath, journal: dict) -> None:
     (root / SUCCESS).unlink(missing_ok=True)
     staged_records = root / journal["staging"] / MANIFEST_DIR
     for fp, src, dst in journal["moves"]:
@@ -346,7 +365,7 @@ def _carry_out(root: Path, journal: dict) -> None:
         assert source is not None and target is not None, f"journal path leaves {root}"
         if source.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
+            move(source, target)
         staged = staged_records / f"{fp}.json"
         if staged.is_file():
             rec = read_record(staged)
@@ -368,30 +387,22 @@ def _carry_out(root: Path, journal: dict) -> None:
     checkpoint("publish-before-success")
     write_success(root, journal["success"])
     checkpoint("success-written")
-    shutil.rmtree(root / STAGING, ignore_errors=True)
-    _fsync_dir(root)
+    remove_tree(root / STAGING)
+    fsync_dir(root)
     (root / JOURNAL).unlink()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_success(root: Path, summary: dict) -> None:
+def write_success(root: OutputPath, summary: dict) -> None:
     blob = json.dumps(summary, indent=1).encode()
     write_atomic(root / SUCCESS, lambda fh: fh.write(blob))
 
 
-def staged_count(root: Path) -> int:
+def staged_count(root: OutputPath) -> int:
     """Shards computed by an unfinished run and not yet published (for ``status``)."""
     return sum(1 for _ in (root / STAGING).glob(f"*/{MANIFEST_DIR}/*.json"))
 
 
-def run_dir(root: Path, run_id: str) -> Path:
+def run_dir(root: OutputPath, run_id: str) -> OutputPath:
     path = root / RUNS_DIR / run_id
     path.mkdir(parents=True, exist_ok=True)
     return path

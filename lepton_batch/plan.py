@@ -25,8 +25,10 @@ from lepton_batch.shards import (
     check_columns,
     describe_files,
     plan_shards,
+    redact,
 )
 from lepton_batch.spec import JobSpec, JobSpecError, fill_path
+from lepton_batch.store import OutputPath, RemotePath, is_remote_url, remote_root
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class Plan:
     files: list[InputFile]
     shards: list[Shard]
     job_fingerprint: str
-    output_root: Path
+    output_root: OutputPath  # a local directory, or a RemotePath on an object store
     settings: Settings  # max_length, pooling, ...: from the job, else the model directory
     schema: pa.Schema  # the output's columns (the schema contract, see contract.py)
     run_date: date  # the run's partition, and what {run_date} in input.path means
@@ -56,10 +58,13 @@ class Plan:
         return contract_document(self.job, self.schema)
 
 
-def resolve_output_root(path: str) -> Path:
-    """A local directory; URLs other than ``file://`` are refused for now."""
-    if "://" in path and not path.startswith("file://"):
-        raise ValueError(f"output.path: only local directories are supported, got {path!r}")
+def resolve_output_root(path: str, storage_options: dict | None = None) -> OutputPath:
+    """A local directory, or a :class:`RemotePath` for an fsspec URL (``s3://...``)."""
+    if is_remote_url(path):
+        try:
+            return remote_root(path, storage_options)
+        except (ImportError, ValueError) as exc:  # an unknown protocol, s3fs not installed
+            raise ValueError(f"output.path: {redact(path)}: {exc}") from None
     return Path(path.removeprefix("file://")).expanduser().resolve()
 
 
@@ -126,7 +131,7 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
                                   inp.passthrough_columns)
     output_root = None
     try:
-        output_root = resolve_output_root(job.output.path)
+        output_root = resolve_output_root(job.output.path, job.output.storage_options)
     except ValueError as exc:
         problems.append(str(exc))
     if output_root is not None and (problem := check_output_dir(output_root)):
@@ -183,8 +188,11 @@ def _input_dir(path: str) -> Path | None:
     return local if local.is_dir() else None
 
 
-def _overlap(input_path: str, output_root: Path, files: list[InputFile]) -> str | None:
+def _overlap(input_path: str, output_root: OutputPath, files: list[InputFile]) -> str | None:
     """Why input and output may not share a tree: either would read or delete the other."""
+    if isinstance(output_root, RemotePath):
+        inside = [f.path for f in files if f.path.startswith(output_root.uri + "/")]
+        return f"output.path: {output_root} contains input file {inside[0]}" if inside else None
     for f in files:
         if "://" not in f.path and Path(f.path).resolve().is_relative_to(output_root):
             return f"output.path: {output_root} contains input file {f.path}"

@@ -37,6 +37,7 @@ from lepton_batch.output import (
 from lepton_batch.plan import Plan
 from lepton_batch.runner import RunContext
 from lepton_batch.spec import JobSpec
+from lepton_batch.store import OutputPath
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def _default_threads(job: JobSpec) -> int | None:
     return max(1, (os.cpu_count() or 1) // job.cluster.n_workers)
 
 
-def _write_report(report_dir: Path, summary: dict) -> None:
+def _write_report(report_dir: OutputPath, summary: dict) -> None:
     (report_dir / "report.json").write_text(json.dumps(summary, indent=1))
 
 
@@ -205,7 +206,9 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
             log.error("shard %s failed: %s", key, cause)
 
         if todo:
-            run_shards(todo, job, ctx, report, started_cluster, finished, failed,
+            # Dask writes its report to a local file; an object-store output goes without.
+            dask_report = report / "dask-report.html" if isinstance(report, Path) else None
+            run_shards(todo, job, ctx, dask_report, started_cluster, finished, failed,
                        rows=rows_plan.rows if rows_plan else None)
         else:
             started_cluster(None)

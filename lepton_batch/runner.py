@@ -29,6 +29,7 @@ from lepton_batch.pipelines import Pipeline, make_pipeline
 from lepton_batch.settings import Settings
 from lepton_batch.shards import Shard, read_shard, redact
 from lepton_batch.spec import JobSpec
+from lepton_batch.store import OutputPath
 
 if TYPE_CHECKING:
     from lepton_batch.engine.decoder import Decoder
@@ -40,7 +41,7 @@ class RunContext:
 
     run_id: str
     job_fingerprint: str
-    output_root: Path
+    output_root: OutputPath  # a local directory or a RemotePath (picklable either way)
     staging: str  # folder under output_root where this run's parts wait for publish
     model: ModelInfo
     settings: Settings  # resolved from the job and the model directory (plan.settings)

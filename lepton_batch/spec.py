@@ -266,7 +266,12 @@ class QualitySpec(_Strict):
 
 
 class OutputSpec(_Strict):
+    # A local directory, or an fsspec URL (s3://bucket/prefix, gs://, abfs://, ...).
     path: str
+    # Options for the URL's filesystem (s3fs: key, secret, client_kwargs.endpoint_url, ...).
+    # Credentials are better left to the environment (AWS_ACCESS_KEY_ID, ...); either way
+    # they are never logged or written into metadata and reports.
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     # resume: the output is a snapshot of the input; finished shards are not recomputed.
     # overwrite: recompute everything and replace the snapshot.
     # error_if_exists: refuse an output that already holds a published dataset.
@@ -311,6 +316,12 @@ class JobSpec(_Strict):
         clash = sorted(set(self.input.passthrough_columns) & reserved)
         if clash:
             raise ValueError(f"input.passthrough_columns may not include {clash}")
+        if self.output.storage_options and "://" not in self.output.path:
+            raise ValueError("output.storage_options apply to a URL output.path (s3://...)")
+        if self.output.format == "delta" and "://" in self.output.path and not (
+                self.output.path.startswith("file://")):
+            raise ValueError("output.format delta writes to a local directory for now; an "
+                             "object store needs a Delta locking provider")
         if self.output.format == "delta" and self.output.mode != "incremental":
             raise ValueError(f"output.format delta appends each shard as a Delta commit; set "
                              f"output.mode: incremental (got {self.output.mode})")
