@@ -21,22 +21,18 @@ from rich.table import Table
 
 from lepton_batch.contract import SCHEMA_FILE, read_contract, schema_of
 from lepton_batch.incremental import latest_rows, scan_output
-from lepton_batch.manifest import MANIFEST_DIR
 from lepton_batch.output import (
-    JOURNAL,
     LOCK,
     MARKER,
-    PARTITION_GLOB,
     RUNS_DIR,
-    STAGING,
     SUCCESS,
+    is_ours,
     published_parts,
     staged_count,
 )
 
 SAMPLE_ROWS = 5  # sample rows shown by inspect when --rows is not given
 SQL_ROWS = 100  # result rows shown for --sql when --rows is not given
-_OURS = (MARKER, SCHEMA_FILE, SUCCESS, RUNS_DIR, MANIFEST_DIR, STAGING, JOURNAL)
 
 
 class InspectError(ValueError):
@@ -45,8 +41,7 @@ class InspectError(ValueError):
 
 def is_output(root: Path) -> bool:
     """Whether ``root`` is a directory lepton-batch wrote (or is writing) an output to."""
-    return root.is_dir() and (any((root / name).exists() for name in _OURS)
-                              or any(root.glob(PARTITION_GLOB)))
+    return root.is_dir() and is_ours(root)
 
 
 def check_output(root: Path) -> None:

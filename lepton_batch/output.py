@@ -61,7 +61,7 @@ class OutputError(ValueError):
     """The output directory cannot be used as asked."""
 
 
-def _is_ours(root: OutputPath) -> bool:
+def is_ours(root: OutputPath) -> bool:
     return any((root / name).exists() for name in _OURS) or any(root.glob(PARTITION_GLOB))
 
 
@@ -76,7 +76,7 @@ def check_output_dir(root: OutputPath) -> str | None:
         return f"output.path: cannot create {root}: {existing} is a file"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"output.path: cannot create or write {root}: {existing} is not writable"
-    if root.is_dir() and any(root.iterdir()) and not _is_ours(root):
+    if root.is_dir() and any(root.iterdir()) and not is_ours(root):
         return (f"output.path: {root} is not empty and holds no lepton-batch output; "
                 "choose an empty or new directory")
     return None
@@ -87,7 +87,7 @@ def _check_remote(root: RemotePath) -> str | None:
     bucket = root.path.split("/", 1)[0]
     try:
         reachable = root.fs.exists(bucket)
-        busy = root.is_dir() and any(root.iterdir()) and not _is_ours(root)
+        busy = root.is_dir() and any(root.iterdir()) and not is_ours(root)
     except (OSError, ValueError) as exc:  # no credentials, no endpoint, denied
         return f"output.path: cannot reach {root}: {type(exc).__name__}: {exc}"
     if not reachable:
@@ -224,6 +224,9 @@ def prepare_output(root: OutputPath, mode: str, shard_fps: set[str], job_fp: str
     mode forbids this run (see contract.py).
     """
     finished = roll_forward(root)
+    problem = output_problem(root, mode, contract)
+    if problem:
+        raise OutputError(problem)
     delta = contract.get("output_format") == "delta"
     if delta:
         from lepton_batch.delta import ensure_table
@@ -232,9 +235,6 @@ def prepare_output(root: OutputPath, mode: str, shard_fps: set[str], job_fp: str
             ensure_table(str(root), schema_of(contract), [PARTITION_COLUMN])
         except ValueError as exc:
             raise OutputError(f"output.path: the Delta table at {root}: {exc}") from None
-    problem = output_problem(root, mode, contract)
-    if problem:
-        raise OutputError(problem)
     if read_contract(root) is None:
         write_contract(root, contract)
     for folder in (root / MANIFEST_DIR, *root.glob(PARTITION_GLOB)):
