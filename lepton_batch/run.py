@@ -155,7 +155,8 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
     job = plan.job
     started = time.perf_counter()
     now = datetime.now(timezone.utc)
-    run_id = now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    # Sorts by start time to the millisecond: "newest row per id" orders runs by it.
+    run_id = f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}-{uuid.uuid4().hex[:6]}"
     root = plan.output_root
     mode = job.output.mode
     delta = job.output.format == "delta"
