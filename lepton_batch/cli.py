@@ -142,8 +142,8 @@ def validate(
     rows and an estimate of the tokens to run; then the settings (max_length, pooling,
     normalize, prompt, lowercase) with where each came from: the job, the model directory
     or lepton-batch's default; then the output schema every part file will have (the
-    contract written to _schema.json). Warns when a job value contradicts the model's, or an
-    id value repeats.
+    contract written to _schema.json); in mode incremental, how many rows a submit now would
+    compute. Warns when a job value contradicts the model's, or an id value repeats.
     """
     _setup_logging(False)
     # The settings warnings are printed below, with the settings table; not twice.
@@ -163,6 +163,8 @@ def validate(
         total, mean = estimate_tokens(plan)
         table.add_row("tokens (estimate)", f"~{total:,} ({mean:.1f} per row, after truncation "
                       f"to {plan.settings.max_length})")
+    if plan.job.output.mode == "incremental":
+        _best_effort("the incremental row plan", _add_row_plan, table, plan)
     console.print(table)
     console.print(_settings_table(plan.settings, plan.job.task.uses_template))
     console.print(_schema_table(plan))
@@ -170,6 +172,18 @@ def validate(
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     _warn_duplicate_ids(plan)
     console.print("[green]job is valid[/]")
+
+
+def _add_row_plan(table: Table, plan) -> None:
+    """What a submit now would compute (read-only: the output may be in use)."""
+    from lepton_batch.incremental import plan_rows
+    from lepton_batch.output import published_parts
+
+    root = plan.output_root
+    rows = plan_rows(plan.shards, plan.schema.field(plan.job.input.id_column),
+                     plan.task_columns, plan.job_fingerprint,
+                     published_parts(root) if root.exists() else [])
+    table.add_row("incremental", rows.describe())
 
 
 def _settings_table(settings, causal: bool = False) -> Table:
@@ -308,9 +322,7 @@ def submit(
                     f"[yellow]new job fingerprint[/] {plan.job_fingerprint}: the output holds "
                     f"{', '.join(rows.previous_fingerprints)} (the model revision or task "
                     "settings changed), so every row is computed again")
-            console.print(f"incremental: {rows.input_rows:,} input rows, {rows.unchanged:,} "
-                          f"unchanged, {rows.to_compute:,} to compute in {len(rows.rows)} "
-                          f"shard(s); {rows.gone:,} id(s) with output are gone from the input")
+            console.print(f"incremental: {rows.describe()}")
         elif result.skipped:
             console.print(f"resume: {result.skipped} shard(s) already done, skipped")
         if result.skipped == result.planned:

@@ -83,6 +83,11 @@ class RowPlan:
     def to_compute(self) -> int:
         return sum(len(r) for r in self.rows.values())
 
+    def describe(self) -> str:
+        return (f"{self.input_rows:,} input rows, {self.unchanged:,} unchanged, "
+                f"{self.to_compute:,} to compute in {len(self.rows)} shard(s); {self.gone:,} "
+                "id(s) with output are gone from the input")
+
 
 def scan_output(parts: list[OutputPath], columns: list[str] | None = None):
     """A polars LazyFrame over published part files, with ``run_date`` (a date) from the

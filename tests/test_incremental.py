@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import sample_texts, write_job
+from typer.testing import CliRunner
 
+from lepton_batch.cli import app
 from lepton_batch.contract import SCHEMA_FILE
 from lepton_batch.incremental import content_hashes, first_occurrences
 from lepton_batch.output import OutputError
@@ -152,6 +154,11 @@ def test_nothing_changed_computes_nothing_and_new_fingerprint_recomputes(tmp_pat
     assert first.rows == 20 and again.rows == 0 and again.ok
     assert again.rows_plan.unchanged == 20 and not again.records
     assert not (tmp_path / "out" / f"run_date={NIGHTS[1]}").exists()
+    # validate says what a submit now would compute, without taking the lock
+    res = CliRunner().invoke(app, ["validate", str(tmp_path / "job.yaml"), "--no-estimate"],
+                             env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    assert "20 input rows, 20 unchanged, 0 to compute in 0 shard(s)" in res.output
     # A task setting that changes values is a new fingerprint: every row again, said so.
     changed = run_job(_plan(tmp_path, tiny_bert, NIGHTS[1], overrides=["task.normalize=true"]))
     assert changed.rows == 20
