@@ -64,12 +64,15 @@ RunDateOpt = Annotated[
 ]
 
 
+def _setup_light_logging(level: int = logging.WARNING) -> None:
+    """Log records to stderr through rich, without importing Dask (status and inspect of an
+    output read files only)."""
+    logging.basicConfig(level=level, format="%(message)s",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
-    )
+    _setup_light_logging(logging.INFO if verbose else logging.WARNING)
     import distributed  # noqa: F401  (configures its loggers on import; quiet them after)
 
     if not verbose:
@@ -95,7 +98,8 @@ def _load(job_file: Path, overrides: list[str] | None, run_date: str | None = No
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    # escaped: messages quote paths, columns and polars errors that hold [brackets]
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(code=2)
 
 
@@ -176,14 +180,7 @@ def validate(
 
 def _add_row_plan(table: Table, plan) -> None:
     """What a submit now would compute (read-only: the output may be in use)."""
-    from lepton_batch.incremental import plan_rows
-    from lepton_batch.output import published_parts
-
-    root = plan.output_root
-    rows = plan_rows(plan.shards, plan.schema.field(plan.job.input.id_column),
-                     plan.task_columns, plan.job_fingerprint,
-                     published_parts(root) if root.exists() else [])
-    table.add_row("incremental", rows.describe())
+    table.add_row("incremental", plan.row_plan().describe())
 
 
 def _settings_table(settings, causal: bool = False) -> Table:
@@ -441,13 +438,6 @@ def status(job_or_output: StatusArg, set_: SetOpt = None) -> None:
     console.print(table)
 
 
-def _setup_light_logging() -> None:
-    """Warnings to stderr, without importing Dask (status and inspect of an output read
-    files only)."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
-
-
 def _status_of_output(root: Path, overrides: list[str] | None) -> None:
     from lepton_batch.inspect import InspectError, status_tables
 
@@ -456,8 +446,8 @@ def _status_of_output(root: Path, overrides: list[str] | None) -> None:
         _fail(ValueError(f"--set applies to a job file; {root} is an output directory"))
     try:
         tables = status_tables(root)
-    except InspectError as exc:  # a polars message may hold [brackets]
-        _fail(ValueError(escape(str(exc))))
+    except InspectError as exc:
+        _fail(exc)
     for table in tables:
         console.print(table)
 
@@ -489,8 +479,8 @@ def inspect_output(
     _setup_light_logging()
     try:
         tables = inspect_tables(output, latest=latest, sql=sql, rows=rows)
-    except InspectError as exc:  # a polars message may hold [brackets]
-        _fail(ValueError(escape(str(exc))))
+    except InspectError as exc:
+        _fail(exc)
     for table in tables:
         console.print(table)
 

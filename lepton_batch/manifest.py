@@ -82,10 +82,15 @@ def write_atomic(path: OutputPath, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
+def write_json(path: OutputPath, value: object) -> None:
+    """``value`` as indented JSON at ``path``, atomically (see :func:`write_atomic`)."""
+    blob = json.dumps(value, indent=1).encode()
+    write_atomic(path, lambda fh: fh.write(blob))
+
+
 def write_record(manifest_dir: OutputPath, record: ShardRecord) -> None:
     """Write ``record`` as ``<manifest_dir>/<shard fingerprint>.json`` (atomically)."""
-    blob = json.dumps(asdict(record), indent=1).encode()
-    write_atomic(manifest_dir / f"{record.shard_fingerprint}.json", lambda fh: fh.write(blob))
+    write_json(manifest_dir / f"{record.shard_fingerprint}.json", asdict(record))
 
 
 def read_record(path: OutputPath) -> ShardRecord | None:

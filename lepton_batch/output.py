@@ -37,7 +37,7 @@ from lepton_batch.manifest import (
     ShardRecord,
     read_record,
     read_records,
-    write_atomic,
+    write_json,
     write_record,
 )
 from lepton_batch.store import OutputPath, RemotePath, fsync_dir, move, remove_tree
@@ -76,6 +76,11 @@ def check_output_dir(root: OutputPath) -> str | None:
         return f"output.path: cannot create {root}: {existing} is a file"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"output.path: cannot create or write {root}: {existing} is not writable"
+    return _foreign(root)
+
+
+def _foreign(root: OutputPath) -> str | None:
+    """Refuse a non-empty directory (or prefix) that lepton-batch did not write."""
     if root.is_dir() and any(root.iterdir()) and not is_ours(root):
         return (f"output.path: {root} is not empty and holds no lepton-batch output; "
                 "choose an empty or new directory")
@@ -86,16 +91,11 @@ def _check_remote(root: RemotePath) -> str | None:
     """An object-store root: its bucket must be reachable, the prefix ours or empty."""
     bucket = root.path.split("/", 1)[0]
     try:
-        reachable = root.fs.exists(bucket)
-        busy = root.is_dir() and any(root.iterdir()) and not is_ours(root)
+        if not root.fs.exists(bucket):
+            return f"output.path: bucket {bucket!r} of {root} does not exist (or is not visible)"
+        return _foreign(root)
     except (OSError, ValueError) as exc:  # no credentials, no endpoint, denied
         return f"output.path: cannot reach {root}: {type(exc).__name__}: {exc}"
-    if not reachable:
-        return f"output.path: bucket {bucket!r} of {root} does not exist (or is not visible)"
-    if busy:
-        return (f"output.path: {root} is not empty and holds no lepton-batch output; "
-                "choose an empty or new prefix")
-    return None
 
 
 def has_published(root: OutputPath) -> bool:
@@ -126,8 +126,7 @@ def init_output(root: OutputPath) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         if not (root / MARKER).exists():
-            blob = json.dumps({"format": 1, "created": _now()}).encode()
-            write_atomic(root / MARKER, lambda fh: fh.write(blob))
+            write_json(root / MARKER, {"format": 1, "created": _now()})
     except OSError as exc:
         raise OutputError(f"output.path: cannot write to {root}: {exc.strerror or exc}") from None
 
@@ -190,9 +189,8 @@ def prepare_staging(root: OutputPath, mode: str, job_fp: str, shard_fps: set[str
                 remove_tree(child) if child.is_dir() else child.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     if not reuse:
-        blob = json.dumps({"mode": mode, "job_fingerprint": job_fp, "run_id": run_id,
-                           "started": _now()}).encode()
-        write_atomic(info, lambda fh: fh.write(blob))
+        write_json(info, {"mode": mode, "job_fingerprint": job_fp, "run_id": run_id,
+                          "started": _now()})
     _remove_temp_files(folder)
     staged: dict[str, ShardRecord] = {}
     for f in sorted((folder / MANIFEST_DIR).glob("*.json")):
@@ -265,11 +263,12 @@ def _remove_uncommitted(root: OutputPath, keep: set[str]) -> None:
 
 def commit_delta(root: OutputPath, staging: str, run_id: str, summary: dict,
                  contract: dict) -> None:
-    """Delta: commit every staged shard's file (a rerun after a crash commits what the
-    killed run wrote but had not committed; one already committed is skipped), then state
-    the contract and write ``_SUCCESS``."""
+    """Delta: commit the staged shards an earlier, killed run wrote (this run committed its
+    own as each finished; one already committed is skipped), then state the contract and
+    write ``_SUCCESS``."""
     for rec in read_records(root / staging / MANIFEST_DIR).values():
-        commit_shard(root, rec, run_id)
+        if rec.run_id != run_id:
+            commit_shard(root, rec, run_id)
     write_contract(root, contract)
     write_success(root, summary)
     remove_tree(root / STAGING)
@@ -297,8 +296,7 @@ def output_problem(root: OutputPath, mode: str, contract: dict) -> str | None:
 
 
 def write_contract(root: OutputPath, contract: dict) -> None:
-    blob = json.dumps(contract, indent=1).encode()
-    write_atomic(root / SCHEMA_FILE, lambda fh: fh.write(blob))
+    write_json(root / SCHEMA_FILE, contract)
 
 
 def publish(root: OutputPath, staging: str, shard_fps: set[str], job_fp: str, mode: str,
@@ -339,8 +337,7 @@ def publish(root: OutputPath, staging: str, shard_fps: set[str], job_fp: str, mo
     journal = {"staging": staging, "job_fingerprint": job_fp, "moves": moves,
                "deletes": deletes, "drop_records": drop, "success": summary,
                "contract": contract}
-    blob = json.dumps(journal, indent=1).encode()
-    write_atomic(root / JOURNAL, lambda fh: fh.write(blob))
+    write_json(root / JOURNAL, journal)
     checkpoint("publish-journaled")
     _carry_out(root, journal)
 
@@ -393,8 +390,7 @@ def _carry_out(root: OutputPath, journal: dict) -> None:
 
 
 def write_success(root: OutputPath, summary: dict) -> None:
-    blob = json.dumps(summary, indent=1).encode()
-    write_atomic(root / SUCCESS, lambda fh: fh.write(blob))
+    write_json(root / SUCCESS, summary)
 
 
 def staged_count(root: OutputPath) -> int:

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -27,8 +28,11 @@ from lepton_batch.shards import (
     plan_shards,
     redact,
 )
-from lepton_batch.spec import JobSpec, JobSpecError, fill_path
-from lepton_batch.store import OutputPath, RemotePath, is_remote_url, remote_root
+from lepton_batch.spec import JobSpec, JobSpecError, fill_path, is_remote_url
+from lepton_batch.store import OutputPath, RemotePath, remote_root
+
+if TYPE_CHECKING:
+    from lepton_batch.incremental import RowPlan
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,6 @@ class Plan:
     schema: pa.Schema  # the output's columns (the schema contract, see contract.py)
     run_date: date  # the run's partition, and what {run_date} in input.path means
     task_columns: list[str]  # input columns the task reads: what content_hash covers
-    row_keyed: bool = False  # results depend on the row id too (sampled generation)
     bad_files: list[BadFile] = field(default_factory=list)  # unreadable; their rows not planned
 
     @property
@@ -56,6 +59,17 @@ class Plan:
     def contract(self) -> dict:
         """What ``_schema.json`` states for this job."""
         return contract_document(self.job, self.schema)
+
+    def row_plan(self) -> RowPlan:
+        """Mode incremental: the rows a run would compute against the output as it is now
+        (reads the input's id and hashed columns; see incremental.py)."""
+        from lepton_batch.incremental import plan_rows
+        from lepton_batch.output import published_parts
+
+        root = self.output_root
+        return plan_rows(self.shards, self.schema.field(self.job.input.id_column),
+                         self.task_columns, self.job_fingerprint,
+                         published_parts(root) if root.exists() else [])
 
 
 def resolve_output_root(path: str, storage_options: dict | None = None) -> OutputPath:
@@ -169,15 +183,13 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
         schema=schema,
         run_date=run_date,
         task_columns=list(pipeline.columns),
-        row_keyed=pipeline.row_keyed,
         bad_files=bad,
     )
 
 
-
 def _input_dir(path: str) -> Path | None:
     """The local directory an input path scans (a glob's fixed prefix), or None for URLs."""
-    if "://" in path and not path.startswith("file://"):
+    if is_remote_url(path):
         return None
     local = Path(path.removeprefix("file://")).expanduser()
     parts = local.parts

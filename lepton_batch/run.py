@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lepton_batch.cluster import run_shards
 from lepton_batch.faults import checkpoint
-from lepton_batch.incremental import RowPlan, plan_rows
+from lepton_batch.incremental import RowPlan
 from lepton_batch.lock import output_lock
 from lepton_batch.manifest import ShardRecord
 from lepton_batch.output import (
@@ -31,7 +31,6 @@ from lepton_batch.output import (
     init_output,
     prepare_output,
     publish,
-    published_parts,
     run_dir,
 )
 from lepton_batch.plan import Plan
@@ -169,9 +168,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
         checkpoint("prepared")
         rows_plan = None
         if mode == "incremental":
-            rows_plan = plan_rows(plan.shards, plan.schema.field(job.input.id_column),
-                                  plan.task_columns, plan.job_fingerprint,
-                                  published_parts(root))
+            rows_plan = plan.row_plan()
             shard_fps = set(rows_plan.rows)  # the shards publish waits for
         todo = [s for s in plan.shards if s.fingerprint in shard_fps and s.fingerprint not in done]
         result = RunResult(run_id=run_id, planned=len(plan.shards),

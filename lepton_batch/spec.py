@@ -76,6 +76,11 @@ PATH_PLACEHOLDERS = ("run_date", "yesterday")
 RESULTS_VERSION = 1
 
 
+def is_remote_url(path: str) -> bool:
+    """An fsspec URL other than ``file://`` (``s3://``, ``gs://``, ``memory://``, ...)."""
+    return "://" in path and not path.startswith("file://")
+
+
 def fill_path(path: str, run_date: date) -> str:
     """``path`` with ``{run_date}`` / ``{yesterday}`` filled (a format spec such as
     ``{run_date:%Y/%m/%d}`` is allowed; default ISO ``YYYY-MM-DD``)."""
@@ -318,8 +323,7 @@ class JobSpec(_Strict):
             raise ValueError(f"input.passthrough_columns may not include {clash}")
         if self.output.storage_options and "://" not in self.output.path:
             raise ValueError("output.storage_options apply to a URL output.path (s3://...)")
-        if self.output.format == "delta" and "://" in self.output.path and not (
-                self.output.path.startswith("file://")):
+        if self.output.format == "delta" and is_remote_url(self.output.path):
             raise ValueError("output.format delta writes to a local directory for now; an "
                              "object store needs a Delta locking provider")
         if self.output.format == "delta" and self.output.mode != "incremental":

@@ -156,10 +156,6 @@ class RemotePath:
 OutputPath = Path | RemotePath
 
 
-def is_remote_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def remote_root(url: str, storage_options: dict[str, Any] | None = None) -> RemotePath:
     """The output root at ``url`` (``s3://bucket/prefix``) with the filesystem's options
     (credentials, ``client_kwargs.endpoint_url``, ...); the listing cache is off, since
