@@ -6,7 +6,6 @@ import logging
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +13,6 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lepton_batch.output import OutputError
@@ -269,12 +267,25 @@ def _label_counts(plan) -> Table:
     return table
 
 
+ProgressOpt = Annotated[str, typer.Option(
+    "--progress", help="rich: a live bar (shards, rows, tokens/s, padding efficiency, errors, "
+    "ETA); plain: a log line per finished shard and every 30 s, for cron and CI logs; none: "
+    "only the summary. Default: rich on a terminal, plain otherwise.",
+    show_default=False)]
+
+
 @app.command()
 def submit(
     job_file: JobArg,
     set_: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
     run_date: RunDateOpt = None,
+    progress: ProgressOpt = "auto",
+    report_only: Annotated[str | None, typer.Option(
+        "--report-only", metavar="RUN_ID",
+        help="Run nothing: write the HTML report of run RUN_ID (or 'latest') of this job's "
+        "output again from its report.json, and print the report paths.",
+        show_default=False)] = None,
 ) -> None:
     """Run a job on Dask workers and publish its Parquet dataset.
 
@@ -291,25 +302,36 @@ def submit(
     Exit codes (for schedulers): 0 done (published, or nothing to do), 1 some shard or
     input file failed (nothing published; rerun to resume), 2 invalid job, bad output or
     output in use by another run, 130 interrupted.
+
+    Monitoring: the Dask dashboard link is printed at start; tasks are named
+    `<task>-<job>-shard-0042` inside one Dask span named after the job, and each shard's
+    read / prepare / load / tokenize / compute / write time shows in the dashboard's fine
+    performance metrics. The scheduler's /metrics serves Prometheus counters
+    (lepton_batch_rows_total, ..._tokens_total, ..._error_rows_total,
+    ..._shards_done_total, ..._shards_failed_total, ..._tokens_per_second, ...). Each run
+    writes _runs/<run id>/report.html (plots), report.json and dask-report.html.
     """
+    if progress not in ("auto", "rich", "plain", "none"):
+        _fail(ValueError(f"--progress: {progress!r} is not one of rich, plain, none"))
     _setup_logging(verbose)
     try:
         plan = _load(job_file, set_, run_date)
     except (JobSpecError, OutputError) as exc:
         _fail(exc)
+    if report_only is not None:
+        _report_again(plan.output_root, report_only)
+        return
+    from lepton_batch.progress import make_display
     from lepton_batch.run import RunResult, run_job
 
     console.print(_plan_table(plan))
     for bad in plan.bad_files:
         console.print(f"[bold red]unreadable input:[/] {bad.path}: {bad.reason}")
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
-    )
-    bar = progress.add_task("shards", total=len(plan.shards), rate="")
-    totals = {"rows": 0, "tokens": 0, "t0": time.perf_counter()}
+    display = make_display(progress, console)
 
     def on_start(result: RunResult) -> None:
+        if plan.job.cluster.address:
+            console.print(f"cluster: {escape(plan.job.cluster.address)}")
         if result.dashboard:
             console.print(f"dashboard: [link={result.dashboard}]{result.dashboard}[/link]")
         rows = result.rows_plan
@@ -325,28 +347,23 @@ def submit(
         if result.skipped == result.planned:
             console.print("nothing to run: every shard is done (mode: overwrite recomputes)"
                           if rows is None else "nothing to compute: no row is new or changed")
-        progress.start()
-        progress.update(bar, completed=result.skipped)
-
-    def on_shard(record) -> None:
-        totals["rows"] += record.rows
-        totals["tokens"] += record.tokens
-        dt = max(time.perf_counter() - totals["t0"], 1e-9)
-        progress.update(bar, advance=1, rate=f"{totals['rows'] / dt:,.0f} rows/s "
-                        f"{totals['tokens'] / dt:,.0f} tokens/s")
+        if result.progress is not None and result.skipped < result.planned:
+            display.start(result.progress)
 
     try:
-        result = run_job(plan, on_start=on_start, on_shard=on_shard)
+        result = run_job(plan, on_start=on_start,
+                         on_shard=lambda record: _quietly(display.update, True),
+                         on_progress=lambda _: _quietly(display.update))
     except OutputError as exc:
-        progress.stop()
+        display.stop()
         _fail(exc)
     except KeyboardInterrupt:
-        progress.stop()
+        display.stop()
         console.print("[yellow]interrupted:[/] finished shards are kept (staged, not yet "
                       "published); run the same command again to resume")
         raise typer.Exit(code=130) from None
     finally:
-        progress.stop()
+        display.stop()
     # The data is committed (or the failure recorded) by now: what follows is reporting,
     # which can only warn, never change the exit code.
     _best_effort("summary", _print_summary, plan, result)
@@ -361,6 +378,37 @@ def submit(
                       f"{result.skipped + len(result.records)} finished shard(s) are kept. Fix "
                       "the cause and run the same command again: only the rest will run.")
         raise typer.Exit(code=1)
+
+
+def _quietly(step, *args) -> None:
+    """A progress display update: it may fail (a closed terminal), the run goes on."""
+    try:
+        step(*args)
+    except Exception as exc:  # display only
+        logging.getLogger(__name__).debug("progress display: %s", exc)
+
+
+def _report_again(root, run_id: str) -> None:
+    """``submit --report-only RUN_ID``: report.html again from the run's report.json."""
+    import json
+
+    from lepton_batch.output import RUNS_DIR
+    from lepton_batch.run import write_report
+
+    runs = root / RUNS_DIR
+    if run_id == "latest":
+        done = sorted(p.name for p in runs.glob("*") if (p / "report.json").is_file()) \
+            if runs.is_dir() else []
+        if not done:
+            _fail(ValueError(f"{root} holds no run report yet"))
+        run_id = done[-1]
+    source = runs / run_id / "report.json"
+    if not source.is_file():
+        known = sorted(p.name for p in runs.glob("*")) if runs.is_dir() else []
+        _fail(ValueError(f"no report for run {run_id!r} in {runs}"
+                         + (f"; runs: {', '.join(known[-5:])}" if known else "")))
+    for path in write_report(runs / run_id, json.loads(source.read_text())):
+        console.print(f"run report: {path}")
 
 
 def _best_effort(what: str, step, *args) -> None:
@@ -387,8 +435,14 @@ def _print_summary(plan, result) -> None:
         f"{result.rows / seconds:,.1f} rows/s, {result.tokens / seconds:,.0f} "
         f"tokens/s" + (f", padding efficiency {result.tokens / padded:.1%}" if padded else "")
         + "".join(f"\nengine: {e}" for e in engines)
-        + f"\nrun report: {result.report_dir}"
+        + f"\nrun report: {_report_path(result.report_dir)}"
     )
+
+
+def _report_path(folder: str) -> str:
+    """The run's report.html when it was written, else its folder."""
+    html = Path(folder) / "report.html"
+    return str(html) if "://" not in folder and html.is_file() else folder
 
 
 StatusArg = Annotated[Path, typer.Argument(

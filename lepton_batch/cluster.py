@@ -17,10 +17,13 @@ from pathlib import Path
 import dask
 import numpy as np
 from dask.distributed import Client, LocalCluster, as_completed, get_worker, performance_report
+from distributed import span
+from distributed.metrics import context_meter
 
-from lepton_batch.engine import EngineCache
+from lepton_batch.engine import BatchStats, EngineCache
 from lepton_batch.faults import checkpoint
 from lepton_batch.manifest import ShardRecord
+from lepton_batch.monitor import TOPIC, MetricsPlugin, ShardWatch
 from lepton_batch.runner import RunContext, process_shard
 from lepton_batch.shards import Shard
 from lepton_batch.spec import ClusterSpec, JobSpec
@@ -90,7 +93,31 @@ def _worker_cache() -> EngineCache:
 
 def _run_shard(shard: Shard, job: JobSpec, ctx: RunContext, rows: np.ndarray | None
                ) -> ShardRecord:
-    return process_shard(shard, job, ctx, _worker_cache(), rows)
+    """The task: one shard, its stages timed by Dask's ``context_meter`` (the dashboard's
+    fine performance metrics) and its progress posted on :data:`~lepton_batch.monitor.TOPIC`."""
+    worker = get_worker()
+    stats = BatchStats()
+    with ShardWatch(lambda event: worker.log_event(TOPIC, event), job.name, ctx.run_id,
+                    shard.index, stats) as watch:
+        record = process_shard(shard, job, ctx, _worker_cache(), rows,
+                               meter=context_meter.meter, stats=stats)
+    watch.finish(record.rows, record.tokens, record.padded_tokens, record.error_rows)
+    return record
+
+
+def task_key(job: JobSpec, shard: Shard) -> str:
+    """``embed-<job>-shard-0042``: the dashboard groups tasks by the part before the number."""
+    return f"{job.task.kind}-{job.name}-shard-{shard.index:04d}"
+
+
+def _start_metrics(client: Client) -> None:
+    """Our counters on the scheduler's ``/metrics`` (see monitor.py); a warning if the
+    scheduler cannot take the plugin (lepton-batch or prometheus_client not installed
+    where it runs)."""
+    try:
+        client.register_plugin(MetricsPlugin())
+    except Exception as exc:  # monitoring is optional; the run is what counts
+        log.warning("no lepton-batch metrics on the scheduler's /metrics: %s", exc)
 
 
 @contextlib.contextmanager
@@ -125,31 +152,52 @@ def run_shards(todo: list[Shard], job: JobSpec, ctx: RunContext, report_file: Pa
                on_start: Callable[[str | None], None],
                on_record: Callable[[ShardRecord], None],
                on_failure: Callable[[str, str], None],
-               rows: dict[str, np.ndarray] | None = None) -> None:
+               rows: dict[str, np.ndarray] | None = None,
+               on_progress: Callable[[dict], None] | None = None) -> None:
     """Submit one task per shard and report each record (or failure) as it finishes.
 
     ``on_start(dashboard_link)`` is called once the cluster is up; ``report_file``: where
     Dask's performance report goes (a local path), or None. ``rows``: shard
     fingerprint -> the positions to compute in that shard (mode incremental); None: all.
+    ``on_progress(event)``: this run's progress events (see monitor.py), called on the
+    client's event-loop thread. All tasks run inside one Dask span named after the job.
     """
     with open_client(job.cluster) as client:
         checkpoint("cluster-started")
+        _start_metrics(client)
+        if on_progress is not None:
+            client.subscribe_topic(TOPIC, lambda event: _ours(event, ctx.run_id, on_progress))
+        client.log_event(TOPIC, {"kind": "run", "job": job.name, "run": ctx.run_id,
+                                 "shards": len(todo), "rows": sum(
+                                     s.num_rows if rows is None else len(rows[s.fingerprint])
+                                     for s in todo)})
         on_start(client.dashboard_link)
-        with optional_performance_report(report_file):
+        with optional_performance_report(report_file), span(job.name):
             futures = [
                 client.submit(_run_shard, shard, job, ctx,
                               None if rows is None else rows[shard.fingerprint],
-                              key=f"{job.task.kind}-shard-"
-                              f"{shard.index:04d}-{ctx.run_id[-6:]}", retries=job.cluster.retries,
-                              pure=False)
+                              key=task_key(job, shard), retries=job.cluster.retries, pure=False)
                 for shard in todo
             ]
             for future in as_completed(futures):
                 if future.status == "error":
+                    client.log_event(TOPIC, {"kind": "failed", "job": job.name,
+                                             "run": ctx.run_id, "shard": future.key})
                     on_failure(future.key, _describe_failure(future.exception()))
                     continue
                 on_record(future.result())
                 future.release()
+        if on_progress is not None:
+            client.unsubscribe_topic(TOPIC)
+
+
+def _ours(event: tuple[float, dict], run_id: str, handler: Callable[[dict], None]) -> None:
+    _, msg = event
+    if isinstance(msg, dict) and msg.get("run") == run_id:
+        try:
+            handler(msg)
+        except Exception as exc:  # a display problem must not stop the event stream
+            log.debug("progress handler failed: %s", exc)
 
 
 def _describe_failure(exc: BaseException) -> str:

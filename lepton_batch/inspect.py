@@ -149,6 +149,8 @@ def status_tables(root: Path) -> list[Table]:
                          + (f" (run_date {day})" if day else ""))
     if reports:
         overview.add_row("last run", _last_run(reports[-1]))
+        if report := latest_report(root):
+            overview.add_row("latest report", escape(str(report)))
     if staged := staged_count(root):
         overview.add_row("staged, not published", f"{staged} shard(s) of an unfinished run: "
                          "run its submit again to finish")
@@ -164,6 +166,15 @@ def status_tables(root: Path) -> list[Table]:
             failed.add_row(escape(str(key)), escape(str(message)))
         tables.append(failed)
     return tables
+
+
+def latest_report(root: Path) -> Path | None:
+    """The newest run's ``report.html`` (else its ``report.json``), if one was written."""
+    for folder in sorted((p for p in (root / RUNS_DIR).glob("*") if p.is_dir()), reverse=True):
+        for name in ("report.html", "report.json"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
 
 
 def _last_run(report: dict) -> str:

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
 from lepton_batch.faults import checkpoint
@@ -47,6 +47,15 @@ class ShardRecord:
     # how the engine ran: dtype, quantization, forward, and the quality gate's figure
     engine: str = ""
     deduplicated_rows: int = 0  # rows that took the result of an identical row
+    # For the run report (empty in records of older versions): wall seconds per stage
+    # (read, prepare, load, tokenize, compute, write), token lengths of the rows that ran in
+    # bins of ``length_bin_width`` tokens, batches by rows in power-of-two bins, and rows
+    # per error message (numbers blanked)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    length_bin_width: int = 0
+    length_histogram: list[int] = field(default_factory=list)
+    batch_rows_histogram: list[int] = field(default_factory=list)
+    errors_by_message: dict[str, int] = field(default_factory=dict)
 
 
 def write_atomic(path: OutputPath, write: Callable[[BinaryIO], object]) -> None:

@@ -248,3 +248,27 @@ def estimate_tokens(plan: Plan, sample_rows: int = 2000) -> tuple[int, float]:
             lengths += [len(x) for x in ids]
     mean = float(np.mean(lengths)) if lengths else 0.0
     return int(mean * plan.rows), mean
+
+
+def estimate_work(plan: Plan, rows: dict[str, np.ndarray] | None = None
+                  ) -> dict[int, tuple[int, int]]:
+    """Shard index -> (rows to compute, estimated tokens), for the progress bar's ETA.
+
+    Row counts come from the Parquet footers (or ``rows``, an incremental run's positions
+    per shard fingerprint); tokens per row from a tokenized sample (:func:`estimate_tokens`),
+    plus ``max_new_tokens`` per row for generation. Without a usable tokenizer the estimate
+    is per row, and the ETA still holds for rows of similar length.
+    """
+    try:
+        _, mean = estimate_tokens(plan)
+    except Exception as exc:  # only the ETA depends on it
+        log.warning("no token estimate for the ETA (%s); counting rows instead", exc)
+        mean = 1.0
+    task = plan.job.task
+    per_row = max(mean, 1.0) + (task.max_new_tokens if task.kind == "generate" else 0)
+    out = {}
+    for shard in plan.shards:
+        n = shard.num_rows if rows is None else len(rows.get(shard.fingerprint, ()))
+        if rows is None or shard.fingerprint in rows:
+            out[shard.index] = (n, int(n * per_row))
+    return out

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,7 +34,8 @@ from lepton_batch.output import (
     publish,
     run_dir,
 )
-from lepton_batch.plan import Plan
+from lepton_batch.plan import Plan, estimate_work
+from lepton_batch.progress import RunProgress
 from lepton_batch.runner import RunContext
 from lepton_batch.spec import JobSpec
 from lepton_batch.store import OutputPath
@@ -55,6 +57,8 @@ class RunResult:
     report_dir: str = ""
     dashboard: str | None = None
     published: bool = False
+    started_at: str = ""
+    progress: RunProgress | None = None  # live figures while the shards run
 
     @property
     def ok(self) -> bool:
@@ -139,13 +143,80 @@ def _default_threads(job: JobSpec) -> int | None:
     return max(1, (os.cpu_count() or 1) // job.cluster.n_workers)
 
 
-def _write_report(report_dir: OutputPath, summary: dict) -> None:
-    (report_dir / "report.json").write_text(json.dumps(summary, indent=1))
+def _sum_counts(histograms: list[list[int]]) -> list[int]:
+    out = [0] * max((len(h) for h in histograms), default=0)
+    for h in histograms:
+        for i, count in enumerate(h):
+            out[i] += count
+    return out
+
+
+def report_document(plan: Plan, result: RunResult) -> dict:
+    """``report.json``: the run's summary plus what the HTML report plots (see report.py)."""
+    records = sorted(result.records, key=lambda r: r.shard_index)
+    stages: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for r in records:
+        stages.update(r.stage_seconds)
+        errors.update(r.errors_by_message)
+    lengths = _sum_counts([r.length_histogram for r in records])
+    batches = _sum_counts([r.batch_rows_histogram for r in records])
+    model = plan.model
+    doc = result.summary(plan) | {
+        "started_at": result.started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "task": plan.job.task.kind,
+        "model": {"name": plan.job.model.path, "path": str(model.path), "type": model.model_type,
+                  "revision": model.revision},
+        "settings": plan.settings.values(),
+        "engines": sorted({r.engine for r in records if r.engine}),
+        "stages": {k: round(v, 3) for k, v in stages.items()},
+        "shards": [{"index": r.shard_index, "rows": r.rows, "tokens": r.tokens,
+                    "padded_tokens": r.padded_tokens,
+                    "padding_efficiency": round(r.tokens / r.padded_tokens, 4)
+                    if r.padded_tokens else None,
+                    "error_rows": r.error_rows, "truncated_rows": r.truncated_rows,
+                    "batches": r.batches, "seconds": r.seconds, "stages": r.stage_seconds,
+                    "worker": r.worker, "finished_at": r.finished_at, "engine": r.engine}
+                   for r in records],
+        "throughput": result.progress.timeline if result.progress else [],
+        "length_histogram": {"bin_width": max((r.length_bin_width for r in records), default=0),
+                             "counts": lengths},
+        "batch_rows_histogram": {"edges": [2 ** k for k in range(len(batches))],
+                                 "counts": batches},
+        "errors_by_message": dict(errors.most_common()),
+    }
+    if isinstance(run_dir(plan.output_root, result.run_id), Path) and result.records:
+        doc["dask_report"] = "dask-report.html"
+    return doc
+
+
+def write_report(report_dir: OutputPath, document: dict) -> list[str]:
+    """``report.json`` and, made from it, ``report.html``; returns the paths written. The
+    HTML needs a local folder and Bokeh; without them it is left out with a warning."""
+    from lepton_batch.manifest import write_json
+
+    write_json(report_dir / "report.json", document)
+    written = [str(report_dir / "report.json")]
+    if isinstance(report_dir, Path):
+        from lepton_batch.report import write_html
+
+        try:
+            write_html(document, report_dir / "report.html")
+            written.append(str(report_dir / "report.html"))
+        except Exception as exc:  # a plot problem must not hide the figures
+            log.warning("could not write %s: %s", report_dir / "report.html", exc)
+    return written
 
 
 def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
-            on_shard: Callable[[ShardRecord], None] | None = None) -> RunResult:
+            on_shard: Callable[[ShardRecord], None] | None = None,
+            on_progress: Callable[[RunProgress], None] | None = None) -> RunResult:
     """Run every shard not already done; publish the dataset and ``_SUCCESS`` when all are.
+
+    ``on_start(result)``: once the cluster is up (``result.progress`` is then set);
+    ``on_shard(record)``: each finished shard; ``on_progress(progress)``: after each worker
+    progress event, on the Dask client's thread.
 
     Raises OutputError (OutputLocked) before any work when the output cannot be used.
     A failed shard or unreadable input file leaves the finished shards staged and the
@@ -173,7 +244,11 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
         todo = [s for s in plan.shards if s.fingerprint in shard_fps and s.fingerprint not in done]
         result = RunResult(run_id=run_id, planned=len(plan.shards),
                            skipped=len(plan.shards) - len(todo), mode=mode,
-                           run_date=plan.run_date.isoformat(), rows_plan=rows_plan)
+                           run_date=plan.run_date.isoformat(), rows_plan=rows_plan,
+                           started_at=now.isoformat(timespec="seconds"))
+        work = estimate_work(plan, rows_plan.rows if rows_plan else None) if todo else {}
+        result.progress = RunProgress({s.index: work[s.index] for s in todo if s.index in work},
+                                      len(plan.shards), result.skipped)
         report = run_dir(root, run_id)
         result.report_dir = str(report)
         threads = _default_threads(job)
@@ -195,19 +270,26 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
             if delta:  # one Delta transaction per shard, as soon as it is done
                 commit_shard(root, record, run_id)
             result.records.append(record)
+            result.progress.record(record)
             checkpoint("shard-recorded")
             if on_shard:
                 on_shard(record)
 
         def failed(key: str, cause: str) -> None:
             result.failures[key] = cause
+            result.progress.fail()
             log.error("shard %s failed: %s", key, cause)
+
+        def progressed(event: dict) -> None:
+            result.progress.event(event)
+            if on_progress:
+                on_progress(result.progress)
 
         if todo:
             # Dask writes its report to a local file; an object-store output goes without.
             dask_report = report / "dask-report.html" if isinstance(report, Path) else None
             run_shards(todo, job, ctx, dask_report, started_cluster, finished, failed,
-                       rows=rows_plan.rows if rows_plan else None)
+                       rows=rows_plan.rows if rows_plan else None, on_progress=progressed)
         else:
             started_cluster(None)
         for bad in plan.bad_files:
@@ -222,7 +304,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
                         run_id, result.summary(plan), plan.contract)
     checkpoint("published")
     try:
-        _write_report(report, result.summary(plan))
+        write_report(report, report_document(plan, result))
     except Exception as exc:  # the data is published; a report can only warn
         log.warning("could not write the run report in %s: %s", report, exc)
     return result

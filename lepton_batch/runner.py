@@ -6,10 +6,15 @@ budget batches -> pipeline -> Arrow table in input order -> part file (atomic) -
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import socket
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +74,57 @@ class RunContext:
         )
 
 
+Meter = Callable[[str], AbstractContextManager]
+LENGTH_BINS = 32  # sequence-length histogram bins per record, each max_length / 32 wide
+BATCH_BINS = 16  # batch-size histogram: bin k holds batches of 2**k .. 2**(k+1) - 1 rows
+
+
+class Stages:
+    """Wall seconds per stage of one shard (read, prepare, load, tokenize, compute, write).
+
+    ``meter``: an outer timer each stage also runs under, e.g. Dask's
+    ``context_meter.meter``, so the dashboard's fine performance metrics show the same
+    split; None outside Dask.
+    """
+
+    def __init__(self, meter: Meter | None = None) -> None:
+        self.seconds: dict[str, float] = {}
+        self._meter = meter
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with self._meter(name) if self._meter else contextlib.nullcontext():
+            yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.seconds.items()}
+
+
+def length_histogram(lengths: np.ndarray, limit: int) -> tuple[int, list[int]]:
+    """(bin width, counts) of token lengths over ``LENGTH_BINS`` bins up to ``limit``
+    tokens (longer rows land in the last bin)."""
+    width = max(1, -(-limit // LENGTH_BINS))
+    idx = np.minimum(np.asarray(lengths, dtype=np.int64) // width, LENGTH_BINS - 1)
+    return width, np.bincount(idx, minlength=LENGTH_BINS).tolist()
+
+
+def batch_histogram(sizes: list[int]) -> list[int]:
+    """Batches by rows, in power-of-two bins (see ``BATCH_BINS``)."""
+    if not sizes:
+        return [0] * BATCH_BINS
+    idx = np.minimum(np.log2(np.maximum(sizes, 1)).astype(np.int64), BATCH_BINS - 1)
+    return np.bincount(idx, minlength=BATCH_BINS).tolist()
+
+
+def error_counts(errors: pa.Array, top: int = 20) -> dict[str, int]:
+    """Rows per error message, numbers blanked so that messages of one kind group
+    ("invalid UTF-8 at byte N"); the ``top`` most frequent."""
+    counts = Counter(re.sub(r"\d+", "N", e) for e in errors.drop_null().to_pylist())
+    return dict(counts.most_common(top))
+
+
 def quality_sample(texts: list[str], n: int) -> list[str]:
     """Up to ``n`` of ``texts`` for calibration and the quality gate: the longest quarter
     (where low precision drifts most) and the rest spread evenly over the shard."""
@@ -106,52 +162,65 @@ def _merge_errors(errors: pa.Array, rows: np.ndarray, reasons: list[str]) -> pa.
                                 pa.array([reasons[j] for j in order], pa.string()))
 
 
-def _compute(pipeline: Pipeline, table: pa.Table, job: JobSpec, ctx: RunContext, cache: EngineCache
-             ) -> tuple[dict[str, pa.Array], BatchStats, Engine | Decoder, float]:
+def _compute(pipeline: Pipeline, table: pa.Table, job: JobSpec, ctx: RunContext, cache: EngineCache,
+             stats: BatchStats, stage: Stages
+             ) -> tuple[dict[str, pa.Array], Engine | Decoder, float, np.ndarray]:
     """The task's columns plus ``num_tokens``, ``truncated``, ``error`` for ``table``'s rows
-    (in row order), the batch figures, the engine that ran them and the seconds it took to
-    load (0.0 when the worker's cached engine was reused)."""
+    (in row order), the engine that ran them, the seconds it took to load (0.0 when the
+    worker's cached engine was reused) and the token lengths of the rows that ran.
+    ``stats`` collects the batch figures as batches finish."""
     n = table.num_rows
-    texts, prep = pipeline.prepare(table)
+    with stage("prepare"):
+        texts, prep = pipeline.prepare(table)
     loads, load_start = cache.loads, time.perf_counter()
-    engine = cache.get(ctx.engine_config(job, pipeline.head),
-                       lambda: quality_sample(texts, job.quality.sample_rows))
+    with stage("load"):
+        engine = cache.get(ctx.engine_config(job, pipeline.head),
+                           lambda: quality_sample(texts, job.quality.sample_rows))
     load_seconds = time.perf_counter() - load_start if cache.loads > loads else 0.0
-    tok = pipeline.tokenize(engine, texts)
-    stats = BatchStats()
-    results = pipeline.run(engine, tok, job.engine, stats)
+    with stage("tokenize"):
+        tok = pipeline.tokenize(engine, texts)
+    with stage("compute"):
+        results = pipeline.run(engine, tok, job.engine, stats)
     # Rows the engine could not run (out of memory even alone): null results, an error.
     failed = prep.valid[np.asarray(stats.failed_rows, dtype=np.int64)]
     out = {name: _expand(arr, prep.valid, n, failed) for name, arr in results.items()}
     out["num_tokens"] = _expand(pa.array(tok.lengths, pa.int32()), prep.valid, n)
     out["truncated"] = _expand(pa.array(tok.truncated, pa.bool_()), prep.valid, n)
     out["error"] = _merge_errors(prep.errors, failed, stats.failed_reasons)
-    return out, stats, engine, load_seconds
+    return out, engine, load_seconds, np.asarray(tok.lengths)
 
 
 def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCache,
-                  rows: np.ndarray | None = None) -> ShardRecord:
+                  rows: np.ndarray | None = None, *, meter: Meter | None = None,
+                  stats: BatchStats | None = None) -> ShardRecord:
     """Run the job's task over one shard and write its part file and manifest record.
 
     ``rows``: (m,) int64 positions inside the shard to compute (an incremental run's
     changed rows); None computes every row. Rows with the same content (and, for sampled
     generation, the same id) are computed once and the result copied to each.
+    ``meter``: see :class:`Stages`. ``stats``: filled as batches finish, so that another
+    thread can report progress inside the shard.
     """
     start = time.perf_counter()
+    stage = Stages(meter)
+    stats = BatchStats() if stats is None else stats
     inp = job.input
     pipeline = make_pipeline(job.task, ctx.model, ctx.settings, inp)
     columns = [inp.id_column, *inp.passthrough_columns]
     columns += [c for c in pipeline.columns if c not in columns]
-    table = read_shard(shard, columns)
-    if rows is not None:
-        table = table.take(pa.array(rows, pa.int64()))
+    with stage("read"):
+        table = read_shard(shard, columns)
+        if rows is not None:
+            table = table.take(pa.array(rows, pa.int64()))
     n = table.num_rows
-    hashes = content_hashes(table, pipeline.columns)
-    keys = content_hashes(table, [inp.id_column, *pipeline.columns]) if (
-        pipeline.row_keyed) else hashes
-    first, inverse = first_occurrences(keys)
-    unique = table.take(pa.array(first)) if len(first) < n else table
-    computed, stats, engine, load_seconds = _compute(pipeline, unique, job, ctx, cache)
+    with stage("prepare"):
+        hashes = content_hashes(table, pipeline.columns)
+        keys = content_hashes(table, [inp.id_column, *pipeline.columns]) if (
+            pipeline.row_keyed) else hashes
+        first, inverse = first_occurrences(keys)
+        unique = table.take(pa.array(first)) if len(first) < n else table
+    computed, engine, load_seconds, lengths = _compute(pipeline, unique, job, ctx, cache,
+                                                       stats, stage)
     if len(first) < n:
         fan_out = pa.array(inverse, pa.int64())
         computed = {name: arr.take(fan_out) for name, arr in computed.items()}
@@ -171,6 +240,8 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
     columns_out["job_fingerprint"] = pa.array([ctx.job_fingerprint] * n, pa.string())
     columns_out["run_id"] = pa.array([ctx.run_id] * n, pa.string())
     out = pa.table(columns_out, schema=schema)
+    bin_width, length_counts = length_histogram(
+        lengths, ctx.settings.max_length or int(lengths.max(initial=1)))
 
     if ctx.delta_partition:  # invisible to Delta readers until the driver commits it
         rel = Path(ctx.delta_partition) / f"part-{shard.fingerprint}-{ctx.run_id}.parquet"
@@ -178,7 +249,8 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
         rel = Path(ctx.staging) / shard.part_name
     codec = None if job.output.compression == "none" else job.output.compression
     checkpoint("shard-computed")
-    write_atomic(ctx.output_root / rel, lambda fh: pq.write_table(out, fh, compression=codec))
+    with stage("write"):
+        write_atomic(ctx.output_root / rel, lambda fh: pq.write_table(out, fh, compression=codec))
     record = ShardRecord(
         shard_index=shard.index,
         shard_fingerprint=shard.fingerprint,
@@ -200,6 +272,11 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         oom_splits=stats.oom_splits,
         engine=engine.describe(),
+        stage_seconds=stage.rounded(),
+        length_bin_width=bin_width,
+        length_histogram=length_counts,
+        batch_rows_histogram=batch_histogram(stats.sizes),
+        errors_by_message=error_counts(out["error"]),
     )
     checkpoint("part-written")
     write_record(ctx.output_root / ctx.staging / MANIFEST_DIR, record)
