@@ -74,8 +74,14 @@ def _setup_logging(verbose: bool) -> None:
     import distributed  # noqa: F401  (configures its loggers on import; quiet them after)
 
     if not verbose:
-        for name in list(logging.root.manager.loggerDict):
-            if name.split(".")[0] in ("distributed", "bokeh", "tornado", "transformers"):
+        # The dashboard's web server (bokeh on tornado) logs a traceback at ERROR when a
+        # browser tab closes mid-load; Dask sets tornado.application to ERROR itself. The
+        # console shows our progress, not the dashboard's internals: only --verbose shows them.
+        for name in ["bokeh", "tornado", *logging.root.manager.loggerDict]:
+            top = name.split(".")[0]
+            if top in ("bokeh", "tornado"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+            elif top in ("distributed", "transformers"):
                 logging.getLogger(name).setLevel(logging.ERROR)
 
 

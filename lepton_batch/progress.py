@@ -175,13 +175,24 @@ class PlainDisplay(Display):
                                soft_wrap=True)
 
 
+class _TwoLines(Progress):
+    """A bar, and under it the run's figures (one line would not fit 80 columns)."""
+
+    line = ""
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        yield self.line
+
+
 class RichDisplay(Display):
     """``--progress rich`` (the default on a terminal): a live bar over the planned work."""
 
     def __init__(self, console: Console) -> None:
-        self.bar = Progress(TextColumn("[bold]run"), BarColumn(), TextColumn("{task.fields[line]}"),
-                            TimeElapsedColumn(), console=console)
-        self.task = self.bar.add_task("run", total=1000, line="")
+        self.bar = _TwoLines(TextColumn("[bold]run"), BarColumn(),
+                             TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                             TextColumn("{task.fields[eta]}"), console=console)
+        self.task = self.bar.add_task("run", total=1000, eta="")
 
     def start(self, progress: RunProgress) -> None:
         super().start(progress)
@@ -190,7 +201,10 @@ class RichDisplay(Display):
 
     def update(self, finished: bool = False) -> None:
         s = self.progress.snapshot()
-        self.bar.update(self.task, completed=int(s.fraction * 1000), line=describe(s))
+        line = describe(s)
+        head, _, eta = line.rpartition(" | ")
+        self.bar.line = head
+        self.bar.update(self.task, completed=int(s.fraction * 1000), eta=eta)
 
     def stop(self) -> None:
         self.bar.stop()

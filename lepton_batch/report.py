@@ -142,9 +142,19 @@ def _throughput(r: dict) -> list:
 
     samples = sorted((float(s["t"]), float(s.get("rows") or 0), float(s.get("tokens") or 0))
                      for s in r.get("throughput") or [])
-    # the samples are cumulative counts; a rate is the difference over each interval
+    # The samples are cumulative counts, taken when a worker event or a finished shard
+    # arrives (0.5 s apart at least); rates over intervals of a 40th of the run (1 s at
+    # least) read as throughput instead of as the jitter of event arrival.
+    window = max(1.0, (samples[-1][0] - samples[0][0]) / 40) if samples else 1.0
+    kept = samples[:1]
+    for sample in samples[1:]:
+        if sample[0] - kept[-1][0] >= window:
+            kept.append(sample)
+        elif sample is samples[-1]:  # the end: merged into the last interval if short
+            kept[-1 if len(kept) > 1 and sample[0] - kept[-1][0] < window / 2 else
+                 len(kept):] = [sample]
     rates = [(t1, (r1 - r0) / (t1 - t0), (k1 - k0) / (t1 - t0))
-             for (t0, r0, k0), (t1, r1, k1) in pairwise(samples) if t1 > t0]
+             for (t0, r0, k0), (t1, r1, k1) in pairwise(kept) if t1 > t0]
     if not rates:
         return [_note("Throughput over time"), _note("Cumulative rows")]
     t, rows_s, tokens_s = (list(c) for c in zip(*rates, strict=True))
@@ -213,6 +223,8 @@ def _batches(r: dict) -> list:
     counts = [int(c) for c in counts[:len(edges)]]
     if not any(counts):
         return [_note("Batch sizes")]
+    used = [i for i, c in enumerate(counts) if c]  # the bins between the first and last used
+    edges, counts = edges[used[0]:], counts[used[0]:used[-1] + 1]
     # edges are power-of-two lower bounds, so the last bin ends at twice its edge
     uppers = edges[1:len(counts)] + [edges[len(counts) - 1] * 2]
     labels = [str(lo) if hi - lo <= 1 else f"{lo}-{hi - 1}"

@@ -277,8 +277,9 @@ def test_output_inside_the_input_is_refused(tmp_path, tiny_bert, corpus_dir):
             make_plan(load_job(job, [f"input.path={inp}", f"output.path={out}"]))
 
 
-OPTIONAL_STEPS = ["preview", "polars-missing", "report-json", "dask-report-start",
-                  "dask-report-save", "label-counts"]
+OPTIONAL_STEPS = ["preview", "polars-missing", "report-json", "report-html",
+                  "dask-report-start", "dask-report-save", "label-counts", "metrics-plugin",
+                  "token-estimate", "progress-display"]
 
 
 @pytest.mark.parametrize("step", OPTIONAL_STEPS)
@@ -304,7 +305,24 @@ def test_failing_optional_step_never_fails_a_finished_run(step, tmp_path, tiny_b
     elif step == "polars-missing":
         monkeypatch.setitem(sys.modules, "polars", None)  # import polars -> ImportError
     elif step == "report-json":
-        monkeypatch.setattr(run, "_write_report", boom)
+        monkeypatch.setattr(run, "write_report", boom)
+    elif step == "report-html":
+        import lepton_batch.report as report
+
+        monkeypatch.setattr(report, "render_html", boom)
+    elif step == "metrics-plugin":
+        import lepton_batch.monitor as monitor
+
+        monkeypatch.setattr(monitor.MetricsPlugin, "start", boom)
+    elif step == "token-estimate":
+        import lepton_batch.plan as plan
+
+        monkeypatch.setattr(plan, "estimate_tokens", boom)
+    elif step == "progress-display":
+        import lepton_batch.progress as progress
+
+        monkeypatch.setattr(progress, "describe", boom)
+        overrides = ["--progress", "plain"]
     elif step == "dask-report-start":
         monkeypatch.setattr(cluster, "performance_report", boom)
     elif step == "dask-report-save":

@@ -62,9 +62,10 @@ def test_existing_cluster_gets_span_meters_task_keys_and_metrics(tmp_path, tiny_
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         job = _job(tmp_path, tiny_bert, corpus, address=cluster.scheduler_address)
-        res = CliRunner().invoke(app, ["submit", str(job), "--progress", "none"])
+        res = CliRunner().invoke(app, ["submit", str(job), "--progress", "rich"])
         assert res.exit_code == 0, res.output
         assert f"cluster: {cluster.scheduler_address}" in res.output
+        assert "ETA 0:00:00" in res.output and "shards 9/9" in res.output
         out = _output(tmp_path / "out")
 
         # Prometheus, on the scheduler's own /metrics, over loopback
@@ -195,3 +196,24 @@ def test_progress_eta_counts_live_rows_and_records():
     line = describe(s)
     assert "shards 2/3" in line and "rows 10/20" in line and "errors 2" in line
     assert "ETA" in line and "padding eff. 96.7%" in line
+
+
+def test_bad_progress_mode_is_refused_before_anything_runs(tmp_path, tiny_bert):
+    corpus = tmp_path / "in"
+    write_corpus(corpus)
+    res = CliRunner().invoke(app, ["submit", str(_job(tmp_path, tiny_bert, corpus)),
+                                   "--progress", "fancy"])
+    assert res.exit_code == 2 and "--progress" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_dashboard_server_tracebacks_stay_out_of_the_console():
+    import logging
+
+    from lepton_batch.cli import _setup_logging
+
+    _setup_logging(verbose=False)
+    # Dask sets tornado.application to ERROR; a tab closed mid-load logs a traceback there
+    for name in ("tornado.application", "tornado.access", "bokeh.server.views.ws"):
+        assert logging.getLogger(name).getEffectiveLevel() > logging.ERROR, name
+    assert logging.getLogger("lepton_batch.run").getEffectiveLevel() == logging.WARNING
