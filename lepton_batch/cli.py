@@ -39,7 +39,11 @@ app = typer.Typer(
     "README.md. `lepton-batch status` and `lepton-batch inspect` read an output without a "
     "model. `lepton-batch bench` measures "
     "throughput against sentence-transformers, `bench --task generate` against "
-    "model.generate.",
+    "model.generate.\n\n"
+    "Monitoring: submit prints the Dask dashboard link and shows progress (shards, rows, "
+    "tokens/s, padding efficiency, errors, ETA; `--progress rich|plain|none`); every run "
+    "writes _runs/<run id>/report.html (plots), report.json and Dask's dask-report.html; "
+    "the scheduler's /metrics serves Prometheus counters named lepton_batch_*.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -461,6 +465,8 @@ def status(job_or_output: StatusArg, set_: SetOpt = None) -> None:
     """Show what a job's output holds: published shards vs planned, rows, errors, shards
     staged by an unfinished run, and whether a run is writing it now.
 
+    Both forms show the path of the latest run report (_runs/<run id>/report.html).
+
     Given an output directory instead of a job file: every run in it (shards run, skipped,
     failed and pending, rows, errors, tokens, rows/s and tokens/s, wall time, and in mode
     incremental the rows skipped as unchanged), the last published run, shards staged by an
@@ -491,9 +497,15 @@ def status(job_or_output: StatusArg, set_: SetOpt = None) -> None:
         table.add_row("last shard finished", max(r.finished_at for r in records))
     if staged := staged_count(root):
         table.add_row("staged, not published", f"{staged} shard(s): run submit again to finish")
-    holder = root / LOCK
-    if holder.is_file() and holder.stat().st_size:
-        table.add_row("being written", escape(holder.read_text()))
+    if isinstance(root, Path):  # a local output: the lock holder checked, the report found
+        from lepton_batch.inspect import latest_report, writer
+
+        if holder := writer(root):
+            table.add_row("being written", escape(holder))
+        if report := latest_report(root):
+            table.add_row("latest report", escape(str(report)))
+    elif (root / LOCK).is_file():
+        table.add_row("being written", escape((root / LOCK).read_text()))
     table.add_row("_SUCCESS", "yes" if (root / SUCCESS).exists() else "no")
     console.print(table)
 

@@ -142,6 +142,8 @@ def test_report_holds_the_run_figures(tmp_path, tiny_bert):
     assert res.exit_code == 0, res.output
     assert "latest report" in res.output
     assert latest_report(root) == folder / "report.html"
+    res = CliRunner().invoke(app, ["status", str(job)])
+    assert res.exit_code == 0 and "latest report" in res.output, res.output
     (folder / "report.html").unlink()
     res = CliRunner().invoke(app, ["submit", str(job), "--report-only", "latest"])
     assert res.exit_code == 0, res.output
