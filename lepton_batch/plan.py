@@ -7,7 +7,7 @@ job file in one pass instead of one error per run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -233,6 +233,7 @@ def estimate_tokens(plan: Plan, sample_rows: int = 2000) -> tuple[int, float]:
     lengths: list[int] = []
     task = plan.job.task
     for shard in sampled:
+        shard = replace(shard, row_groups=shard.row_groups[:1])  # a sample: read one group
         if task.uses_template:  # causal LMs: the rendered prompts
             from lepton_batch.pipelines.prompts import render, template
             from lepton_batch.spec import template_fields
