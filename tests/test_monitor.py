@@ -44,7 +44,7 @@ def _report(root: Path) -> tuple[Path, dict]:
     return folder, json.loads((folder / "report.json").read_text())
 
 
-def _poll(fetch, ok, seconds: float = 15.0):
+def _poll(fetch, ok, seconds: float = 30.0):
     """``fetch()`` until ``ok(value)`` (worker metrics reach the scheduler on heartbeats)."""
     deadline = time.monotonic() + seconds
     while True:
