@@ -407,11 +407,11 @@ def _report_again(root, run_id: str) -> None:
 
     runs = root / RUNS_DIR
     if run_id == "latest":
-        done = sorted(p.name for p in runs.glob("*") if (p / "report.json").is_file()) \
-            if runs.is_dir() else []
-        if not done:
+        from lepton_batch.inspect import latest_report
+
+        if (newest := latest_report(root)) is None:
             _fail(ValueError(f"{root} holds no run report yet"))
-        run_id = done[-1]
+        run_id = newest.parent.name
     source = runs / run_id / "report.json"
     if not source.is_file():
         known = sorted(p.name for p in runs.glob("*")) if runs.is_dir() else []

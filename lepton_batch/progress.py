@@ -43,10 +43,6 @@ class Snapshot:
         return self.tokens / self.seconds if self.seconds else 0.0
 
     @property
-    def rows_per_second(self) -> float:
-        return self.rows / self.seconds if self.seconds else 0.0
-
-    @property
     def padding(self) -> float | None:
         return self.tokens / self.padded if self.padded else None
 

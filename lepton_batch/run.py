@@ -186,7 +186,7 @@ def report_document(plan: Plan, result: RunResult) -> dict:
                                  "counts": batches},
         "errors_by_message": dict(errors.most_common()),
     }
-    if isinstance(run_dir(plan.output_root, result.run_id), Path) and result.records:
+    if isinstance(plan.output_root, Path) and result.records:  # Dask's report needs a local dir
         doc["dask_report"] = "dask-report.html"
     return doc
 

@@ -172,11 +172,11 @@ def _compute(pipeline: Pipeline, table: pa.Table, job: JobSpec, ctx: RunContext,
     n = table.num_rows
     with stage("prepare"):
         texts, prep = pipeline.prepare(table)
-    loads, load_start = cache.loads, time.perf_counter()
+    loads = cache.loads
     with stage("load"):
         engine = cache.get(ctx.engine_config(job, pipeline.head),
                            lambda: quality_sample(texts, job.quality.sample_rows))
-    load_seconds = time.perf_counter() - load_start if cache.loads > loads else 0.0
+    load_seconds = stage.seconds["load"] if cache.loads > loads else 0.0
     with stage("tokenize"):
         tok = pipeline.tokenize(engine, texts)
     with stage("compute"):
