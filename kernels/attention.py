@@ -83,3 +83,39 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     mask = None if key_mask is None else key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask)
     return out.transpose(1, 2)[row_of, positions]
+
+
+class PaddedAttention:
+    """The ``sdpa_padded`` backend for one batch, from a fused q/k/v projection.
+
+    :func:`varlen_attention` (the reference) scatters q, k and v into padded tensors and
+    gathers the result back, allocating all four per layer. Here one padded buffer
+    (b, max_len, 3, heads, head_dim) is zeroed once per batch and reused by every layer:
+    q/k/v go in with a single row copy, and pad positions stay zero. A batch whose rows
+    all have max_len tokens needs no buffer at all.
+
+    rows: b; row_of, positions: (T,) int64; key_mask: (b, max_len) bool or None (every
+    row max_len long). Calling it with qkv (T, 3 * heads * head_dim) returns (T, heads *
+    head_dim), q/k/v's dtype, scale 1/sqrt(head_dim).
+    """
+
+    def __init__(self, rows: int, max_len: int, row_of: torch.Tensor, positions: torch.Tensor,
+                 key_mask: torch.Tensor | None, heads: int, head_dim: int) -> None:
+        self.shape = (rows, max_len, 3, heads, head_dim)
+        self.mask = None if key_mask is None else key_mask[:, None, None, :]
+        self.flat = None if key_mask is None else row_of * max_len + positions
+        self.buf: torch.Tensor | None = None
+
+    def __call__(self, qkv: torch.Tensor) -> torch.Tensor:
+        b, length, _, heads, dim = self.shape
+        if self.flat is None:
+            padded = qkv.view(self.shape)
+        else:
+            if self.buf is None:
+                self.buf = qkv.new_zeros(self.shape)
+            self.buf.view(b * length, -1).index_copy_(0, self.flat, qkv)
+            padded = self.buf
+        q, k, v = (t.transpose(1, 2) for t in padded.unbind(2))  # (b, heads, L, dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        out = out.transpose(1, 2).reshape(b * length, heads * dim)
+        return out if self.flat is None else out.index_select(0, self.flat)

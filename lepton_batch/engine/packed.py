@@ -16,6 +16,8 @@ from torch import nn
 
 from lepton_batch.engine.batching import Batch
 from lepton_batch.kernels import varlen_attention
+from lepton_batch.kernels.attention import PaddedAttention
+from lepton_batch.kernels.onednn import ACTIVATIONS, OneDnnLinear, onednn_ok
 
 _FAMILY = {"bert", "roberta", "xlm-roberta", "camembert"}
 _HEADS = {"BertForSequenceClassification": "bert", "RobertaForSequenceClassification": "roberta",
@@ -65,10 +67,14 @@ class PackedEncoder:
     """Runs a BERT-family model loaded by transformers on packed rows.
 
     ``model``: a ``BertModel``-like base model or a supported ``*ForSequenceClassification``.
-    ``backend``: a varlen attention backend (see ``pick_varlen``).
+    ``backend``: a varlen attention backend (see ``pick_varlen``). ``fast``: on CPU, run
+    the linear layers through oneDNN with reordered weights and fused activations, and
+    attention through one reused padded buffer per batch (``kernels/onednn.py``,
+    ``PaddedAttention``), when this torch can; False keeps the plain modules (the
+    reference the tests compare against). ``self.layer_path`` says which ran and why.
     """
 
-    def __init__(self, model: nn.Module, backend: str) -> None:
+    def __init__(self, model: nn.Module, backend: str, fast: bool = True) -> None:
         self.model, self.backend = model, backend
         self.base = model.base_model
         cfg = model.config
@@ -78,18 +84,37 @@ class PackedEncoder:
         sa = self.layers[0].attention.self
         self.heads, self.head_dim = sa.num_attention_heads, sa.attention_head_size
         self.head_kind = _HEADS.get(type(model).__name__)
+        param = next(model.parameters())
+        ok, why = onednn_ok(param.device.type, param.dtype) if fast else (False, "off")
+        self.onednn = ok and backend == "sdpa_padded"
+        self.padded_attention = fast and backend == "sdpa_padded"
+        self.layer_path = f"oneDNN linears: {why}" if self.onednn else f"torch linears ({why})"
+        act = cfg.hidden_act if isinstance(cfg.hidden_act, str) else None
+        self.act = act if act in ACTIVATIONS else None  # else the module's own, after
         # One GEMM for q, k and v instead of three, when none of them was swapped (int8).
         self.qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
+        self.fast: list[_OneDnnLayer] = []
         for layer in self.layers:
             s = layer.attention.self
             lins = (s.query, s.key, s.value)
+            fused = None
             if all(type(x) is nn.Linear for x in lins):
                 w = torch.cat([x.weight for x in lins])
                 b = torch.cat([x.bias for x in lins]) if all(
                     x.bias is not None for x in lins) else None
-                self.qkv.append((w, b))
-            else:
-                self.qkv.append(None)
+                fused = (w, b)
+            self.qkv.append(fused)
+            if self.onednn:
+                self.fast.append(_OneDnnLayer(layer, fused, self.act))
+
+    def _qkv(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """(T, hidden) -> (T, 3 * hidden): q, k and v side by side."""
+        if self.fast and self.fast[i].qkv is not None:
+            return self.fast[i].qkv(x)
+        if self.qkv[i] is not None:
+            return nn.functional.linear(x, *self.qkv[i])
+        s = self.layers[i].attention.self
+        return torch.cat([s.query(x), s.key(x), s.value(x)], dim=-1)
 
     def hidden(self, batch: Batch) -> torch.Tensor:
         """Last hidden states of the packed rows, (T, hidden) in the model's dtype."""
@@ -107,21 +132,26 @@ class PackedEncoder:
         pad = dense_rows(total, x.device.type) - total
         if pad:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        padded = PaddedAttention(len(batch.rows), batch.max_len, batch.row_of,
+                                 batch.positions, key_mask, self.heads, self.head_dim) \
+            if self.padded_attention else None
         shape = (total, self.heads, self.head_dim)
-        for layer, qkv in zip(self.layers, self.qkv, strict=True):
-            s = layer.attention.self
-            if qkv is not None:
-                q, k, v = nn.functional.linear(x, *qkv).split(width, dim=-1)
+        for i, layer in enumerate(self.layers):
+            qkv = self._qkv(i, x)[:total]
+            if padded is not None:
+                ctx = padded(qkv)
             else:
-                q, k, v = s.query(x), s.key(x), s.value(x)
-            ctx = varlen_attention(q[:total].reshape(shape), k[:total].reshape(shape),
-                                   v[:total].reshape(shape), batch.cu_seqlens, batch.max_len,
-                                   self.backend, batch.row_of, batch.positions, key_mask)
-            ctx = ctx.reshape(total, width)
+                q, k, v = (t.reshape(shape) for t in qkv.split(width, dim=-1))
+                ctx = varlen_attention(q, k, v, batch.cu_seqlens, batch.max_len, self.backend,
+                                       batch.row_of, batch.positions, key_mask)
+                ctx = ctx.reshape(total, width)
             if pad:
                 ctx = torch.cat([ctx, ctx.new_zeros(pad, width)])
-            x = layer.attention.output(ctx, x)  # dense + residual + LN
-            x = layer.output(layer.intermediate(x), x)
+            if self.fast:
+                x = self.fast[i](ctx, x)
+            else:
+                x = layer.attention.output(ctx, x)  # dense + residual + LN
+                x = layer.output(layer.intermediate(x), x)
         return x[:total]
 
     def logits(self, batch: Batch) -> torch.Tensor:
@@ -130,3 +160,34 @@ class PackedEncoder:
         if self.head_kind == "bert":
             return self.model.classifier(self.base.pooler(first))
         return self.model.classifier(first)  # RoBERTa's head reads features[:, 0]
+
+
+class _OneDnnLayer:
+    """One encoder layer after attention, on oneDNN linears: attention output dense +
+    residual + LayerNorm, then up-projection with its activation fused, down-projection +
+    residual + LayerNorm. Modules it cannot copy (an int8 swap) run as they are."""
+
+    def __init__(self, layer: nn.Module, qkv: tuple[torch.Tensor, torch.Tensor | None] | None,
+                 act: str | None) -> None:
+        self.qkv = OneDnnLinear(*qkv) if qkv is not None else None
+        self.attn_dense = OneDnnLinear.of(layer.attention.output.dense)
+        self.attn_norm = layer.attention.output.LayerNorm
+        self.up = OneDnnLinear.of(layer.intermediate.dense, act)
+        self.act = None if act else layer.intermediate.intermediate_act_fn
+        self.down = OneDnnLinear.of(layer.output.dense)
+        self.out_norm = layer.output.LayerNorm
+        self.layer = layer
+
+    def __call__(self, ctx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """ctx: attention output (T, hidden); x: the layer's input (T, hidden)."""
+        layer = self.layer
+        dense = self.attn_dense or layer.attention.output.dense
+        x = self.attn_norm(dense(ctx) + x)
+        if self.up is None:
+            h = layer.intermediate(x)
+        else:
+            h = self.up(x)
+            if self.act is not None:  # an activation oneDNN cannot fuse
+                h = self.act(h)
+        down = self.down or layer.output.dense
+        return self.out_norm(down(h) + x)
