@@ -183,13 +183,63 @@ def test_dense_layers_see_few_row_counts_on_cpu(tiny_bert, texts):
     engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
                                  dtype="float32"))
     seen: list[int] = []
-    dense = engine.model.encoder.layer[0].intermediate.dense
-    hook = dense.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
-    try:
-        stats = BatchStats()
-        engine.embed(engine.tokenize(texts), "mean", True, 700, 32, stats)
-    finally:
-        hook.remove()
+    qkv = engine.packed._qkv
+
+    def spy(i: int, x: torch.Tensor) -> torch.Tensor:
+        if i == 0:
+            seen.append(x.shape[0])
+        return qkv(i, x)
+
+    engine.packed._qkv = spy
+    stats = BatchStats()
+    engine.embed(engine.tokenize(texts), "mean", True, 700, 32, stats)
     assert stats.batches > 3 and len(seen) == stats.batches
     assert all(n % PACK_BUCKET == 0 for n in seen), seen
     assert len(set(seen)) < stats.batches
+
+
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_new", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_linear_equals_the_reference(act, dtype):
+    from lepton_batch.kernels.onednn import OneDnnLinear, onednn_ok, reference_linear
+
+    ok, why = onednn_ok("cpu", dtype)
+    if not ok:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 40, dtype=dtype), torch.randn(96, dtype=dtype)
+    for rows in (1, 7, 1024):  # a decode step, an odd count, a packed CPU bucket
+        x = torch.randn(rows, 40, dtype=dtype)
+        got = OneDnnLinear(weight, bias, act)(x)
+        want = reference_linear(x, weight, bias, act)
+        assert got.dtype == dtype and got.shape == (rows, 96)
+        tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {
+            "atol": 0.1, "rtol": 0.02}
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new", "silu"])
+def test_onednn_layers_equal_the_plain_packed_forward(tmp_path, hidden_act, texts):
+    """The CPU fast path (oneDNN linears, reused padded attention buffer) against the same
+    model's plain modules; silu is not fused into the GEMM and runs after it."""
+    from conftest import _save_tiny_model
+    from transformers import BertModel
+
+    from lepton_batch.engine.packed import PackedEncoder
+
+    model_dir = _save_tiny_model(tmp_path, BertModel, 5, hidden_act=hidden_act)
+    for dtype in ("float32", "bfloat16"):
+        engine = Engine(EngineConfig(model_dir=str(model_dir), head="base", max_length=64,
+                                     dtype=dtype))
+        if not engine.packed.onednn:
+            pytest.skip(engine.packed.layer_path)
+        assert "oneDNN" in engine.forward_reason
+        tok = engine.tokenize(texts)
+        got = engine.embed(tok, "mean", True, 1024, 32)
+        engine.packed = PackedEncoder(engine.model, engine.packed.backend, fast=False)
+        assert not engine.packed.onednn and not engine.packed.padded_attention
+        want = engine.embed(tok, "mean", True, 1024, 32)
+        if dtype == "float32":
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        else:
+            assert F.cosine_similarity(got, want, dim=-1).min() > 0.999

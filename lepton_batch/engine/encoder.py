@@ -136,7 +136,7 @@ class Engine:
             backend, reason = pick_varlen(self.device, dtype_name)
             self.packed = PackedEncoder(self.model, backend)
             self.attn_implementation = f"packed/{backend}"
-            why = f"{why}; {reason}"
+            why = f"{why}; {reason}; {self.packed.layer_path}"
         else:
             self.attn_implementation = attn
             why = f"{why}; {reason}"
