@@ -63,10 +63,13 @@ class OneDnnLinear:
 
     @classmethod
     def of(cls, linear: nn.Module, act: str | None = None) -> OneDnnLinear | None:
-        """A oneDNN copy of a plain ``nn.Linear``; None for anything else (an int8 swap)."""
-        if type(linear) is not nn.Linear:
-            return None
-        return cls(linear.weight, linear.bias, act)
+        """A oneDNN copy of a plain ``nn.Linear`` or of transformers' ``Conv1D`` (GPT-2's
+        linear, weight stored (in, out)); None for anything else (an int8 swap)."""
+        if type(linear) is nn.Linear:
+            return cls(linear.weight, linear.bias, act)
+        if type(linear).__name__ == "Conv1D" and linear.weight.dim() == 2:
+            return cls(linear.weight.t().contiguous(), linear.bias, act)
+        return None
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -69,6 +69,10 @@ def test_greedy_is_token_identical_to_model_generate(arch, request):
     model_dir = request.getfixturevalue(arch)
     dec = _decoder(model_dir)
     assert dec.stack is not None, dec.forward_reason
+    from lepton_batch.kernels.onednn import onednn_ok
+
+    # On CPU the stack runs oneDNN linears (GPT-2's Conv1D included); greedy must not move.
+    assert ("oneDNN linears" in dec.forward_reason) == onednn_ok("cpu", dec.dtype)[0]
     ids = _prompts(dec, 24)
     max_new = np.array([1 + (i * 7) % 40 for i in range(len(ids))])
     tok = Tokenized.from_lists(ids, np.zeros(len(ids), dtype=bool))

@@ -20,6 +20,7 @@ from torch import nn
 
 from lepton_batch.engine.batching import Tokenized, collate, plan_batches
 from lepton_batch.engine.load import EngineConfig, resolve_device, set_cpu_threads
+from lepton_batch.kernels.onednn import ACTIVATIONS, OneDnnLinear, onednn_ok
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class DecoderStack:
     ``head_dim``, ``n_layers`` describe the KV cache it needs.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, fast: bool = True) -> None:
         cfg = model.config
         self.gpt2 = cfg.model_type in GPT2_LIKE
         self.n_heads = cfg.num_attention_heads
@@ -127,6 +128,29 @@ class DecoderStack:
         self.n_layers = len(self.layers)
         self.splits = (self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                        self.n_kv * self.head_dim)
+        param = next(model.parameters())
+        ok, why = onednn_ok(param.device.type, param.dtype) if fast else (False, "off")
+        self.linear_path = f"oneDNN linears: {why}" if ok else f"torch linears ({why})"
+        if ok:
+            self._use_onednn(cfg)
+
+    def _use_onednn(self, cfg) -> None:
+        """Swap the projections, MLPs and LM head for oneDNN linears with weights reordered
+        once (see ``kernels/onednn.py``): a decode step is a GEMM of a few rows, where
+        reordering the weight on every call cost as much as the GEMM itself. Modules it
+        cannot copy (an int8 swap) stay as they are."""
+        def lin(module: nn.Module, act: str | None = None):
+            return OneDnnLinear.of(module, act) or module
+
+        self.qkv = [lin(m) for m in self.qkv]
+        self.out = [lin(m) for m in self.out]
+        self.lm_head = lin(self.lm_head)
+        act = cfg.activation_function if self.gpt2 else cfg.hidden_act
+        if self.gpt2:
+            self.mlp = [_Mlp(lin(m.c_fc, act if act in ACTIVATIONS else None), m.c_proj, m.act,
+                             act in ACTIVATIONS) for m in self.mlp]
+        else:
+            self.mlp = [_GatedMlp(m) for m in self.mlp]
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """Final hidden states (before the last norm), (N, d), for token ids (N,) int64 at
@@ -155,6 +179,37 @@ class DecoderStack:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, vocab) float32 logits from ``hidden`` (N, d)."""
         return self.lm_head(self.final_norm(hidden)).float()
+
+
+class _Mlp:
+    """GPT-2's MLP on oneDNN linears: up (activation fused when oneDNN has it), down."""
+
+    def __init__(self, up, down: nn.Module, act: Callable, fused: bool) -> None:
+        self.up, self.down = up, OneDnnLinear.of(down) or down
+        self.act = None if fused and isinstance(up, OneDnnLinear) else act
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        return self.down(h if self.act is None else self.act(h))
+
+
+class _GatedMlp:
+    """The Llama MLP, ``down(act(gate(x)) * up(x))``, with gate and up in one oneDNN GEMM."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        self.mlp, self.act = mlp, mlp.act_fn
+        self.width = mlp.gate_proj.out_features
+        both = (mlp.gate_proj, mlp.up_proj)
+        plain = all(type(m) is nn.Linear and m.bias is None for m in both)
+        self.gate_up = OneDnnLinear(torch.cat([m.weight for m in both]), None) if plain \
+            else None
+        self.down = OneDnnLinear.of(mlp.down_proj) or mlp.down_proj
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is None:
+            return self.mlp(x)
+        gate, up = self.gate_up(x).split(self.width, dim=-1)
+        return self.down(self.act(gate) * up)
 
 
 class KVCache:
@@ -285,7 +340,7 @@ class Decoder:
         ok, why = stack_support(self.model.config, config.max_length)
         self.stack = DecoderStack(self.model) if ok else None
         self.attn_implementation = "kv-cache/sdpa" if ok else "hf/sdpa"
-        self.forward_reason = why
+        self.forward_reason = f"{why}; {self.stack.linear_path}" if ok else why
         self.generation_config = self.model.generation_config
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
