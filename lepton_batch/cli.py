@@ -6,6 +6,7 @@ import logging
 import shlex
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lepton_batch.output import OutputError
-from lepton_batch.spec import JobSpecError, load_job
+from lepton_batch.spec import JobSpec, JobSpecError, load_job
 
 app = typer.Typer(
     help="Batch offline inference for large text corpora: sharded Parquet in, a transformer "
@@ -89,7 +90,10 @@ def _setup_logging(verbose: bool) -> None:
                 logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _load(job_file: Path, overrides: list[str] | None, run_date: str | None = None):
+def _load(job_file: Path, overrides: list[str] | None, run_date: str | None = None,
+          on_valid: Callable[[JobSpec], None] | None = None):
+    """The job file validated and planned. ``on_valid(job)``: called between the two (the
+    embedded cluster starts there, so its workers warm up while the driver plans)."""
     from datetime import date
 
     from lepton_batch.plan import make_plan
@@ -102,6 +106,8 @@ def _load(job_file: Path, overrides: list[str] | None, run_date: str | None = No
             raise JobSpecError([f"--run-date: {run_date!r} is not a date; write YYYY-MM-DD"],
                                "command line") from None
     job = load_job(job_file, overrides or [])
+    if on_valid is not None:
+        on_valid(job)
     return make_plan(job, str(job_file), day)
 
 
@@ -324,13 +330,29 @@ def submit(
     if progress not in ("auto", "rich", "plain", "none"):
         _fail(ValueError(f"--progress: {progress!r} is not one of rich, plain, none"))
     _setup_logging(verbose)
+    early: list = []
+
+    def start_cluster(job: JobSpec) -> None:
+        if report_only is None and not job.cluster.address:
+            from lepton_batch.early import EarlyCluster
+
+            early.append(EarlyCluster(job.cluster, job.model.path))
+
     try:
-        plan = _load(job_file, set_, run_date)
+        plan = _load(job_file, set_, run_date, on_valid=start_cluster)
+        if report_only is not None:
+            _report_again(plan.output_root, report_only)
+            return
+        _run(plan, progress, early[0] if early else None)
     except (JobSpecError, OutputError) as exc:
         _fail(exc)
-    if report_only is not None:
-        _report_again(plan.output_root, report_only)
-        return
+    finally:
+        for cluster in early:
+            cluster.close()
+
+
+def _run(plan, progress: str, early) -> None:
+    """submit, once the job is planned: run it, then report (which can only warn)."""
     from lepton_batch.progress import make_display
     from lepton_batch.run import RunResult, run_job
 
@@ -363,10 +385,7 @@ def submit(
     try:
         result = run_job(plan, on_start=on_start,
                          on_shard=lambda record: _quietly(display.update, True),
-                         on_progress=lambda _: _quietly(display.update))
-    except OutputError as exc:
-        display.stop()
-        _fail(exc)
+                         on_progress=lambda _: _quietly(display.update), early=early)
     except KeyboardInterrupt:
         display.stop()
         console.print("[yellow]interrupted:[/] finished shards are kept (staged, not yet "

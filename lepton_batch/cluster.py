@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dask
 import numpy as np
@@ -28,17 +29,22 @@ from lepton_batch.runner import RunContext, process_shard
 from lepton_batch.shards import Shard
 from lepton_batch.spec import ClusterSpec, JobSpec
 
+if TYPE_CHECKING:
+    from lepton_batch.early import EarlyCluster
+
 log = logging.getLogger(__name__)
 _CACHE_ATTR = "_lepton_batch_engines"
 _CACHE_LOCK = threading.Lock()
+_WARMING: list[threading.Event] = []  # warm-ups started in this process (see warm_up)
 
 
 @contextlib.contextmanager
-def open_client(spec: ClusterSpec) -> Iterator[Client]:
+def open_client(spec: ClusterSpec, warm: str | None = None) -> Iterator[Client]:
     """``Client(address)`` for an existing cluster, else an embedded LocalCluster.
 
     The embedded cluster binds scheduler and dashboard to 127.0.0.1 unless the job says
-    otherwise; a busy dashboard port falls back to a free one.
+    otherwise; a busy dashboard port falls back to a free one. ``warm``: a model
+    directory whose imports the embedded workers start at once (:func:`warm_up`).
     """
     if spec.address:
         with Client(spec.address) as client:
@@ -73,11 +79,57 @@ def open_client(spec: ClusterSpec) -> Iterator[Client]:
         # Dask's statistical profiler records torch's deep call stacks; sizing them for the
         # dashboard overflows the recursion limit and logs a harmless warning per run.
         client.run(_quiet_sizeof)
+        if warm:
+            client.run(warm_up, warm)
         yield client
 
 
 def _quiet_sizeof() -> None:
     logging.getLogger("distributed.sizeof").setLevel(logging.ERROR)
+
+
+def warm_up(model_dir: str) -> None:
+    """Start importing what the first shard will need, on a thread of this process.
+
+    A fresh worker spends seconds importing torch, transformers and the model's modeling
+    module, and on a GPU creating the CUDA context, before its first batch; started here,
+    that overlaps the driver's planning. A task waits for the warm-up to end before it
+    starts (:func:`_after_warm_up`): transformers' lazy module is not safe to import from
+    two threads at once. Best effort: a failure here only means the first task does the
+    work itself.
+    """
+    done = threading.Event()
+    with _CACHE_LOCK:
+        _WARMING.append(done)
+    threading.Thread(target=_warm_imports, args=(model_dir, done), daemon=True,
+                     name="lepton-warm-up").start()
+
+
+def _after_warm_up(timeout: float = 300.0) -> None:
+    """Block until every warm-up started in this process has ended."""
+    with _CACHE_LOCK:
+        pending = list(_WARMING)
+    for done in pending:
+        done.wait(timeout)
+
+
+def _warm_imports(model_dir: str, done: threading.Event) -> None:
+    try:
+        import torch
+        import transformers
+
+        import lepton_batch.engine.encoder  # noqa: F401  (and the kernels it imports)
+        from lepton_batch.modeldir import resolve_model_dir
+
+        config = transformers.AutoConfig.from_pretrained(str(resolve_model_dir(model_dir)))
+        for name in getattr(config, "architectures", None) or []:
+            getattr(transformers, name, None)  # imports the architecture's modeling module
+        if torch.cuda.is_available():
+            torch.zeros(1, device="cuda")  # the CUDA context
+    except Exception as exc:  # the first task will import (and report) it again
+        log.debug("warm-up of %s stopped: %s", model_dir, exc)
+    finally:
+        done.set()
 
 
 def _worker_cache() -> EngineCache:
@@ -96,6 +148,7 @@ def _run_shard(shard: Shard, job: JobSpec, ctx: RunContext, rows: np.ndarray | N
     """The task: one shard, its stages timed by Dask's ``context_meter`` (the dashboard's
     fine performance metrics) and its progress posted on :data:`~lepton_batch.monitor.TOPIC`."""
     worker = get_worker()
+    _after_warm_up()
     stats = BatchStats()
     with ShardWatch(lambda event: worker.log_event(TOPIC, event), job.name, ctx.run_id,
                     shard.index, stats) as watch:
@@ -153,7 +206,8 @@ def run_shards(todo: list[Shard], job: JobSpec, ctx: RunContext, report_file: Pa
                on_record: Callable[[ShardRecord], None],
                on_failure: Callable[[str, str], None],
                rows: dict[str, np.ndarray] | None = None,
-               on_progress: Callable[[dict], None] | None = None) -> None:
+               on_progress: Callable[[dict], None] | None = None,
+               early: EarlyCluster | None = None) -> None:
     """Submit one task per shard and report each record (or failure) as it finishes.
 
     ``on_start(dashboard_link)`` is called once the cluster is up; ``report_file``: where
@@ -161,8 +215,11 @@ def run_shards(todo: list[Shard], job: JobSpec, ctx: RunContext, report_file: Pa
     fingerprint -> the positions to compute in that shard (mode incremental); None: all.
     ``on_progress(event)``: this run's progress events (see monitor.py), called on the
     client's event-loop thread. All tasks run inside one Dask span named after the job.
+    ``early``: an embedded cluster already started for this run (closed by its owner).
     """
-    with open_client(job.cluster) as client:
+    clients = contextlib.nullcontext(early.client()) if early else open_client(
+        job.cluster, warm=str(ctx.model.path))
+    with clients as client:
         checkpoint("cluster-started")
         _start_metrics(client)
         if on_progress is not None:

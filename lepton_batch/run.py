@@ -21,6 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from lepton_batch.cluster import run_shards
+from lepton_batch.early import EarlyCluster
 from lepton_batch.faults import checkpoint
 from lepton_batch.incremental import RowPlan
 from lepton_batch.lock import output_lock
@@ -211,12 +212,15 @@ def write_report(report_dir: OutputPath, document: dict) -> list[str]:
 
 def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
             on_shard: Callable[[ShardRecord], None] | None = None,
-            on_progress: Callable[[RunProgress], None] | None = None) -> RunResult:
+            on_progress: Callable[[RunProgress], None] | None = None,
+            early: EarlyCluster | None = None) -> RunResult:
     """Run every shard not already done; publish the dataset and ``_SUCCESS`` when all are.
 
     ``on_start(result)``: once the cluster is up (``result.progress`` is then set);
     ``on_shard(record)``: each finished shard; ``on_progress(progress)``: after each worker
-    progress event, on the Dask client's thread.
+    progress event, on the Dask client's thread. ``early``: an embedded cluster the caller
+    started while planning (:class:`~lepton_batch.cluster.EarlyCluster`); the caller
+    closes it.
 
     Raises OutputError (OutputLocked) before any work when the output cannot be used.
     A failed shard or unreadable input file leaves the finished shards staged and the
@@ -289,7 +293,8 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
             # Dask writes its report to a local file; an object-store output goes without.
             dask_report = report / "dask-report.html" if isinstance(report, Path) else None
             run_shards(todo, job, ctx, dask_report, started_cluster, finished, failed,
-                       rows=rows_plan.rows if rows_plan else None, on_progress=progressed)
+                       rows=rows_plan.rows if rows_plan else None, on_progress=progressed,
+                       early=early)
         else:
             started_cluster(None)
         for bad in plan.bad_files:

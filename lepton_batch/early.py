@@ -1,0 +1,59 @@
+"""Start the embedded Dask cluster while the driver plans the run.
+
+A fresh ``submit`` used to plan first (read footers, load a tokenizer, estimate tokens),
+then start the cluster, and only then did the worker import torch and transformers and
+load the model: several seconds in series before the first batch. Here the cluster starts
+on a helper thread as soon as the job file is valid, and its workers begin their imports
+at once (:func:`lepton_batch.cluster.warm_up`), so both overlap the planning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dask.distributed import Client
+
+    from lepton_batch.spec import ClusterSpec
+
+log = logging.getLogger(__name__)
+
+
+class EarlyCluster:
+    """The embedded cluster, being started on a helper thread.
+
+    ``client()`` waits for it; ``close()`` shuts it down and must always be called (a run
+    that needs no cluster, or fails to plan, just closes it). The imports of Dask and of
+    the cluster module happen on the helper thread too, off the driver's path.
+    """
+
+    def __init__(self, spec: ClusterSpec, model_dir: str) -> None:
+        self._stack = contextlib.ExitStack()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lepton-cluster")
+        self._future = self._pool.submit(self._start, spec, model_dir)
+
+    def _start(self, spec: ClusterSpec, model_dir: str) -> Client:
+        from lepton_batch.cluster import open_client
+
+        return self._stack.enter_context(open_client(spec, warm=model_dir))
+
+    def client(self) -> Client:
+        """The started cluster's client; raises what starting it raised."""
+        return self._future.result()
+
+    def close(self) -> None:
+        """Shut the cluster down, on the thread that started it (Dask's client keeps its
+        "current client" in a context variable of that thread). Only warns: by now the
+        run's outcome is decided."""
+        try:
+            self._future.result()
+        except Exception as exc:  # a start that failed has nothing to close
+            log.debug("early cluster start failed: %s", exc)
+        try:
+            self._pool.submit(self._stack.close).result()
+        except Exception as exc:
+            log.warning("could not shut the embedded cluster down cleanly: %s", exc)
+        self._pool.shutdown()
