@@ -68,6 +68,7 @@ class RunContext:
             threads=job.engine.threads,
             quantization=job.model.quantization,
             packed=job.engine.packed,
+            compile=job.engine.compile,
             min_cosine=job.quality.min_cosine,
             min_label_agreement=job.quality.min_label_agreement,
             on_fail=job.quality.on_fail,

@@ -259,6 +259,10 @@ class EngineSpec(_Strict):
     # BERT-family encoders run on packed rows (no FLOP on padding); false: the Hugging Face
     # forward on padded batches, for every architecture.
     packed: bool = True
+    # torch.compile (inductor) the packed encoder's layers. Off by default: on CPU the
+    # oneDNN linears it replaces ran as fast as inductor with frozen weights, and compiling
+    # costs seconds per worker; on GPU it is not measured yet.
+    compile: bool = False
 
 
 class QualitySpec(_Strict):

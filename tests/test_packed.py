@@ -243,3 +243,12 @@ def test_onednn_layers_equal_the_plain_packed_forward(tmp_path, hidden_act, text
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         else:
             assert F.cosine_similarity(got, want, dim=-1).min() > 0.999
+
+
+def test_engine_compile_equals_the_eager_packed_forward(tiny_bert, texts):
+    """engine.compile: the layers' dense part through torch.compile (one graph, dynamic
+    token counts) gives the eager outputs."""
+    _, want, _ = _embed(tiny_bert, texts[:60], "mean", dtype="float32")
+    engine, got, _ = _embed(tiny_bert, texts[:60], "mean", dtype="float32", compile=True)
+    assert engine.packed.compiled is not None and "engine.compile" in engine.forward_reason
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -134,7 +134,7 @@ class Engine:
             False, "engine.packed is off: Hugging Face forward")
         if ok:
             backend, reason = pick_varlen(self.device, dtype_name)
-            self.packed = PackedEncoder(self.model, backend)
+            self.packed = PackedEncoder(self.model, backend, compile=self.config.compile)
             self.attn_implementation = f"packed/{backend}"
             why = f"{why}; {reason}; {self.packed.layer_path}"
         else:

@@ -31,6 +31,7 @@ class EngineConfig:
     threads: int | None = None
     quantization: str = "none"  # none | int8
     packed: bool = True  # BERT-family models run on packed rows (see packed.py)
+    compile: bool = False  # torch.compile the packed layers (see packed.py)
     # The quality gate: a precision other than fp32 must agree with fp32 on a sample of
     # the job's rows (see quality.py); 0 turns the check off.
     min_cosine: float = 0.99

@@ -71,10 +71,13 @@ class PackedEncoder:
     the linear layers through oneDNN with reordered weights and fused activations, and
     attention through one reused padded buffer per batch (``kernels/onednn.py``,
     ``PaddedAttention``), when this torch can; False keeps the plain modules (the
-    reference the tests compare against). ``self.layer_path`` says which ran and why.
+    reference the tests compare against). ``compile``: run each layer's dense part (after
+    attention) through ``torch.compile`` instead, one graph for every layer with dynamic
+    token counts. ``self.layer_path`` says which ran and why.
     """
 
-    def __init__(self, model: nn.Module, backend: str, fast: bool = True) -> None:
+    def __init__(self, model: nn.Module, backend: str, fast: bool = True,
+                 compile: bool = False) -> None:
         self.model, self.backend = model, backend
         self.base = model.base_model
         cfg = model.config
@@ -86,9 +89,14 @@ class PackedEncoder:
         self.head_kind = _HEADS.get(type(model).__name__)
         param = next(model.parameters())
         ok, why = onednn_ok(param.device.type, param.dtype) if fast else (False, "off")
+        if compile:
+            ok, why = False, "engine.compile"
         self.onednn = ok and backend == "sdpa_padded"
         self.padded_attention = fast and backend == "sdpa_padded"
         self.layer_path = f"oneDNN linears: {why}" if self.onednn else f"torch linears ({why})"
+        # dynamic: packed batches each have their own token count; modules are inputs of
+        # the graph (dynamo inlines them), so the layers share one compiled graph.
+        self.compiled = torch.compile(_dense_part, dynamic=True) if compile else None
         act = cfg.hidden_act if isinstance(cfg.hidden_act, str) else None
         self.act = act if act in ACTIVATIONS else None  # else the module's own, after
         # One GEMM for q, k and v instead of three, when none of them was swapped (int8).
@@ -147,11 +155,12 @@ class PackedEncoder:
                 ctx = ctx.reshape(total, width)
             if pad:
                 ctx = torch.cat([ctx, ctx.new_zeros(pad, width)])
-            if self.fast:
+            if self.compiled is not None:
+                x = self.compiled(layer, ctx, x)
+            elif self.fast:
                 x = self.fast[i](ctx, x)
             else:
-                x = layer.attention.output(ctx, x)  # dense + residual + LN
-                x = layer.output(layer.intermediate(x), x)
+                x = _dense_part(layer, ctx, x)
         return x[:total]
 
     def logits(self, batch: Batch) -> torch.Tensor:
@@ -160,6 +169,14 @@ class PackedEncoder:
         if self.head_kind == "bert":
             return self.model.classifier(self.base.pooler(first))
         return self.model.classifier(first)  # RoBERTa's head reads features[:, 0]
+
+
+def _dense_part(layer: nn.Module, ctx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A BERT layer after attention: output dense + residual + LayerNorm, then the
+    feed-forward block. ctx: attention output (T, hidden); x: the layer's input (T,
+    hidden); returns (T, hidden)."""
+    x = layer.attention.output(ctx, x)
+    return layer.output(layer.intermediate(x), x)
 
 
 class _OneDnnLayer:
