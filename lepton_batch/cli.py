@@ -43,7 +43,7 @@ app = typer.Typer(
     "model.generate.\n\n"
     "Monitoring: submit prints the Dask dashboard link and shows progress (shards, rows, "
     "tokens/s, padding efficiency, errors, ETA; `--progress rich|plain|none`); every run "
-    "writes _runs/<run id>/report.html (plots), report.json and Dask's dask-report.html; "
+    "writes `_runs/RUN_ID/report.html` (plots), report.json and Dask's dask-report.html; "
     "the scheduler's /metrics serves Prometheus counters named lepton_batch_*.",
     no_args_is_help=True,
     add_completion=False,
@@ -312,7 +312,7 @@ def submit(
 
     output.mode incremental (nightly jobs): only rows whose (id, content_hash) differs from
     the id's newest output row under this job fingerprint are computed, and they are added
-    as partition run_date=<run date>. In every mode, rows with identical content are
+    as partition `run_date=RUN_DATE`. In every mode, rows with identical content are
     computed once per shard.
 
     Exit codes (for schedulers): 0 done (published, or nothing to do), 1 some shard or
@@ -325,7 +325,7 @@ def submit(
     performance metrics. The scheduler's /metrics serves Prometheus counters
     (lepton_batch_rows_total, ..._tokens_total, ..._error_rows_total,
     ..._shards_done_total, ..._shards_failed_total, ..._tokens_per_second, ...). Each run
-    writes _runs/<run id>/report.html (plots), report.json and dask-report.html.
+    writes `_runs/RUN_ID/report.html` (plots), report.json and dask-report.html.
     """
     if progress not in ("auto", "rich", "plain", "none"):
         _fail(ValueError(f"--progress: {progress!r} is not one of rich, plain, none"))
@@ -484,7 +484,7 @@ def status(job_or_output: StatusArg, set_: SetOpt = None) -> None:
     """Show what a job's output holds: published shards vs planned, rows, errors, shards
     staged by an unfinished run, and whether a run is writing it now.
 
-    Both forms show the path of the latest run report (_runs/<run id>/report.html).
+    Both forms show the path of the latest run report (`_runs/RUN_ID/report.html`).
 
     Given an output directory instead of a job file: every run in it (shards run, skipped,
     failed and pending, rows, errors, tokens, rows/s and tokens/s, wall time, and in mode
