@@ -376,6 +376,7 @@ def _hf_pipeline(ctx: _Ctx) -> Method:
 def _submit(ctx: _Ctx, tmp: Path, dtype: str) -> Method:
     import polars as pl
 
+    from lepton_batch.early import EarlyCluster
     from lepton_batch.plan import make_plan
     from lepton_batch.run import run_job
     from lepton_batch.spec import JobSpec
@@ -393,8 +394,12 @@ def _submit(ctx: _Ctx, tmp: Path, dtype: str) -> Method:
 
     def run() -> Pass:
         start = time.perf_counter()
-        plan = make_plan(job, "bench job")
-        result = run_job(plan)
+        early = EarlyCluster(job.cluster, job.model.path)  # as the CLI does: while planning
+        try:
+            plan = make_plan(job, "bench job")
+            result = run_job(plan, early=early)
+        finally:
+            early.close()
         seconds = time.perf_counter() - start
         if not result.ok:
             raise RuntimeError(f"submit failed: {result.failures}")
@@ -403,8 +408,9 @@ def _submit(ctx: _Ctx, tmp: Path, dtype: str) -> Method:
         return Pass(emb, result.tokens, result.padded_tokens,
                     _scaled(ctx.lengths, result.tokens, result.padded_tokens), seconds)
 
-    return Method(run, len(ctx.raw), dtype, "wall clock of plan, cluster start, model load, "
-                  "run and publish; one process worker", in_process=False)
+    return Method(run, len(ctx.raw), dtype, "wall clock of plan, cluster start (begun while "
+                  "planning, as submit does), model load, run and publish; one process worker",
+                  in_process=False)
 
 
 class _Skip(Exception):
@@ -459,8 +465,11 @@ def _load_rows(corpus: str, rows: int) -> tuple[list[str], str]:
         raise ValueError(f"--corpus: {corpus} has no usable rows in column 'text'")
     note = f"corpus: {corpus} ({len(files)} file(s))"
     if len(texts) < rows:
-        note += f": {len(texts):,} usable rows, repeated to {rows:,}"
-        texts = texts * (rows // len(texts) + 1)
+        # Each copy is marked: submit computes identical rows of a shard once, and an
+        # unmarked copy would let it skip most of the work the other methods do.
+        note += f": {len(texts):,} usable rows, repeated to {rows:,} (copy k ends in \" (k)\")"
+        texts = [t if k == 0 else f"{t} ({k})"
+                 for k in range(rows // len(texts) + 1) for t in texts]
     return texts[: rows], note
 
 

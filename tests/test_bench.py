@@ -87,3 +87,17 @@ def test_bench_on_cuda(tmp_path, tiny_bert):
     result = run_bench(cfg)
     for m in result.methods:
         assert m.rate > 0 and m.cuda_mib and 0 < m.gpu_busy <= 1, m
+
+
+def test_a_repeated_corpus_has_no_identical_rows(tmp_path):
+    """--rows beyond the corpus repeats it; submit computes identical rows once, so each
+    copy is marked, or submit would skip the work the other methods do."""
+    from conftest import write_corpus
+
+    from lepton_batch.bench import _load_rows
+
+    write_corpus(tmp_path, n_files=1, rows=30, bad=False)
+    texts, note = _load_rows(str(tmp_path), 100)
+    assert len(texts) == 100 and len(set(texts)) == 100
+    assert texts[:30] == sample_texts(30) and texts[30] == f"{texts[0]} (1)"
+    assert "repeated to 100" in note

@@ -58,6 +58,16 @@ def test_validate_reports_every_problem(tmp_path, tiny_bert, corpus):
     assert res.returncode == 2 and "model.path: /nonexistent/model is not a directory" in res.stdout
 
 
+def test_submit_that_fails_to_plan_closes_its_early_cluster(tmp_path, tiny_bert, corpus):
+    """submit starts the embedded cluster as soon as the job file is valid, before the plan
+    reads inputs; a plan error still exits 2 cleanly (no traceback, no hang on the
+    cluster's threads and processes)."""
+    res = _run("submit", str(_job(tmp_path, tiny_bert)), "--set", "input.text_column=body")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "input.text_column: column 'body' not in" in " ".join(res.stdout.split())
+    assert "Traceback" not in res.stdout + res.stderr
+
+
 def test_submit_then_resume_then_status(tmp_path, tiny_bert, corpus):
     job = _job(tmp_path, tiny_bert)
     res = _run("submit", str(job))

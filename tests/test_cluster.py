@@ -42,3 +42,43 @@ def test_thread_cluster_listens_on_loopback_only():
         listening = {c.laddr for c in psutil.Process().net_connections()
                      if c.status == "LISTEN"} - before
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+
+
+def _warm_state() -> tuple[bool, bool]:
+    """In a worker: every warm-up ended, and it got as far as importing transformers."""
+    import sys
+
+    from lepton_batch.cluster import _WARMING
+
+    return all(done.is_set() for done in _WARMING), "transformers" in sys.modules
+
+
+def test_early_cluster_warms_workers_and_closes(tiny_bert):
+    """submit starts the cluster while it plans; its workers import the model's stack at
+    once, and a task waits for that before it starts (see cluster.warm_up)."""
+    from lepton_batch.cluster import _after_warm_up
+    from lepton_batch.early import EarlyCluster
+
+    early = EarlyCluster(ClusterSpec(n_workers=1, dashboard_address="127.0.0.1:0"),
+                         str(tiny_bert))
+    try:
+        client = early.client()
+        worker = next(iter(client.scheduler_info()["workers"]))
+        client.run(_after_warm_up, workers=[worker])
+        assert client.run(_warm_state) == {worker: (True, True)}
+        scheduler = client.scheduler.address
+    finally:
+        early.close()
+    import pytest
+    from distributed import Client
+
+    with pytest.raises(OSError):  # the scheduler is gone
+        Client(scheduler, timeout="2s")
+
+
+def test_a_failed_warm_up_never_blocks_a_task(tmp_path):
+    from lepton_batch.cluster import _WARMING, _after_warm_up, warm_up
+
+    warm_up(str(tmp_path / "no-such-model"))
+    _after_warm_up(timeout=120)
+    assert _WARMING and all(done.is_set() for done in _WARMING)
