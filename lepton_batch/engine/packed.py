@@ -111,9 +111,10 @@ class PackedEncoder:
                 b = torch.cat([x.bias for x in lins]) if all(
                     x.bias is not None for x in lins) else None
                 fused = (w, b)
-            self.qkv.append(fused)
             if self.onednn:
                 self.fast.append(_OneDnnLayer(layer, fused, self.act))
+                fused = None  # the oneDNN copy serves q/k/v; no third copy of the weights
+            self.qkv.append(fused)
 
     def _qkv(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """(T, hidden) -> (T, 3 * hidden): q, k and v side by side."""
