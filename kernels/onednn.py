@@ -11,13 +11,13 @@ up-projection + GELU ran in about half the time, in fp32 and bf16. The reference
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
+Linear = Callable[[torch.Tensor], torch.Tensor]
 
 # transformers' hidden_act name -> (oneDNN post-op, its algorithm): GELU exact or tanh.
 ACTIVATIONS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"),
@@ -55,7 +55,6 @@ class OneDnnLinear:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
         self.bias = None if bias is None else bias.detach()
         self.attr, self.algorithm = ACTIVATIONS[act] if act else ("none", "")
-        self.out_features = weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.attr, [],
@@ -70,6 +69,22 @@ class OneDnnLinear:
         if type(linear).__name__ == "Conv1D" and linear.weight.dim() == 2:
             return cls(linear.weight.t().contiguous(), linear.bias, act)
         return None
+
+
+def fast_linear(linear: nn.Module) -> Linear:
+    """``linear`` as a oneDNN linear, or the module itself when it cannot be copied."""
+    return OneDnnLinear.of(linear) or linear
+
+
+def with_activation(linear: nn.Module, act: str | None, act_fn: Linear) -> Linear:
+    """``act_fn(linear(x))``: one oneDNN GEMM with the activation fused when ``act`` names
+    one oneDNN has (see :data:`ACTIVATIONS`), else the linear (oneDNN where it can) and
+    then ``act_fn``."""
+    fused = OneDnnLinear.of(linear, act) if act in ACTIVATIONS else None
+    if fused is not None:
+        return fused
+    plain = fast_linear(linear)
+    return lambda x: act_fn(plain(x))
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

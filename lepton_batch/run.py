@@ -219,7 +219,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
     ``on_start(result)``: once the cluster is up (``result.progress`` is then set);
     ``on_shard(record)``: each finished shard; ``on_progress(progress)``: after each worker
     progress event, on the Dask client's thread. ``early``: an embedded cluster the caller
-    started while planning (:class:`~lepton_batch.cluster.EarlyCluster`); the caller
+    started while planning (:class:`~lepton_batch.early.EarlyCluster`); the caller
     closes it.
 
     Raises OutputError (OutputLocked) before any work when the output cannot be used.

@@ -20,7 +20,7 @@ from torch import nn
 
 from lepton_batch.engine.batching import Tokenized, collate, plan_batches
 from lepton_batch.engine.load import EngineConfig, resolve_device, set_cpu_threads
-from lepton_batch.kernels.onednn import ACTIVATIONS, OneDnnLinear, onednn_ok
+from lepton_batch.kernels.onednn import OneDnnLinear, fast_linear, onednn_ok, with_activation
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +139,11 @@ class DecoderStack:
         once (see ``kernels/onednn.py``): a decode step is a GEMM of a few rows, where
         reordering the weight on every call cost as much as the GEMM itself. Modules it
         cannot copy (an int8 swap) stay as they are."""
-        def lin(module: nn.Module, act: str | None = None):
-            return OneDnnLinear.of(module, act) or module
-
-        self.qkv = [lin(m) for m in self.qkv]
-        self.out = [lin(m) for m in self.out]
-        self.lm_head = lin(self.lm_head)
-        act = cfg.activation_function if self.gpt2 else cfg.hidden_act
+        self.qkv = [fast_linear(m) for m in self.qkv]
+        self.out = [fast_linear(m) for m in self.out]
+        self.lm_head = fast_linear(self.lm_head)
         if self.gpt2:
-            self.mlp = [_Mlp(lin(m.c_fc, act if act in ACTIVATIONS else None), m.c_proj, m.act,
-                             act in ACTIVATIONS) for m in self.mlp]
+            self.mlp = [_Mlp(m, cfg.activation_function) for m in self.mlp]
         else:
             self.mlp = [_GatedMlp(m) for m in self.mlp]
 
@@ -184,13 +179,12 @@ class DecoderStack:
 class _Mlp:
     """GPT-2's MLP on oneDNN linears: up (activation fused when oneDNN has it), down."""
 
-    def __init__(self, up, down: nn.Module, act: Callable, fused: bool) -> None:
-        self.up, self.down = up, OneDnnLinear.of(down) or down
-        self.act = None if fused and isinstance(up, OneDnnLinear) else act
+    def __init__(self, mlp: nn.Module, act: str) -> None:
+        self.up = with_activation(mlp.c_fc, act, mlp.act)
+        self.down = fast_linear(mlp.c_proj)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
-        return self.down(h if self.act is None else self.act(h))
+        return self.down(self.up(x))
 
 
 class _GatedMlp:
@@ -203,7 +197,7 @@ class _GatedMlp:
         plain = all(type(m) is nn.Linear and m.bias is None for m in both)
         self.gate_up = OneDnnLinear(torch.cat([m.weight for m in both]), None) if plain \
             else None
-        self.down = OneDnnLinear.of(mlp.down_proj) or mlp.down_proj
+        self.down = fast_linear(mlp.down_proj)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None:

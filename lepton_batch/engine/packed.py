@@ -17,7 +17,7 @@ from torch import nn
 from lepton_batch.engine.batching import Batch
 from lepton_batch.kernels import varlen_attention
 from lepton_batch.kernels.attention import PaddedAttention
-from lepton_batch.kernels.onednn import ACTIVATIONS, OneDnnLinear, onednn_ok
+from lepton_batch.kernels.onednn import OneDnnLinear, fast_linear, onednn_ok, with_activation
 
 _FAMILY = {"bert", "roberta", "xlm-roberta", "camembert"}
 _HEADS = {"BertForSequenceClassification": "bert", "RobertaForSequenceClassification": "roberta",
@@ -88,9 +88,10 @@ class PackedEncoder:
         self.heads, self.head_dim = sa.num_attention_heads, sa.attention_head_size
         self.head_kind = _HEADS.get(type(model).__name__)
         param = next(model.parameters())
-        ok, why = onednn_ok(param.device.type, param.dtype) if fast else (False, "off")
         if compile:
             ok, why = False, "engine.compile"
+        else:
+            ok, why = onednn_ok(param.device.type, param.dtype) if fast else (False, "off")
         self.onednn = ok and backend == "sdpa_padded"
         self.padded_attention = fast and backend == "sdpa_padded"
         self.layer_path = f"oneDNN linears: {why}" if self.onednn else f"torch linears ({why})"
@@ -98,7 +99,6 @@ class PackedEncoder:
         # the graph (dynamo inlines them), so the layers share one compiled graph.
         self.compiled = torch.compile(_dense_part, dynamic=True) if compile else None
         act = cfg.hidden_act if isinstance(cfg.hidden_act, str) else None
-        self.act = act if act in ACTIVATIONS else None  # else the module's own, after
         # One GEMM for q, k and v instead of three, when none of them was swapped (int8).
         self.qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
         self.fast: list[_OneDnnLayer] = []
@@ -112,7 +112,7 @@ class PackedEncoder:
                     x.bias is not None for x in lins) else None
                 fused = (w, b)
             if self.onednn:
-                self.fast.append(_OneDnnLayer(layer, fused, self.act))
+                self.fast.append(_OneDnnLayer(layer, fused, act))
                 fused = None  # the oneDNN copy serves q/k/v; no third copy of the weights
             self.qkv.append(fused)
 
@@ -188,24 +188,14 @@ class _OneDnnLayer:
     def __init__(self, layer: nn.Module, qkv: tuple[torch.Tensor, torch.Tensor | None] | None,
                  act: str | None) -> None:
         self.qkv = OneDnnLinear(*qkv) if qkv is not None else None
-        self.attn_dense = OneDnnLinear.of(layer.attention.output.dense)
+        self.attn_dense = fast_linear(layer.attention.output.dense)
         self.attn_norm = layer.attention.output.LayerNorm
-        self.up = OneDnnLinear.of(layer.intermediate.dense, act)
-        self.act = None if act else layer.intermediate.intermediate_act_fn
-        self.down = OneDnnLinear.of(layer.output.dense)
+        self.up = with_activation(layer.intermediate.dense, act,
+                                  layer.intermediate.intermediate_act_fn)
+        self.down = fast_linear(layer.output.dense)
         self.out_norm = layer.output.LayerNorm
-        self.layer = layer
 
     def __call__(self, ctx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """ctx: attention output (T, hidden); x: the layer's input (T, hidden)."""
-        layer = self.layer
-        dense = self.attn_dense or layer.attention.output.dense
-        x = self.attn_norm(dense(ctx) + x)
-        if self.up is None:
-            h = layer.intermediate(x)
-        else:
-            h = self.up(x)
-            if self.act is not None:  # an activation oneDNN cannot fuse
-                h = self.act(h)
-        down = self.down or layer.output.dense
-        return self.out_norm(down(h) + x)
+        x = self.attn_norm(self.attn_dense(ctx) + x)
+        return self.out_norm(self.down(self.up(x)) + x)
