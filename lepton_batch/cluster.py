@@ -215,7 +215,8 @@ def run_shards(todo: list[Shard], job: JobSpec, ctx: RunContext, report_file: Pa
     fingerprint -> the positions to compute in that shard (mode incremental); None: all.
     ``on_progress(event)``: this run's progress events (see monitor.py), called on the
     client's event-loop thread. All tasks run inside one Dask span named after the job.
-    ``early``: an embedded cluster already started for this run (closed by its owner).
+    ``early``: an embedded cluster already started for this run; its shutdown begins here
+    once the tasks are done (``EarlyCluster.release``), and its owner closes it.
     """
     clients = contextlib.nullcontext(early.client()) if early else open_client(
         job.cluster, warm=str(ctx.model.path))
@@ -246,6 +247,8 @@ def run_shards(todo: list[Shard], job: JobSpec, ctx: RunContext, report_file: Pa
                 future.release()
         if on_progress is not None:
             client.unsubscribe_topic(TOPIC)
+    if early:  # nothing more runs on it: let the workers exit while the driver publishes
+        early.release()
 
 
 def _ours(event: tuple[float, dict], run_id: str, handler: Callable[[dict], None]) -> None:

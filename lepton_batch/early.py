@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,15 +25,18 @@ log = logging.getLogger(__name__)
 class EarlyCluster:
     """The embedded cluster, being started on a helper thread.
 
-    ``client()`` waits for it; ``close()`` shuts it down and must always be called (a run
-    that needs no cluster, or fails to plan, just closes it). The imports of Dask and of
-    the cluster module happen on the helper thread too, off the driver's path.
+    ``client()`` waits for it; ``release()`` begins its shutdown once the run needs it no
+    more (publishing and reports then overlap the workers' exit); ``close()`` waits for the
+    shutdown and must always be called (a run that needs no cluster, or fails to plan,
+    just closes it). The imports of Dask and of the cluster module happen on the helper
+    thread too, off the driver's path.
     """
 
     def __init__(self, spec: ClusterSpec, model_dir: str) -> None:
         self._stack = contextlib.ExitStack()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lepton-cluster")
         self._future = self._pool.submit(self._start, spec, model_dir)
+        self._closing: Future[None] | None = None
 
     def _start(self, spec: ClusterSpec, model_dir: str) -> Client:
         from lepton_batch.cluster import open_client
@@ -44,16 +47,23 @@ class EarlyCluster:
         """The started cluster's client; raises what starting it raised."""
         return self._future.result()
 
+    def release(self) -> None:
+        """Begin shutting the cluster down, without waiting. It runs on the thread that
+        started it (Dask's client keeps its "current client" in a context variable of
+        that thread), after the start has finished."""
+        if self._closing is None:
+            self._closing = self._pool.submit(self._stack.close)
+
     def close(self) -> None:
-        """Shut the cluster down, on the thread that started it (Dask's client keeps its
-        "current client" in a context variable of that thread). Only warns: by now the
+        """Shut the cluster down (see ``release``) and wait for it. Only warns: by now the
         run's outcome is decided."""
+        self.release()
         try:
             self._future.result()
         except Exception as exc:  # a start that failed has nothing to close
             log.debug("early cluster start failed: %s", exc)
         try:
-            self._pool.submit(self._stack.close).result()
+            self._closing.result()
         except Exception as exc:
             log.warning("could not shut the embedded cluster down cleanly: %s", exc)
         self._pool.shutdown()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE_PREFIX = "package:"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,38 @@ def _revision(path: Path) -> str:
 
 
 def _known_model_type(model_type: object) -> bool:
+    """Whether transformers has a built-in config class for ``model_type``.
+
+    Asked first of the name table transformers generates (``auto_mappings.py``), loaded
+    from its file: ``from transformers import CONFIG_MAPPING`` imports torch, seconds that
+    planning a job would otherwise spend. A name not in that table (or no table, in another
+    transformers layout) is asked of ``CONFIG_MAPPING`` itself.
+    """
+    if not isinstance(model_type, str):
+        return False
+    if model_type in _generated_model_types():
+        return True
     from transformers import CONFIG_MAPPING
 
-    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    return model_type in CONFIG_MAPPING
+
+
+@functools.cache
+def _generated_model_types() -> frozenset[str]:
+    """The keys of transformers' generated ``CONFIG_MAPPING_NAMES``, without importing
+    transformers; empty when the file is not where transformers 5 keeps it."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    path = Path(spec.submodule_search_locations[0]) / "models" / "auto" / "auto_mappings.py"
+    try:
+        loader = importlib.util.spec_from_file_location("_lepton_auto_mappings", path)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+        return frozenset(module.CONFIG_MAPPING_NAMES)
+    except (OSError, ImportError, AttributeError, SyntaxError) as exc:
+        log.debug("transformers' model type table not read from %s: %s", path, exc)
+        return frozenset()
 
 
 def remote_code_reason(config: dict) -> str | None:
@@ -95,11 +128,11 @@ def remote_code_reason(config: dict) -> str | None:
     named architecture is a transformers class too (a custom ``JinaBertModel`` over
     ``model_type: bert`` would load as plain BERT and give silently wrong outputs).
     """
-    import transformers
-
     auto_map = config.get("auto_map")
     if not auto_map:
         return None
+    import transformers
+
     entries = ", ".join(f"{k} -> {v}" for k, v in dict(auto_map).items())
     model_type = config.get("model_type")
     if not _known_model_type(model_type):

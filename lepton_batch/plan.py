@@ -7,6 +7,7 @@ job file in one pass instead of one error per run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -220,14 +221,10 @@ def estimate_tokens(plan: Plan, sample_rows: int = 2000) -> tuple[int, float]:
 
     Loads the tokenizer only, never the model. Returns ``(total_estimate, mean_per_row)``.
     """
-    from transformers import AutoTokenizer
-
     from lepton_batch.pipelines import prepare_text
     from lepton_batch.shards import read_shard
 
-    tok = AutoTokenizer.from_pretrained(
-        str(plan.model.path), trust_remote_code=plan.job.model.trust_remote_code
-    )
+    tok = _sample_tokenizer(plan)
     sampled = plan.shards[:: max(1, len(plan.shards) // 20)][:20]
     per_shard = max(1, sample_rows // max(1, len(sampled)))
     lengths: list[int] = []
@@ -245,10 +242,32 @@ def estimate_tokens(plan: Plan, sample_rows: int = 2000) -> tuple[int, float]:
             column = read_shard(shard, [plan.job.input.text_column]).column(0)
             texts = plan.settings.apply(prepare_text(column.slice(0, per_shard)).texts)
         if texts:
-            ids = tok(texts, truncation=True, max_length=plan.settings.max_length)["input_ids"]
-            lengths += [len(x) for x in ids]
+            lengths += tok(texts)
     mean = float(np.mean(lengths)) if lengths else 0.0
     return int(mean * plan.rows), mean
+
+
+def _sample_tokenizer(plan: Plan) -> Callable[[list[str]], list[int]]:
+    """texts -> token counts after truncation to ``max_length``, special tokens included.
+
+    The model's ``tokenizer.json`` through the tokenizers library when there is one (no
+    transformers import in the driver, which would pull in torch); else AutoTokenizer.
+    """
+    limit = plan.settings.max_length
+    file = plan.model.path / "tokenizer.json"
+    if file.is_file():
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_file(str(file))
+        fast.no_padding()
+        fast.enable_truncation(limit)
+        return lambda texts: [len(e.ids) for e in fast.encode_batch(texts)]
+    from transformers import AutoTokenizer
+
+    slow = AutoTokenizer.from_pretrained(
+        str(plan.model.path), trust_remote_code=plan.job.model.trust_remote_code)
+    return lambda texts: [len(x) for x in slow(texts, truncation=True,
+                                                max_length=limit)["input_ids"]]
 
 
 def estimate_work(plan: Plan, rows: dict[str, np.ndarray] | None = None

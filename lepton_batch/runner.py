@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lepton_batch.engine import BatchStats, Engine, EngineCache, EngineConfig
+from lepton_batch.engine import BatchStats, EngineCache, EngineConfig
 from lepton_batch.faults import checkpoint
 from lepton_batch.incremental import content_hashes, first_occurrences
 from lepton_batch.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
@@ -38,6 +38,7 @@ from lepton_batch.store import OutputPath
 
 if TYPE_CHECKING:
     from lepton_batch.engine.decoder import Decoder
+    from lepton_batch.engine.encoder import Engine
 
 
 @dataclass(frozen=True)

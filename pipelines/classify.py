@@ -8,19 +8,27 @@ With a head, scores are softmax probabilities (sigmoid for multi-label models).
 
 from __future__ import annotations
 
-import pyarrow as pa
-import torch
+from typing import TYPE_CHECKING
 
-from lepton_batch.engine import BatchStats, Engine, Tokenized
+import pyarrow as pa
+
+from lepton_batch.engine import BatchStats, Tokenized
 from lepton_batch.modeldir import ModelInfo
 from lepton_batch.pipelines.embed import prompt_tokens
 from lepton_batch.pipelines.text import PreparedText, encoder_texts
 from lepton_batch.settings import Settings
 from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec
 
+if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
+    import torch
+
+    from lepton_batch.engine.encoder import Engine
+
 
 def top_labels(scores: torch.Tensor, names: list[str], k: int) -> dict[str, pa.Array]:
     """``label``/``score`` (top 1) and ``labels``/``scores`` (top k) from (n, L) scores."""
+    import torch
+
     top = torch.topk(scores, k, dim=-1)
     idx, val = top.indices.numpy(), top.values.numpy()
     picked = [[names[j] for j in row] for row in idx]
@@ -80,6 +88,8 @@ class ClassifyPipeline:
     def _scores(self, engine: Engine, tok: Tokenized, spec: EngineSpec,
                 stats: BatchStats) -> torch.Tensor:
         """(n, num_labels) float32 scores for the tokenized rows."""
+        import torch
+
         budget, rows = engine.token_budget(spec.max_tokens_per_batch), spec.max_rows_per_batch
         if self.zero_shot:
             pooling, skip = self.settings.pooling, prompt_tokens(engine, self.settings)

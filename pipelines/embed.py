@@ -6,13 +6,18 @@ the job's values, else the model directory's own, as sentence-transformers appli
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 
-from lepton_batch.engine import BatchStats, Engine, Tokenized
+from lepton_batch.engine import BatchStats, Tokenized
 from lepton_batch.modeldir import ModelInfo
 from lepton_batch.pipelines.text import PreparedText, encoder_texts
 from lepton_batch.settings import Settings
 from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec
+
+if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
+    from lepton_batch.engine.encoder import Engine
 
 
 def prompt_tokens(engine: Engine, settings: Settings) -> int:

@@ -9,17 +9,20 @@ from the model's ``generation_config.json`` as ``model.generate`` reads them.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from lepton_batch.engine import BatchStats, Tokenized
-from lepton_batch.engine.decoder import Decoder
-from lepton_batch.engine.generate import GenerateStats, Sampling, generate, row_seed
 from lepton_batch.modeldir import ModelInfo
 from lepton_batch.pipelines.prompts import chat_prompts, prepared, render, template
 from lepton_batch.pipelines.text import PreparedText
 from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec, template_fields
+
+if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
+    from lepton_batch.engine.decoder import Decoder
+    from lepton_batch.engine.generate import Sampling
 
 
 def fit_context(ids: list[list[int]], max_new: np.ndarray,
@@ -38,6 +41,8 @@ def fit_context(ids: list[list[int]], max_new: np.ndarray,
 def resolve_sampling(task: TaskSpec, generation_config) -> Sampling:
     """The job's sampling fields, else the model's generation config, else the defaults of
     ``model.generate``."""
+    from lepton_batch.engine.generate import Sampling
+
     def pick(job_value, name: str, default):
         if job_value is not None:
             return job_value
@@ -118,6 +123,8 @@ class GeneratePipeline:
                         prompts[i] = None
                     continue
                 limits[i] = int(value)
+        from lepton_batch.engine.generate import row_seed
+
         prep = prepared(prompts, errors)
         ids = table[self.id_column].to_pylist()
         self.max_new = limits[prep.valid]
@@ -138,6 +145,8 @@ class GeneratePipeline:
     def run(self, engine: Decoder, tok: Tokenized, spec: EngineSpec,
             stats: BatchStats) -> dict[str, pa.Array]:
         """Generations for the tokenized prompts, in their order."""
+        from lepton_batch.engine.generate import GenerateStats, generate
+
         gstats = GenerateStats()
         out = generate(engine, tok, self.max_new, self.seeds,
                        resolve_sampling(self.task, engine.generation_config), self.task.stop,

@@ -9,17 +9,20 @@ log-likelihoods turned into probabilities over the labels (softmax).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
-import torch
 
 from lepton_batch.engine import BatchStats, Tokenized
-from lepton_batch.engine.decoder import Decoder
 from lepton_batch.modeldir import ModelInfo
 from lepton_batch.pipelines.classify import top_labels
 from lepton_batch.pipelines.prompts import prepared, render, template
 from lepton_batch.pipelines.text import PreparedText
 from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec, template_fields
+
+if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
+    from lepton_batch.engine.decoder import Decoder
 
 
 class LikelihoodPipeline:
@@ -64,6 +67,8 @@ class LikelihoodPipeline:
     def run(self, engine: Decoder, tok: Tokenized, spec: EngineSpec,
             stats: BatchStats) -> dict[str, pa.Array]:
         """Top-k labels for the tokenized prompts, in their order."""
+        import torch
+
         n, k = len(tok), len(self.label_texts)
         if n == 0:
             return top_labels(torch.zeros(0, k), self.names, self.task.labels_k)

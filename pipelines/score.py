@@ -8,15 +8,19 @@ continuation's tokens, given the prompt: ``log p(continuation | prompt)``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 
 from lepton_batch.engine import BatchStats, Tokenized
-from lepton_batch.engine.decoder import Decoder
 from lepton_batch.modeldir import ModelInfo
 from lepton_batch.pipelines.prompts import prepared, render, template
 from lepton_batch.pipelines.text import PreparedText, check_value
 from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec, template_fields
+
+if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
+    from lepton_batch.engine.decoder import Decoder
 
 
 class ScorePipeline:

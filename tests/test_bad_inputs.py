@@ -326,6 +326,24 @@ def test_model_type_unknown_without_auto_map(tmp_path, tiny_bert):
         _plan(tmp_path, model)
 
 
+def test_model_types_known_without_importing_transformers():
+    """The plan reads transformers' generated model-type table from its file; a type that
+    only CONFIG_MAPPING has (registered at run time, or a special case) still counts."""
+    from transformers import CONFIG_MAPPING, AutoConfig, BertConfig
+
+    from lepton_batch.modeldir import _generated_model_types, _known_model_type
+
+    table = _generated_model_types()
+    assert {"bert", "llama", "gpt2", "qwen2"} <= table <= set(CONFIG_MAPPING.keys())
+    assert not _known_model_type("bert-from-the-future") and not _known_model_type(None)
+
+    class LateConfig(BertConfig):
+        model_type = "lepton-late-bert"
+
+    AutoConfig.register("lepton-late-bert", LateConfig)
+    assert "lepton-late-bert" not in table and _known_model_type("lepton-late-bert")
+
+
 def test_model_with_pickle_only_weights_is_refused(tmp_path, pickle_model):
     _good_input(tmp_path)
     with pytest.raises(JobSpecError, match=r"model\.allow_pickle: .* has only pickled weights "

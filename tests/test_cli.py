@@ -45,6 +45,26 @@ def test_validate_prints_plan_without_loading_model(tmp_path, tiny_bert, corpus)
     assert "tokens (estimate)" in res.stdout and "job is valid" in res.stdout
 
 
+@pytest.mark.parametrize("task", [{"kind": "embed"}, {"kind": "classify", "labels": ["a", "b"]}])
+def test_planning_imports_no_model_stack(tmp_path, tiny_bert, corpus, task):
+    """What submit's driver does before the workers run (plan, estimate the work) and
+    validate: no torch, no transformers. Their import took seconds that the embedded
+    workers, importing the same at the same time, needed on a small machine."""
+    job = _job(tmp_path, tiny_bert, **task)
+    code = ("import sys; from pathlib import Path; from lepton_batch.spec import load_job; "
+            "from lepton_batch.plan import make_plan, estimate_work; import lepton_batch.run; "
+            f"plan = make_plan(load_job(Path({str(job)!r}))); "
+            "assert sum(n for n, _ in estimate_work(plan).values()) == plan.rows; "
+            "from typer.testing import CliRunner; from lepton_batch.cli import app; "
+            f"r = CliRunner().invoke(app, ['validate', {str(job)!r}]); "
+            "assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
 def test_validate_reports_every_problem(tmp_path, tiny_bert, corpus):
     job = _job(tmp_path, tiny_bert)
     res = _run("validate", str(job), "--set", "input.text_column=body",

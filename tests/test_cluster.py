@@ -76,6 +76,25 @@ def test_early_cluster_warms_workers_and_closes(tiny_bert):
         Client(scheduler, timeout="2s")
 
 
+def test_early_cluster_release_then_close(tiny_bert):
+    """release() starts the shutdown without waiting (run_shards calls it once the tasks
+    are done); close() waits for it, and both may be called again."""
+    from lepton_batch.early import EarlyCluster
+
+    early = EarlyCluster(ClusterSpec(n_workers=1, dashboard_address="127.0.0.1:0"),
+                         str(tiny_bert))
+    scheduler = early.client().scheduler.address
+    early.release()
+    early.release()
+    early.close()
+    early.close()
+    import pytest
+    from distributed import Client
+
+    with pytest.raises(OSError):  # the scheduler is gone
+        Client(scheduler, timeout="2s")
+
+
 def test_a_failed_warm_up_never_blocks_a_task(tmp_path):
     from lepton_batch.cluster import _WARMING, _after_warm_up, warm_up
 

@@ -101,6 +101,20 @@ def test_embed_job_matches_direct_forward(tmp_path, tiny_bert, corpus):
     assert sum(r.model_load_seconds > 0 for r in result.records) == 1
 
 
+def test_token_estimate_counts_as_the_model_tokenizer(tmp_path, tiny_bert, corpus):
+    """The ETA's sample is tokenized from tokenizer.json without transformers; its counts
+    (special tokens included, truncated at max_length) are AutoTokenizer's."""
+    from lepton_batch.plan import _sample_tokenizer
+
+    plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
+    texts = [r["text"] for r in corpus[1] if r["text"] and r["text"].strip()]
+    texts += ["word " * 300, "x"]
+    ids = AutoTokenizer.from_pretrained(tiny_bert)(texts, truncation=True,
+                                                   max_length=MAX_LEN)["input_ids"]
+    counts = _sample_tokenizer(plan)(texts)
+    assert counts == [len(x) for x in ids] and counts[-2] == MAX_LEN
+
+
 def test_classify_with_head_matches_softmax(tmp_path, tiny_bert_cls, corpus):
     _, rows = corpus
     plan = _job(tmp_path, tiny_bert_cls, {"kind": "classify", "top_k": 2})

@@ -3,22 +3,39 @@
 ``batching``: plans and collation (padded or packed); ``load``: device, dtype, weights;
 ``packed``: the BERT family without padding; ``encoder``: the engine itself (embed,
 logits); ``quality``: the gate any precision but fp32 passes before it writes a row.
+
+The names below load their module on first use: the driver plans a job with
+``EngineConfig``, ``Tokenized`` and ``BatchStats`` without importing torch (seconds on a
+small machine, which the embedded workers need then for their own imports).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from lepton_batch.engine.batching import Batch, Tokenized, collate, plan_batches
-from lepton_batch.engine.encoder import BatchStats, Engine, is_oom, pool
-from lepton_batch.engine.load import EngineConfig, resolve_device, resolve_dtype
-from lepton_batch.engine.quality import QualityCheck, QualityError
+from lepton_batch.engine.batching import Batch, BatchStats, Tokenized, collate, plan_batches
+from lepton_batch.engine.config import EngineConfig
 
 if TYPE_CHECKING:
     from lepton_batch.engine.decoder import Decoder
+    from lepton_batch.engine.encoder import Engine, is_oom, pool
+    from lepton_batch.engine.load import resolve_device, resolve_dtype
+    from lepton_batch.engine.quality import QualityCheck, QualityError
+
+_LAZY = {"Engine": "encoder", "is_oom": "encoder", "pool": "encoder",
+         "resolve_device": "load", "resolve_dtype": "load",
+         "QualityCheck": "quality", "QualityError": "quality"}
+
+
+def __getattr__(name: str) -> Any:
+    """The torch-backed names, imported on first use (PEP 562)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +61,8 @@ class EngineCache:
 
                     self._engines[config] = Decoder(config)
                 else:
+                    from lepton_batch.engine.encoder import Engine
+
                     self._engines[config] = Engine(config, sample() if sample else None)
                 self.loads += 1
             return self._engines[config]

@@ -1,12 +1,19 @@
 """Token-budget batch plans and collation into padded or packed tensors, without Python
-loops over tokens: rows live in one flat id array, batches are built by numpy gathers."""
+loops over tokens: rows live in one flat id array, batches are built by numpy gathers.
+
+Importable without torch (the driver plans shards with :class:`Tokenized` and
+:class:`BatchStats`); ``collate`` imports it when it builds tensors.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,30 @@ class Tokenized:
     def row(self, i: int) -> list[int]:
         """The token ids of row i."""
         return self.flat[self.offsets[i] : self.offsets[i + 1]].tolist()
+
+
+@dataclass
+class BatchStats:
+    """Counters for one engine call: real tokens vs tokens the dense layers computed.
+
+    ``padded_tokens``: rows x longest per batch on the padded path; on the packed path the
+    real tokens, rounded up on CPU to a multiple of ``PACK_BUCKET`` (zero rows that keep
+    GEMM shapes few, see ``packed.py``). ``sizes``: rows of each batch that
+    ran, in run order. ``oom_splits``: batches halved after an out-of-memory error;
+    ``max_rows_cap``: the batch size that then worked, kept for the rest of the call (None
+    when nothing ran out of memory). ``failed_rows``: indices into the tokenized rows that
+    could not run even alone (their output is NaN), with the reason for each in
+    ``failed_reasons``.
+    """
+
+    batches: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    oom_splits: int = 0
+    sizes: list[int] = field(default_factory=list)
+    max_rows_cap: int | None = None
+    failed_rows: list[int] = field(default_factory=list)
+    failed_reasons: list[str] = field(default_factory=list)
 
 
 def plan_batches(lengths: np.ndarray, max_tokens: int, max_rows: int,
@@ -114,6 +145,8 @@ def collate(tok: Tokenized, rows: np.ndarray, pad_id: int, packed: bool,
         padded = np.full((b, longest), pad_id, dtype=np.int64)
         padded[row_of, pos] = ids
         host["ids"] = padded
+    import torch
+
     cuda = device == "cuda"
     tensors = {}
     for name, arr in host.items():

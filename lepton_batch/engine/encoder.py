@@ -13,13 +13,12 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lepton_batch.engine.batching import Batch, Tokenized, collate, plan_batches
+from lepton_batch.engine.batching import Batch, BatchStats, Tokenized, collate, plan_batches
 from lepton_batch.engine.load import (
     EngineConfig,
     load_model,
@@ -34,30 +33,6 @@ from lepton_batch.kernels import pick_attention, pick_varlen
 log = logging.getLogger(__name__)
 
 Step = Callable[[Batch], torch.Tensor]
-
-
-@dataclass
-class BatchStats:
-    """Counters for one engine call: real tokens vs tokens the dense layers computed.
-
-    ``padded_tokens``: rows x longest per batch on the padded path; on the packed path the
-    real tokens, rounded up on CPU to a multiple of ``PACK_BUCKET`` (zero rows that keep
-    GEMM shapes few, see ``packed.py``). ``sizes``: rows of each batch that
-    ran, in run order. ``oom_splits``: batches halved after an out-of-memory error;
-    ``max_rows_cap``: the batch size that then worked, kept for the rest of the call (None
-    when nothing ran out of memory). ``failed_rows``: indices into the tokenized rows that
-    could not run even alone (their output is NaN), with the reason for each in
-    ``failed_reasons``.
-    """
-
-    batches: int = 0
-    tokens: int = 0
-    padded_tokens: int = 0
-    oom_splits: int = 0
-    sizes: list[int] = field(default_factory=list)
-    max_rows_cap: int | None = None
-    failed_rows: list[int] = field(default_factory=list)
-    failed_reasons: list[str] = field(default_factory=list)
 
 
 _OOM_MESSAGES = ("out of memory", "DefaultCPUAllocator: can't allocate memory")
