@@ -68,6 +68,30 @@ def test_truncation_is_flagged(tiny_bert):
     assert tok.row(1)[-1] == sep and tok.row(0)[-1] == sep
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_tokenize_gives_the_hugging_face_ids(tiny_bert, tmp_path, side):
+    """One truncating pass through the Rust backend: the ids, lengths and flags of the
+    Hugging Face call with truncation=True (on the tokenizer's truncation_side), for rows
+    under, at and over max_length."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert, model)
+    hf = AutoTokenizer.from_pretrained(model, truncation_side=side)
+    hf.save_pretrained(model)
+    engine = Engine(EngineConfig(model_dir=str(model), head="base", max_length=16,
+                                 dtype="float32"))
+    words = " ".join(sample_texts(30)).split()
+    texts = [" ".join(words[:k]) for k in range(0, 40)] + sample_texts(60)
+    full = [len(x) for x in hf(texts)["input_ids"]]
+    assert 16 in full and min(full) < 16 < max(full)  # under, at and over the limit
+    tok = engine.tokenize(texts)
+    want = hf(texts, truncation=True, max_length=16)["input_ids"]
+    assert [tok.row(i) for i in range(len(texts))] == want
+    assert tok.truncated.tolist() == [n > 16 for n in full]
+    assert tok.lengths.tolist() == [len(x) for x in want]
+
+
 def test_logits_match_direct_forward(tiny_bert_cls):
     texts = sample_texts(40)
     engine = Engine(EngineConfig(model_dir=str(tiny_bert_cls), head="classifier", max_length=64,

@@ -7,6 +7,7 @@ Importable without torch (the driver plans shards with :class:`Tokenized` and
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,12 +33,20 @@ class Tokenized:
 
     @classmethod
     def from_lists(cls, ids: list[list[int]], truncated: np.ndarray) -> Tokenized:
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter((t for row in ids for t in row), dtype=np.int64,
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
                            count=int(offsets[-1]))
         return cls(flat, offsets, lengths, truncated)
+
+    @classmethod
+    def from_encodings(cls, encodings: list) -> Tokenized:
+        """From a ``tokenizers`` batch encoded with truncation on: a row is ``truncated``
+        when the tokenizer kept an overflow."""
+        truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool,
+                                count=len(encodings))
+        return cls.from_lists([e.ids for e in encodings], truncated)
 
     def __len__(self) -> int:
         return len(self.lengths)
