@@ -22,28 +22,29 @@ from lepton_batch.spec import JobSpec, JobSpecError, load_job
 app = typer.Typer(
     help="Batch offline inference for large text corpora: sharded Parquet in, a transformer "
     "model run by Dask workers, a Parquet dataset out.\n\n"
-    "Start with `lepton-batch validate job.yaml`, then `lepton-batch submit job.yaml`. The "
-    "model directory's own settings (max length, pooling, normalisation, prompt) are the "
-    "defaults, as in sentence-transformers. A run publishes its output only when every shard "
-    "is done; killed or failed, the same command resumes it. dtype auto runs encoders in bf16 "
-    "on GPUs and on CPUs with native bf16, after a quality gate against fp32 on the job's own "
-    "rows, and causal LMs in their checkpoint's dtype (bf16 on GPUs); "
-    "BERT-family models run on packed rows (no padding); on CPU the encoder and decoder "
-    "linears run through oneDNN with weights reordered once (engine.compile: true tries "
-    "torch.compile instead). The embedded cluster starts, and its workers import the "
-    "model's stack, while submit plans. Any job field can be overridden with "
-    "`--set section.key=value`. Tasks: embed, classify (a head, zero-shot by embeddings, or "
-    "by likelihood with a causal LM), generate (continuous batching over a KV cache; greedy "
-    "output is model.generate's, sampling is reproducible per row) and score (log-prob, "
+    "Start with `lepton-batch validate job.yaml`, then `lepton-batch submit job.yaml`. "
+    "The model directory's own settings (max length, pooling, normalisation, prompt) are "
+    "the defaults, as in sentence-transformers. A run publishes its output only when "
+    "every shard is done; killed or failed, the same command resumes it. dtype auto runs "
+    "encoders in bf16 on GPUs and on CPUs with native bf16, after a quality gate against "
+    "fp32 on the job's own rows, and causal LMs in their checkpoint's dtype (bf16 on "
+    "GPUs); BERT-family models run on packed rows (no padding); on CPU the encoder and "
+    "decoder linears run through oneDNN with weights reordered once (engine.compile: true"
+    " tries torch.compile instead); on CUDA a shard is tokenized in chunks while the GPU "
+    "runs the previous one (engine.tokenize_chunk_rows). The embedded cluster starts, and"
+    " its workers import the model's stack, while submit plans (planning itself imports "
+    "no torch). Any job field can be overridden with `--set section.key=value`. Tasks: "
+    "embed, classify (a head, zero-shot by embeddings, or by likelihood with a causal "
+    "LM), generate (continuous batching over a KV cache; greedy output is "
+    "model.generate's, sampling is reproducible per row) and score (log-prob, "
     "perplexity). Example jobs: jobs/quickstart.yaml (embeddings), "
     "jobs/quickstart-int8.yaml (int8 linears), jobs/topics.yaml (zero-shot topics), "
     "jobs/summarize.yaml and jobs/perplexity.yaml (a causal LM you name with --set "
-    "model.path=DIR), jobs/nightly_topics.yaml (output.mode incremental: each night computes "
-    "only new and changed rows, into partition run_date=...); every field is documented in "
-    "README.md. `lepton-batch status` and `lepton-batch inspect` read an output without a "
-    "model. `lepton-batch bench` measures "
-    "throughput against sentence-transformers, `bench --task generate` against "
-    "model.generate.\n\n"
+    "model.path=DIR), jobs/nightly_topics.yaml (output.mode incremental: each night "
+    "computes only new and changed rows, into partition run_date=...); every field is "
+    "documented in README.md. `lepton-batch status` and `lepton-batch inspect` read an "
+    "output without a model. `lepton-batch bench` measures throughput against "
+    "sentence-transformers, `bench --task generate` against model.generate.\n\n"
     "Monitoring: submit prints the Dask dashboard link and shows progress (shards, rows, "
     "tokens/s, padding efficiency, errors, ETA; `--progress rich|plain|none`); every run "
     "writes `_runs/RUN_ID/report.html` (plots), report.json and Dask's dask-report.html; "
@@ -580,8 +581,9 @@ def inspect_output(
 
 
 MethodsOpt = Annotated[str | None, typer.Option(
-    help="Comma-separated methods (default: all): hf-pipeline, st-default, st-best, engine, "
-    "engine-fp32, engine-bf16, engine-int8, submit.", show_default=False)]
+    help="Comma-separated methods (default: all but engine-compile): hf-pipeline, "
+    "st-default, st-best, engine, engine-fp32, engine-bf16, engine-int8, submit, "
+    "engine-compile.", show_default=False)]
 
 
 @app.command()
@@ -630,11 +632,12 @@ def bench(
     Methods: `hf-pipeline` (transformers feature-extraction pipeline), `st-default` and
     `st-best` (sentence-transformers at its defaults and at its fastest batch size and
     dtype), `engine`, `engine-fp32`, `engine-bf16`, `engine-int8` (lepton-batch's engine
-    in-process) and `submit` (a whole Parquet-to-Parquet job, cluster start and model load
-    included). Prints rows/s and tokens/s (median and spread of the repeats), padding
-    efficiency, achieved TFLOP/s and its share of a measured GEMM peak, GPU busy share,
-    peak memory, speed-ups over sentence-transformers and the cosine of each method's
-    embeddings to an fp32 reference.
+    in-process), `submit` (a whole Parquet-to-Parquet job, cluster start and model load
+    included) and, only when named, `engine-compile` (engine.compile: true; its compile
+    time falls in the warm-up). Prints rows/s and tokens/s (median and spread of the
+    repeats), padding efficiency, achieved TFLOP/s and its share of a measured GEMM peak,
+    GPU busy share, peak memory, speed-ups over sentence-transformers and the cosine of each
+    method's embeddings to an fp32 reference.
     """
     _setup_logging(verbose)
     if task == "generate":

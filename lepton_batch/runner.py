@@ -14,6 +14,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,7 +34,7 @@ from lepton_batch.modeldir import ModelInfo
 from lepton_batch.pipelines import Pipeline, make_pipeline
 from lepton_batch.settings import Settings
 from lepton_batch.shards import Shard, read_shard, redact
-from lepton_batch.spec import JobSpec
+from lepton_batch.spec import EngineSpec, JobSpec
 from lepton_batch.store import OutputPath
 
 if TYPE_CHECKING:
@@ -179,17 +180,73 @@ def _compute(pipeline: Pipeline, table: pa.Table, job: JobSpec, ctx: RunContext,
         engine = cache.get(ctx.engine_config(job, pipeline.head),
                            lambda: quality_sample(texts, job.quality.sample_rows))
     load_seconds = stage.seconds["load"] if cache.loads > loads else 0.0
-    with stage("tokenize"):
-        tok = pipeline.tokenize(engine, texts)
-    with stage("compute"):
-        results = pipeline.run(engine, tok, job.engine, stats)
+    if getattr(pipeline, "chunkable", False):
+        results, lengths, truncated = _run_chunks(pipeline, engine, texts, job.engine, stats,
+                                                  stage)
+    else:
+        with stage("tokenize"):
+            tok = pipeline.tokenize(engine, texts)
+        with stage("compute"):
+            results = pipeline.run(engine, tok, job.engine, stats)
+        lengths, truncated = tok.lengths, tok.truncated
     # Rows the engine could not run (out of memory even alone): null results, an error.
     failed = prep.valid[np.asarray(stats.failed_rows, dtype=np.int64)]
     out = {name: _expand(arr, prep.valid, n, failed) for name, arr in results.items()}
-    out["num_tokens"] = _expand(pa.array(tok.lengths, pa.int32()), prep.valid, n)
-    out["truncated"] = _expand(pa.array(tok.truncated, pa.bool_()), prep.valid, n)
+    out["num_tokens"] = _expand(pa.array(lengths, pa.int32()), prep.valid, n)
+    out["truncated"] = _expand(pa.array(truncated, pa.bool_()), prep.valid, n)
     out["error"] = _merge_errors(prep.errors, failed, stats.failed_reasons)
-    return out, engine, load_seconds, np.asarray(tok.lengths)
+    return out, engine, load_seconds, np.asarray(lengths)
+
+
+FIRST_CHUNK_ROWS = 1024  # the first chunk of a chunked shard: its first batch starts soon
+
+
+def chunk_bounds(n: int, chunk_rows: int | None) -> list[tuple[int, int]]:
+    """[start, end) row ranges covering 0..n-1 in order: one range without ``chunk_rows``;
+    else a first range of at most ``FIRST_CHUNK_ROWS`` and then ``chunk_rows`` each. Always
+    at least one range (an empty shard runs as one empty chunk)."""
+    if not chunk_rows or n <= chunk_rows:
+        return [(0, n)]
+    bounds, start, size = [], 0, min(chunk_rows, FIRST_CHUNK_ROWS)
+    while start < n:
+        bounds.append((start, min(n, start + size)))
+        start, size = start + size, chunk_rows
+    return bounds
+
+
+def _run_chunks(pipeline: Pipeline, engine: Engine | Decoder, texts: list[str],
+                spec: EngineSpec, stats: BatchStats, stage: Stages
+                ) -> tuple[dict[str, pa.Array], np.ndarray, np.ndarray]:
+    """Tokenize and run ``texts`` in chunks (``engine.tokenize_chunk_rows``; on CUDA 8192
+    by default), the next chunk tokenized on a helper thread while the engine runs this
+    one: on a GPU the device no longer waits for the whole shard's tokenization. Returns
+    the task's arrays and the rows' token lengths and truncation flags, in row order.
+
+    The ``tokenize`` stage is the time spent waiting for tokens, ``compute`` the runs.
+    ``stats.failed_rows`` are shifted to shard-wide positions; an out-of-memory cap found
+    in one chunk holds for the next.
+    """
+    chunk_rows = spec.tokenize_chunk_rows or (8192 if engine.device == "cuda" else None)
+    bounds = chunk_bounds(len(texts), chunk_rows)
+    parts, lengths, truncated = [], [], []
+    with ThreadPoolExecutor(1, thread_name_prefix="lepton-tokenize") as pool:
+        ahead = pool.submit(pipeline.tokenize, engine, texts[slice(*bounds[0])])
+        for k, (start, _) in enumerate(bounds):
+            with stage("tokenize"):
+                tok = ahead.result()
+            if k + 1 < len(bounds):
+                ahead = pool.submit(pipeline.tokenize, engine, texts[slice(*bounds[k + 1])])
+            if stats.max_rows_cap is not None:
+                spec = spec.model_copy(update={"max_rows_per_batch": stats.max_rows_cap})
+            failed_before = len(stats.failed_rows)
+            with stage("compute"):
+                parts.append(pipeline.run(engine, tok, spec, stats))
+            stats.failed_rows[failed_before:] = [
+                start + r for r in stats.failed_rows[failed_before:]]
+            lengths.append(tok.lengths)
+            truncated.append(tok.truncated)
+    results = {name: pa.concat_arrays([part[name] for part in parts]) for name in parts[0]}
+    return results, np.concatenate(lengths), np.concatenate(truncated)
 
 
 def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCache,

@@ -3,7 +3,9 @@
 Each pipeline names the input ``columns`` it reads and its output ``fields()``, and runs a
 shard in four steps: ``prepare(table)`` (usable texts, bad rows recorded),
 ``tokenize(engine, texts)``, ``run(engine, tok, spec, stats)`` (one Arrow array per output
-field, in row order). ``head`` picks the engine: an encoder, or a causal LM.
+field, in row order). ``head`` picks the engine: an encoder, or a causal LM. A pipeline
+with ``chunkable = True`` keeps no state between ``tokenize`` and ``run``, so the runner may
+call them chunk by chunk (``engine.tokenize_chunk_rows``).
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ class ClassifyPipeline:
     """Output columns: ``label``, ``score`` (top 1) and ``labels``, ``scores`` (top k)."""
 
     row_keyed = False  # a row's result depends on its content only
+    chunkable = True  # rows run independently: a shard may be tokenized and run in chunks
 
     def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings,
                  inp: InputSpec) -> None:

@@ -34,6 +34,7 @@ class EmbedPipeline:
     """Output column ``embedding``: fixed_size_list<float32>[hidden_size]."""
 
     row_keyed = False  # a row's result depends on its content only
+    chunkable = True  # rows run independently: a shard may be tokenized and run in chunks
 
     head = "base"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,15 @@ def test_cache_loads_once_and_cpu_defaults(tiny_bert):
     assert native or engine.dtype == torch.float32
     assert engine.attn_implementation == "packed/sdpa_padded"
     assert engine.token_budget(None) == 4096 and engine.token_budget(100) == 100
+
+
+def test_chunk_bounds_cover_every_row_once_in_order():
+    from lepton_batch.runner import FIRST_CHUNK_ROWS, chunk_bounds
+
+    assert chunk_bounds(0, None) == [(0, 0)] and chunk_bounds(0, 8) == [(0, 0)]
+    assert chunk_bounds(5000, None) == [(0, 5000)] and chunk_bounds(10, 10) == [(0, 10)]
+    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    bounds = chunk_bounds(20_000, 8192)
+    assert bounds[0] == (0, FIRST_CHUNK_ROWS) and bounds[-1][1] == 20_000
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    assert {b - a for a, b in bounds[1:-1]} == {8192}

@@ -61,9 +61,13 @@ def _direct(model_dir, texts, head="base"):
     return torch.stack(out)
 
 
-def test_embed_job_matches_direct_forward(tmp_path, tiny_bert, corpus):
+@pytest.mark.parametrize("chunk", [None, 4], ids=["whole-shard", "chunks-of-4"])
+def test_embed_job_matches_direct_forward(tmp_path, tiny_bert, corpus, chunk):
+    """Also with each shard tokenized and run in chunks (engine.tokenize_chunk_rows, the
+    GPU default): same rows, same values, same token counts and flags."""
     _, rows = corpus
-    plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
+    plan = _job(tmp_path, tiny_bert, {"kind": "embed"},
+                [f"engine.tokenize_chunk_rows={chunk}"] if chunk else ())
     assert len(plan.shards) == 9 and len({s.path for s in plan.shards}) == 3
     result = run_job(plan)
     assert result.ok and len(result.records) == 9 and result.skipped == 0
@@ -129,10 +133,12 @@ def test_classify_with_head_matches_softmax(tmp_path, tiny_bert_cls, corpus):
                                atol=1e-5, rtol=1e-4)
 
 
-def test_zero_shot_classify_uses_label_embeddings(tmp_path, tiny_bert, corpus):
+@pytest.mark.parametrize("chunk", [None, 3], ids=["whole-shard", "chunks-of-3"])
+def test_zero_shot_classify_uses_label_embeddings(tmp_path, tiny_bert, corpus, chunk):
     _, rows = corpus
     labels = {"files": "files and directories", "net": "network sockets", "math": "numbers"}
-    plan = _job(tmp_path, tiny_bert, {"kind": "classify", "labels": labels, "top_k": 3})
+    plan = _job(tmp_path, tiny_bert, {"kind": "classify", "labels": labels, "top_k": 3},
+                [f"engine.tokenize_chunk_rows={chunk}"] if chunk else ())
     assert run_job(plan).ok
     good = _read(plan).filter(pl.col("error").is_null())
     texts = [r["text"] for r in rows if r["text"] and r["text"].strip()]

@@ -160,8 +160,11 @@ def test_without_stats_a_lost_row_raises_and_other_errors_pass_through(engine, t
         _embed(engine, tok, BatchStats())
 
 
+@pytest.mark.parametrize("chunk", [None, 3], ids=["whole-shard", "chunks-of-3"])
 def test_job_gives_the_refused_row_an_error_and_the_rest_their_embeddings(
-        tmp_path, tiny_bert, corpus, monkeypatch):
+        tmp_path, tiny_bert, corpus, monkeypatch, chunk):
+    """Also with the shard tokenized and run in chunks: the refused row's position is
+    shard-wide, not its chunk's."""
     _, rows = corpus
     ok = [r for r in rows if r["text"] and r["text"].strip()]
     texts = [r["text"] for r in ok]
@@ -182,7 +185,8 @@ def test_job_gives_the_refused_row_an_error_and_the_rest_their_embeddings(
                "rows_per_shard": 20},
         model={"path": str(tiny_bert), "max_length": 48, "dtype": "float32"},
         task={"kind": "embed", "normalize": True},  # a plain HF model is not normalised
-        engine={"max_tokens_per_batch": 256, "max_rows_per_batch": 16},
+        engine={"max_tokens_per_batch": 256, "max_rows_per_batch": 16,
+                "tokenize_chunk_rows": chunk},
         output={"path": str(tmp_path / "out")},
         cluster={"processes": False, "n_workers": 1, "dashboard_address": "127.0.0.1:0"},
     )
