@@ -468,8 +468,22 @@ def _print_summary(plan, result) -> None:
         f"{result.rows / seconds:,.1f} rows/s, {result.tokens / seconds:,.0f} "
         f"tokens/s" + (f", padding efficiency {result.tokens / padded:.1%}" if padded else "")
         + "".join(f"\nengine: {e}" for e in engines)
+        + _first_batch(result)
         + f"\nrun report: {_report_path(result.report_dir)}"
     )
+
+
+def _first_batch(result) -> str:
+    """The summary's time-to-first-batch line: from the run's start, and from the command's
+    (its imports and planning included)."""
+    first = result.first_batch_seconds
+    if first is None:
+        return ""
+    import psutil  # a dependency of dask.distributed
+
+    since_command = result.started + first - psutil.Process().create_time()
+    return (f"\nfirst batch: {first:.1f} s after the run started "
+            f"({since_command:.1f} s after the command started)")
 
 
 def _report_path(folder: str) -> str:

@@ -56,6 +56,8 @@ class ShardRecord:
     length_histogram: list[int] = field(default_factory=list)
     batch_rows_histogram: list[int] = field(default_factory=list)
     errors_by_message: dict[str, int] = field(default_factory=dict)
+    # wall-clock time (epoch seconds, the worker's clock) its first batch was launched
+    first_batch_at: float | None = None
 
 
 def write_atomic(path: OutputPath, write: Callable[[BinaryIO], object]) -> None:

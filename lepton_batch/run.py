@@ -59,6 +59,7 @@ class RunResult:
     dashboard: str | None = None
     published: bool = False
     started_at: str = ""
+    started: float = 0.0  # epoch seconds the run started (run_job's call)
     progress: RunProgress | None = None  # live figures while the shards run
 
     @property
@@ -85,6 +86,13 @@ class RunResult:
     def deduplicated_rows(self) -> int:
         return sum(r.deduplicated_rows for r in self.records)
 
+    @property
+    def first_batch_seconds(self) -> float | None:
+        """Seconds from the run's start to the first batch any worker launched (workers on
+        other machines: their clocks' skew included); None when no batch ran."""
+        times = [r.first_batch_at for r in self.records if r.first_batch_at]
+        return round(min(times) - self.started, 3) if times and self.started else None
+
     def summary(self, plan: Plan) -> dict:
         """The figures written to ``_SUCCESS`` and ``report.json``."""
         seconds = max(self.seconds, 1e-9)
@@ -110,6 +118,8 @@ class RunResult:
             "tokens_per_second": round(self.tokens / seconds, 1),
             "published": self.published,
         }
+        if self.first_batch_seconds is not None:
+            out["first_batch_seconds"] = self.first_batch_seconds
         if self.padded_tokens:
             out["padding_efficiency"] = round(self.tokens / self.padded_tokens, 4)
         if self.rows_plan is not None:
@@ -249,7 +259,8 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
         result = RunResult(run_id=run_id, planned=len(plan.shards),
                            skipped=len(plan.shards) - len(todo), mode=mode,
                            run_date=plan.run_date.isoformat(), rows_plan=rows_plan,
-                           started_at=now.isoformat(timespec="seconds"))
+                           started_at=now.isoformat(timespec="seconds"),
+                           started=now.timestamp())
         work = estimate_work(plan, rows_plan.rows if rows_plan else None) if todo else {}
         result.progress = RunProgress({s.index: work[s.index] for s in todo if s.index in work},
                                       len(plan.shards), result.skipped)

@@ -336,6 +336,7 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
         length_histogram=length_counts,
         batch_rows_histogram=batch_histogram(stats.sizes),
         errors_by_message=error_counts(out["error"]),
+        first_batch_at=stats.first_batch_at,
     )
     checkpoint("part-written")
     write_record(ctx.output_root / ctx.staging / MANIFEST_DIR, record)

@@ -148,6 +148,7 @@ class GeneratePipeline:
         from lepton_batch.engine.generate import GenerateStats, generate
 
         gstats = GenerateStats()
+        stats.started()  # the first step follows at once
         out = generate(engine, tok, self.max_new, self.seeds,
                        resolve_sampling(self.task, engine.generation_config), self.task.stop,
                        spec.max_num_seqs, spec.kv_cache_tokens,

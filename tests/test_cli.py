@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,8 @@ def test_submit_then_resume_then_status(tmp_path, tiny_bert, corpus):
     assert "dashboard: http://127.0.0.1:" in out
     assert "shards: 9 run, 0 skipped, 0 failed" in out
     assert "rows: 135 (9 with errors)" in out and "rows/s" in out and "tokens/s" in out
+    assert re.search(r"first batch: [\d.]+ s after the run started \([\d.]+ s after the "
+                     r"command started\)", out)
     assert "first 5 rows" in out
     df = pl.read_parquet(tmp_path / "out" / "run_date=*" / "*.parquet")
     assert df.height == 135

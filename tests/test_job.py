@@ -103,6 +103,13 @@ def test_embed_job_matches_direct_forward(tmp_path, tiny_bert, corpus, chunk):
     assert json.loads((plan.output_root / "_SUCCESS").read_text())["rows"] == len(rows)
     # one worker, one model load: every later shard reused the cached engine
     assert sum(r.model_load_seconds > 0 for r in result.records) == 1
+    # time to first batch: each shard notes when its first batch started; the run reports
+    # the earliest, from its own start
+    assert all(result.started < r.first_batch_at for r in result.records)
+    first = min(r.first_batch_at for r in result.records) - result.started
+    assert result.first_batch_seconds == round(first, 3) and 0 < first < result.seconds
+    report = json.loads(next(plan.output_root.glob("_runs/*/report.json")).read_text())
+    assert report["first_batch_seconds"] == result.first_batch_seconds
 
 
 def test_token_estimate_counts_as_the_model_tokenizer(tmp_path, tiny_bert, corpus):

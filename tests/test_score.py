@@ -93,7 +93,9 @@ def test_continuation_scores_only_the_continuation(tmp_path, tiny_llama):
 
 
 def test_score_batches_do_not_change_the_figures(tmp_path, tiny_llama):
-    from lepton_batch.engine import EngineConfig, Tokenized
+    import time
+
+    from lepton_batch.engine import BatchStats, EngineConfig, Tokenized
     from lepton_batch.engine.decoder import Decoder
 
     dec = Decoder(EngineConfig(str(tiny_llama), "causal_lm", dtype="float32", device="cpu",
@@ -103,9 +105,11 @@ def test_score_batches_do_not_change_the_figures(tmp_path, tiny_llama):
     tok = Tokenized.from_lists(ids, np.zeros(12, dtype=bool))
     first = np.ones(12, dtype=np.int64)
     one, n1 = dec.score(tok, first, max_tokens=100_000, max_rows=64)
-    many, n2 = dec.score(tok, first, max_tokens=64, max_rows=2)
+    stats, before = BatchStats(), time.time()
+    many, n2 = dec.score(tok, first, max_tokens=64, max_rows=2, stats=stats)
     assert np.array_equal(n1, n2)
     assert np.allclose(one, many, atol=1e-4)
+    assert stats.batches > 1 and before <= stats.first_batch_at <= time.time()
 
 
 def test_likelihood_classify_picks_the_most_likely_label(tmp_path, tiny_llama):

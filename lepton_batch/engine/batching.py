@@ -8,6 +8,7 @@ Importable without torch (the driver plans shards with :class:`Tokenized` and
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,7 +68,8 @@ class BatchStats:
     ``max_rows_cap``: the batch size that then worked, kept for the rest of the call (None
     when nothing ran out of memory). ``failed_rows``: indices into the tokenized rows that
     could not run even alone (their output is NaN), with the reason for each in
-    ``failed_reasons``.
+    ``failed_reasons``. ``first_batch_at``: wall-clock time (epoch seconds) the first batch
+    was launched, for the run's time to first batch.
     """
 
     batches: int = 0
@@ -78,6 +80,12 @@ class BatchStats:
     max_rows_cap: int | None = None
     failed_rows: list[int] = field(default_factory=list)
     failed_reasons: list[str] = field(default_factory=list)
+    first_batch_at: float | None = None
+
+    def started(self) -> None:
+        """Note the first batch's launch (later calls keep the first time)."""
+        if self.first_batch_at is None:
+            self.first_batch_at = time.time()
 
 
 def plan_batches(lengths: np.ndarray, max_tokens: int, max_rows: int,

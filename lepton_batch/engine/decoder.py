@@ -380,6 +380,8 @@ class Decoder:
         base, head = self.model.base_model, self.model.get_output_embeddings()
         for rows in plan_batches(tok.lengths, max_tokens, max_rows):
             batch = collate(tok, rows, self.pad_id, False, self.device)
+            if stats is not None:
+                stats.started()
             hidden = base(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
             starts = torch.as_tensor(first[rows], device=self.device)
             lengths = torch.as_tensor(tok.lengths[rows], device=self.device)

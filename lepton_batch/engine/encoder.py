@@ -188,6 +188,7 @@ class Engine:
             ahead = None
             if pending:  # collate the next batch while this one computes
                 ahead = (pending[0], self._prefetch.submit(self._collate, tok, pending[0]))
+            stats.started()
             try:
                 result = step(batch)
             except RuntimeError as exc:
