@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -41,9 +42,19 @@ def bert_base(out: Path, like: Path) -> None:
     import torch
     from transformers import BertConfig, BertModel
 
+    from lepton_batch.modeldir import resolve_model_dir
+
+    like = resolve_model_dir(str(like))  # a folder, or package:NAME
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(like, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin",
-                                                             "config.json"))
+    weights = shutil.ignore_patterns("*.safetensors", "*.bin")
+    # the model's config.json is written below; 1_Pooling/config.json is kept, sized anew
+    shutil.copytree(like, out, ignore=lambda d, names: set(weights(d, names)) | (
+        {"config.json"} if Path(d) == like else set()))
+    pooling = out / "1_Pooling" / "config.json"
+    if pooling.is_file():
+        settings = json.loads(pooling.read_text())
+        settings["word_embedding_dimension"] = 768
+        pooling.write_text(json.dumps(settings, indent=2))
     vocab = BertConfig.from_pretrained(like).vocab_size
     torch.manual_seed(0)
     config = BertConfig(vocab_size=vocab, hidden_size=768, num_hidden_layers=12,
@@ -58,8 +69,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["minilm", "bert-base"])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--like", type=Path, help="bert-base: the folder whose tokenizer and "
-                        "settings files to copy")
+    parser.add_argument("--like", help="bert-base: the folder (or package:NAME) whose "
+                        "tokenizer and settings files to copy")
     args = parser.parse_args()
     if args.kind == "minilm":
         minilm(args.out)
