@@ -28,6 +28,8 @@ def test_encoder_flops_formula():
 def test_bad_options_fail_before_loading():
     with pytest.raises(ValueError, match="--methods"):
         BenchConfig(methods=("engine", "nope")).check()
+    BenchConfig(methods=("engine", "engine-compile")).check()  # named: allowed
+    assert "engine-compile" not in BenchConfig().methods  # but not run by default
     with pytest.raises(ValueError, match="positive"):
         BenchConfig(rows=0).check()
 
