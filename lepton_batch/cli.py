@@ -329,7 +329,8 @@ def submit(
     performance metrics. The scheduler's /metrics serves Prometheus counters
     (lepton_batch_rows_total, ..._tokens_total, ..._error_rows_total,
     ..._shards_done_total, ..._shards_failed_total, ..._tokens_per_second, ...). Each run
-    writes `_runs/RUN_ID/report.html` (plots), report.json and dask-report.html.
+    writes `_runs/RUN_ID/report.html` (plots), report.json and dask-report.html; the
+    summary and report.json give the time to the first batch (first_batch_seconds).
     """
     if progress not in ("auto", "rich", "plain", "none"):
         _fail(ValueError(f"--progress: {progress!r} is not one of rich, plain, none"))
