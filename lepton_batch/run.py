@@ -58,9 +58,15 @@ class RunResult:
     report_dir: str = ""
     dashboard: str | None = None
     published: bool = False
-    started_at: str = ""
     started: float = 0.0  # epoch seconds the run started (run_job's call)
     progress: RunProgress | None = None  # live figures while the shards run
+
+    @property
+    def started_at(self) -> str:
+        """``started`` in UTC, to the second (ISO 8601); empty before the run starts."""
+        if not self.started:
+            return ""
+        return datetime.fromtimestamp(self.started, timezone.utc).isoformat(timespec="seconds")
 
     @property
     def ok(self) -> bool:
@@ -259,7 +265,6 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
         result = RunResult(run_id=run_id, planned=len(plan.shards),
                            skipped=len(plan.shards) - len(todo), mode=mode,
                            run_date=plan.run_date.isoformat(), rows_plan=rows_plan,
-                           started_at=now.isoformat(timespec="seconds"),
                            started=now.timestamp())
         work = estimate_work(plan, rows_plan.rows if rows_plan else None) if todo else {}
         result.progress = RunProgress({s.index: work[s.index] for s in todo if s.index in work},

@@ -217,7 +217,7 @@ def chunk_bounds(n: int, chunk_rows: int | None) -> list[tuple[int, int]]:
 def _run_chunks(pipeline: Pipeline, engine: Engine | Decoder, texts: list[str],
                 spec: EngineSpec, stats: BatchStats, stage: Stages
                 ) -> tuple[dict[str, pa.Array], np.ndarray, np.ndarray]:
-    """Tokenize and run ``texts`` in chunks (``engine.tokenize_chunk_rows``; on CUDA 8192
+    """Tokenize and run ``texts`` in chunks (``Engine.tokenize_chunk_rows``: on CUDA 8192
     by default), the next chunk tokenized on a helper thread while the engine runs this
     one: on a GPU the device no longer waits for the whole shard's tokenization. Returns
     the task's arrays and the rows' token lengths and truncation flags, in row order.
@@ -226,8 +226,7 @@ def _run_chunks(pipeline: Pipeline, engine: Engine | Decoder, texts: list[str],
     ``stats.failed_rows`` are shifted to shard-wide positions; an out-of-memory cap found
     in one chunk holds for the next.
     """
-    chunk_rows = spec.tokenize_chunk_rows or (8192 if engine.device == "cuda" else None)
-    bounds = chunk_bounds(len(texts), chunk_rows)
+    bounds = chunk_bounds(len(texts), engine.tokenize_chunk_rows(spec.tokenize_chunk_rows))
     parts, lengths, truncated = [], [], []
     with ThreadPoolExecutor(1, thread_name_prefix="lepton-tokenize") as pool:
         ahead = pool.submit(pipeline.tokenize, engine, texts[slice(*bounds[0])])

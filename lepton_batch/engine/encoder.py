@@ -136,6 +136,12 @@ class Engine:
         """``engine.max_tokens_per_batch``, or the default for this device."""
         return requested or (16_384 if self.device == "cuda" else 4096)
 
+    def tokenize_chunk_rows(self, requested: int | None) -> int | None:
+        """``engine.tokenize_chunk_rows``, or the default for this device: 8192 on CUDA (the
+        GPU computes while the CPU tokenizes the next chunk), None on CPU (the whole shard
+        at once: chunked, both share the same cores, measured no faster)."""
+        return requested or (8192 if self.device == "cuda" else None)
+
     def tokenize(self, texts: list[str]) -> Tokenized:
         """Fast batched tokenization; rows over ``max_length`` are truncated and flagged."""
         max_len = self.config.max_length
