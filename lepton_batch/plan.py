@@ -253,14 +253,11 @@ def _sample_tokenizer(plan: Plan) -> Callable[[list[str]], list[int]]:
     The model's ``tokenizer.json`` through the tokenizers library when there is one (no
     transformers import in the driver, which would pull in torch); else AutoTokenizer.
     """
-    limit = plan.settings.max_length
-    file = plan.model.path / "tokenizer.json"
-    if file.is_file():
-        from tokenizers import Tokenizer
+    from lepton_batch.engine.tokens import file_tokenizer
 
-        fast = Tokenizer.from_file(str(file))
-        fast.no_padding()
-        fast.enable_truncation(limit)
+    limit = plan.settings.max_length
+    fast = file_tokenizer(plan.model.path, limit)
+    if fast is not None:
         return lambda texts: [len(e.ids) for e in fast.encode_batch(texts)]
     from transformers import AutoTokenizer
 

@@ -14,7 +14,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,12 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lepton_batch.engine import BatchStats, EngineCache, EngineConfig
+from lepton_batch.engine import BatchStats, EngineCache, EngineConfig, Tokenized
 from lepton_batch.faults import checkpoint
 from lepton_batch.incremental import content_hashes, first_occurrences
 from lepton_batch.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
 from lepton_batch.modeldir import ModelInfo
-from lepton_batch.pipelines import Pipeline, make_pipeline
+from lepton_batch.pipelines import Pipeline, encoder_task, make_pipeline
 from lepton_batch.settings import Settings
 from lepton_batch.shards import Shard, read_shard, redact
 from lepton_batch.spec import EngineSpec, JobSpec
@@ -175,14 +175,18 @@ def _compute(pipeline: Pipeline, table: pa.Table, job: JobSpec, ctx: RunContext,
     n = table.num_rows
     with stage("prepare"):
         texts, prep = pipeline.prepare(table)
-    loads = cache.loads
+    loads, config = cache.loads, ctx.engine_config(job, pipeline.head)
+    chunkable = getattr(pipeline, "chunkable", False)
+    pre = None
+    if chunkable:  # the first shard of a warming worker: tokenize while it imports
+        with stage("tokenize"):
+            pre = cache.pretokenize(config, texts)
     with stage("load"):
-        engine = cache.get(ctx.engine_config(job, pipeline.head),
-                           lambda: quality_sample(texts, job.quality.sample_rows))
+        engine = cache.get(config, lambda: quality_sample(texts, job.quality.sample_rows))
     load_seconds = stage.seconds["load"] if cache.loads > loads else 0.0
-    if getattr(pipeline, "chunkable", False):
+    if chunkable:
         results, lengths, truncated = _run_chunks(pipeline, engine, texts, job.engine, stats,
-                                                  stage)
+                                                  stage, engine.adopt(pre))
     else:
         with stage("tokenize"):
             tok = pipeline.tokenize(engine, texts)
@@ -214,22 +218,32 @@ def chunk_bounds(n: int, chunk_rows: int | None) -> list[tuple[int, int]]:
     return bounds
 
 
-def _run_chunks(pipeline: Pipeline, engine: Engine | Decoder, texts: list[str],
-                spec: EngineSpec, stats: BatchStats, stage: Stages
+def _run_chunks(pipeline: Pipeline, engine: Engine, texts: list[str], spec: EngineSpec,
+                stats: BatchStats, stage: Stages, ready: Tokenized | None = None
                 ) -> tuple[dict[str, pa.Array], np.ndarray, np.ndarray]:
     """Tokenize and run ``texts`` in chunks (``Engine.tokenize_chunk_rows``: on CUDA 8192
     by default), the next chunk tokenized on a helper thread while the engine runs this
     one: on a GPU the device no longer waits for the whole shard's tokenization. Returns
     the task's arrays and the rows' token lengths and truncation flags, in row order.
 
+    ``ready``: the ids of the leading rows, tokenized already (``EngineCache.pretokenize``);
+    they run as the first chunk, and the rest is chunked after them.
     The ``tokenize`` stage is the time spent waiting for tokens, ``compute`` the runs.
     ``stats.failed_rows`` are shifted to shard-wide positions; an out-of-memory cap found
     in one chunk holds for the next.
     """
-    bounds = chunk_bounds(len(texts), engine.tokenize_chunk_rows(spec.tokenize_chunk_rows))
+    chunk_rows = engine.tokenize_chunk_rows(spec.tokenize_chunk_rows)
+    done = len(ready) if ready is not None else 0
+    bounds = [(0, done)] if done else []
+    if done < len(texts) or not bounds:
+        bounds += [(done + a, done + b) for a, b in chunk_bounds(len(texts) - done, chunk_rows)]
     parts, lengths, truncated = [], [], []
     with ThreadPoolExecutor(1, thread_name_prefix="lepton-tokenize") as pool:
-        ahead = pool.submit(pipeline.tokenize, engine, texts[slice(*bounds[0])])
+        ahead: Future[Tokenized] = Future()
+        if done:
+            ahead.set_result(ready)
+        else:
+            ahead = pool.submit(pipeline.tokenize, engine, texts[slice(*bounds[0])])
         for k, (start, _) in enumerate(bounds):
             with stage("tokenize"):
                 tok = ahead.result()
@@ -263,6 +277,8 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
     stage = Stages(meter)
     stats = BatchStats() if stats is None else stats
     inp = job.input
+    if not encoder_task(job.task):
+        cache.wait_for_warm_up()  # an encoder's rows are read and tokenized meanwhile
     pipeline = make_pipeline(job.task, ctx.model, ctx.settings, inp)
     columns = [inp.id_column, *inp.passthrough_columns]
     columns += [c for c in pipeline.columns if c not in columns]

@@ -24,6 +24,14 @@ Pipeline = (EmbedPipeline | ClassifyPipeline | GeneratePipeline | ScorePipeline
             | LikelihoodPipeline)
 
 
+def encoder_task(task: TaskSpec) -> bool:
+    """Whether ``task`` runs an encoder pipeline (embed; classify by a head or by
+    embeddings): built, given its rows and able to tokenize them without importing torch
+    or transformers (a worker does that while its warm-up imports them). The others build
+    with transformers (a decoder's config, its chat template)."""
+    return task.kind == "embed" or (task.kind == "classify" and task.method != "likelihood")
+
+
 def make_pipeline(task: TaskSpec, info: ModelInfo, settings: Settings,
                   inp: InputSpec) -> Pipeline:
     """The pipeline for ``task.kind``; raises ValueError when the model cannot serve it.
@@ -32,7 +40,7 @@ def make_pipeline(task: TaskSpec, info: ModelInfo, settings: Settings,
     """
     if task.kind == "embed":
         return EmbedPipeline(task, info, settings, inp)
-    if task.kind == "classify" and task.method != "likelihood":
+    if encoder_task(task):
         if info.is_causal_lm and task.labels is not None and task.method is None:
             raise ValueError(f"task.method: {info.path.name} is a causal LM; set method: "
                              "likelihood to score each label as the prompt's continuation, "
@@ -55,4 +63,4 @@ def make_pipeline(task: TaskSpec, info: ModelInfo, settings: Settings,
 
 __all__ = ["ClassifyPipeline", "EmbedPipeline", "GeneratePipeline", "LikelihoodPipeline",
            "Pipeline",
-           "PreparedText", "ScorePipeline", "make_pipeline", "prepare_text"]
+           "PreparedText", "ScorePipeline", "encoder_task", "make_pipeline", "prepare_text"]

@@ -50,7 +50,10 @@ def test_validate_prints_plan_without_loading_model(tmp_path, tiny_bert, corpus)
 def test_planning_imports_no_model_stack(tmp_path, tiny_bert, corpus, task):
     """What submit's driver does before the workers run (plan, estimate the work) and
     validate: no torch, no transformers. Their import took seconds that the embedded
-    workers, importing the same at the same time, needed on a small machine."""
+    workers, importing the same at the same time, needed on a small machine.
+
+    Nor what an encoder task does on a worker before its warm-up ends: build the
+    pipeline, read and prepare the shard, tokenize it (``EngineCache.pretokenize``)."""
     job = _job(tmp_path, tiny_bert, **task)
     code = ("import sys; from pathlib import Path; from lepton_batch.spec import load_job; "
             "from lepton_batch.plan import make_plan, estimate_work; import lepton_batch.run; "
@@ -59,6 +62,16 @@ def test_planning_imports_no_model_stack(tmp_path, tiny_bert, corpus, task):
             "from typer.testing import CliRunner; from lepton_batch.cli import app; "
             f"r = CliRunner().invoke(app, ['validate', {str(job)!r}]); "
             "assert r.exit_code == 0, r.output; "
+            "import lepton_batch.cluster; from lepton_batch.shards import read_shard; "
+            "from lepton_batch.engine import EngineCache, EngineConfig; "
+            "from lepton_batch.pipelines import encoder_task, make_pipeline; "
+            "job = plan.job; assert encoder_task(job.task); "
+            "pipe = make_pipeline(job.task, plan.model, plan.settings, job.input); "
+            "texts, _ = pipe.prepare(read_shard(plan.shards[0], pipe.columns)); "
+            "config = EngineConfig(model_dir=str(plan.model.path), head=pipe.head, "
+            "max_length=plan.settings.max_length); "
+            "pre = EngineCache(warming=lambda: True).pretokenize(config, texts); "
+            "assert texts and len(pre) == len(texts), (len(texts), pre); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, cwd=REPO)

@@ -95,6 +95,40 @@ def test_early_cluster_release_then_close(tiny_bert):
         Client(scheduler, timeout="2s")
 
 
+def _tokenizer_env() -> tuple[str | None, str | None]:
+    from lepton_batch.cluster import _ONE_THREAD
+
+    return os.environ.get("TOKENIZERS_PARALLELISM"), os.environ.get(_ONE_THREAD)
+
+
+def test_warm_up_tokenizer_thread(monkeypatch, tiny_bert):
+    """On a two-core machine a warming worker starts with one tokenizer thread (the warm-up
+    imports on the other core) and gets the pool back when the warm-up ends. A value the
+    user set is theirs: it is neither replaced nor removed."""
+    import dask
+
+    from lepton_batch.cluster import _ONE_THREAD, _after_warm_up
+
+    spec = ClusterSpec(n_workers=1, dashboard_address="127.0.0.1:0")
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with open_client(spec, warm=str(tiny_bert)) as client:
+        spawned = dict(dask.config.get("distributed.nanny.environ"))  # workers start with it
+        client.run(_after_warm_up)
+        assert set(client.run(_tokenizer_env).values()) == {(None, None)}
+    assert spawned["TOKENIZERS_PARALLELISM"] == "false" and spawned[_ONE_THREAD] == "1"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    with open_client(spec, warm=str(tiny_bert)) as client:
+        client.run(_after_warm_up)
+        assert set(client.run(_tokenizer_env).values()) == {("true", None)}
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)  # more cores: the tokenizer keeps its pool
+    with open_client(spec, warm=str(tiny_bert)) as client:
+        assert "TOKENIZERS_PARALLELISM" not in dask.config.get("distributed.nanny.environ")
+        assert set(client.run(_tokenizer_env).values()) == {(None, None)}
+    assert _ONE_THREAD not in os.environ
+
+
 def test_a_failed_warm_up_never_blocks_a_task(tmp_path):
     from lepton_batch.cluster import _WARMING, _after_warm_up, warm_up
 

@@ -107,6 +107,39 @@ def test_logits_match_direct_forward(tiny_bert_cls):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def test_pretokenized_ids_are_the_engines_own(tiny_bert):
+    """What a warming worker tokenizes with the model's tokenizer.json alone is what the
+    engine's tokenizer gives (ids, truncation flags); ids from another tokenizer setup are
+    refused, and nothing is tokenized early without a warm-up or once the engine loaded."""
+    import dataclasses
+
+    cfg = EngineConfig(model_dir=str(tiny_bert), head="base", max_length=32, dtype="float32")
+    texts = sample_texts(40) + [" ".join(sample_texts(30))]  # the last row is cut
+    pre = EngineCache(warming=lambda: True).pretokenize(cfg, texts)
+    engine = Engine(cfg)
+    got, want = engine.adopt(pre), engine.tokenize(texts)
+    assert got is not None and want.truncated[-1] and not want.truncated[0]
+    for name in ("flat", "offsets", "lengths", "truncated"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    shorter = dataclasses.replace(cfg, max_length=16)
+    assert engine.adopt(EngineCache(warming=lambda: True).pretokenize(shorter, texts)) is None
+    assert engine.adopt(None) is None
+    assert EngineCache().pretokenize(cfg, texts) is None  # no warm-up to overlap
+    cache = EngineCache(warming=lambda: True)
+    cache.get(cfg)
+    assert cache.pretokenize(cfg, texts) is None  # the engine is loaded: it tokenizes
+
+
+def test_pretokenize_stops_when_the_warm_up_ends(tiny_bert, monkeypatch):
+    from lepton_batch.engine import tokens
+
+    monkeypatch.setattr(tokens, "PRETOKENIZE_ROWS", 4)
+    answers = iter([True, True, True, False])  # the check before, then one per 4 rows
+    cfg = EngineConfig(model_dir=str(tiny_bert), head="base", max_length=32, dtype="float32")
+    pre = EngineCache(warming=lambda: next(answers)).pretokenize(cfg, sample_texts(20))
+    assert len(pre) == 8
+
+
 def test_cache_loads_once_and_cpu_defaults(tiny_bert):
     cache = EngineCache()
     cfg = EngineConfig(model_dir=str(tiny_bert), head="base", max_length=32)

@@ -140,6 +140,40 @@ def test_classify_with_head_matches_softmax(tmp_path, tiny_bert_cls, corpus):
                                atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [None, 3], ids=["rest-whole", "rest-in-chunks-of-3"])
+def test_first_shard_tokenized_while_the_worker_warms_up(tmp_path, tiny_bert, corpus,
+                                                          monkeypatch, chunk):
+    """A worker tokenizes its first shard's leading rows while its warm-up still imports
+    the model stack (here: 2 slices of 4 rows, then the warm-up ends); the engine takes
+    those ids and tokenizes only the rest. Same values, token counts, flags and errors as
+    a run that tokenized every row itself."""
+    from lepton_batch import cluster
+    from lepton_batch.engine import tokens
+    from lepton_batch.engine.encoder import Engine
+
+    monkeypatch.setattr(tokens, "PRETOKENIZE_ROWS", 4)
+    adopted: list = []
+    adopt = Engine.adopt
+    monkeypatch.setattr(Engine, "adopt",
+                        lambda self, pre: adopted.append(adopt(self, pre)) or adopted[-1])
+    chunks = [f"engine.tokenize_chunk_rows={chunk}"] if chunk else []
+    frames = {}
+    for name, warm_checks in (("itself", 0), ("early", 3)):
+        checks = iter(range(warm_checks))
+        monkeypatch.setattr(cluster, "_warming", lambda it=checks: next(it, None) is not None)
+        plan = _job(tmp_path, tiny_bert, {"kind": "embed"},
+                    [*chunks, f"output.path={tmp_path / name}"])
+        assert run_job(plan).ok
+        frames[name] = _read(plan)
+    assert [len(t) for t in adopted if t is not None] == [8]  # the first shard only
+    itself, early = frames["itself"], frames["early"]
+    cols = ["id", "num_tokens", "truncated", "error"]
+    assert itself.select(cols).equals(early.select(cols))
+    torch.testing.assert_close(torch.tensor(early["embedding"].drop_nulls().to_list()),
+                               torch.tensor(itself["embedding"].drop_nulls().to_list()),
+                               atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("chunk", [None, 3], ids=["whole-shard", "chunks-of-3"])
 def test_zero_shot_classify_uses_label_embeddings(tmp_path, tiny_bert, corpus, chunk):
     _, rows = corpus

@@ -2,7 +2,8 @@
 
 ``batching``: plans and collation (padded or packed); ``load``: device, dtype, weights;
 ``packed``: the BERT family without padding; ``encoder``: the engine itself (embed,
-logits); ``quality``: the gate any precision but fp32 passes before it writes a row.
+logits); ``quality``: the gate any precision but fp32 passes before it writes a row;
+``tokens``: the model's tokenizer without transformers.
 
 The names below load their module on first use: the driver plans a job with
 ``EngineConfig``, ``Tokenized`` and ``BatchStats`` without importing torch (seconds on a
@@ -15,7 +16,10 @@ import importlib
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from lepton_batch.engine.batching import Batch, BatchStats, Tokenized, collate, plan_batches
 from lepton_batch.engine.config import EngineConfig
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
     from lepton_batch.engine.encoder import Engine, is_oom, pool
     from lepton_batch.engine.load import resolve_device, resolve_dtype
     from lepton_batch.engine.quality import QualityCheck, QualityError
+    from lepton_batch.engine.tokens import Pretokenized
 
 _LAZY = {"Engine": "encoder", "is_oom": "encoder", "pool": "encoder",
          "resolve_device": "load", "resolve_dtype": "load",
@@ -40,13 +45,61 @@ def __getattr__(name: str) -> Any:
 log = logging.getLogger(__name__)
 
 
-class EngineCache:
-    """Engines loaded in this process, keyed by their config: one load per worker."""
+def _never() -> bool:
+    return False
 
-    def __init__(self) -> None:
+
+def _nothing() -> None:
+    return None
+
+
+class EngineCache:
+    """Engines loaded in this process, keyed by their config: one load per worker.
+
+    ``warming()``: whether this process is still importing the model stack ahead of its
+    first task (a Dask worker's warm-up, see ``cluster.warm_up``); ``wait()`` blocks until
+    that has ended, and runs before any engine loads. Outside a warmed worker, neither.
+    """
+
+    def __init__(self, warming: Callable[[], bool] = _never,
+                 wait: Callable[[], None] = _nothing) -> None:
         self._engines: dict[EngineConfig, Engine] = {}
         self._lock = threading.Lock()  # worker threads share the cache; load each model once
+        self._warming, self._wait = warming, wait
         self.loads = 0
+
+    def wait_for_warm_up(self) -> None:
+        """Block until this process's warm-up has ended: code that imports transformers
+        must not run beside it (its lazy module is not safe to import from two threads)."""
+        self._wait()
+
+    def pretokenize(self, config: EngineConfig, texts: list[str]) -> Pretokenized | None:
+        """Tokenize the leading rows of ``texts`` while this worker's warm-up still runs,
+        with the model's ``tokenizer.json`` and no transformers; stop when it ends (then
+        the engine loads). The warm-up imports on one core; the tokenizer's Rust code runs
+        on another without holding the GIL, so these ids cost the shard no time. None when
+        the engine is loaded already, nothing is warming or the model has no
+        ``tokenizer.json``; the engine checks the tokenizer before it uses the ids
+        (``Engine.adopt``)."""
+        if config in self._engines or not texts or not self._warming():
+            return None
+        from lepton_batch.engine.tokens import PRETOKENIZE_ROWS, Pretokenized, file_tokenizer
+
+        tokenizer = file_tokenizer(Path(config.model_dir), config.max_length)
+        if tokenizer is None:
+            return None
+        ids: list[list[int]] = []
+        truncated: list[bool] = []
+        while len(ids) < len(texts) and self._warming():
+            done = len(ids)
+            for e in tokenizer.encode_batch_fast(texts[done : done + PRETOKENIZE_ROWS]):
+                ids.append(e.ids)
+                truncated.append(bool(e.overflowing))
+        log.debug("tokenized %d of %d rows while the warm-up imported", len(ids), len(texts))
+        if not ids:
+            return None
+        return Pretokenized(tokenizer.to_str(),
+                            Tokenized.from_lists(ids, np.asarray(truncated, dtype=bool)))
 
     def get(self, config: EngineConfig,
             sample: Callable[[], list[str]] | None = None) -> Engine | Decoder:
@@ -55,6 +108,7 @@ class EngineCache:
         precision (see ``quality.py``)."""
         with self._lock:
             if config not in self._engines:
+                self._wait()
                 log.info("loading %s (%s head)", config.model_dir, config.head)
                 if config.head == "causal_lm":
                     from lepton_batch.engine.decoder import Decoder

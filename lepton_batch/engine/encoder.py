@@ -29,6 +29,7 @@ from lepton_batch.engine.load import (
 )
 from lepton_batch.engine.packed import PackedEncoder, dense_rows, packable
 from lepton_batch.engine.quality import QualityCheck, check_quality
+from lepton_batch.engine.tokens import Pretokenized, truncating
 from lepton_batch.kernels import pick_attention, pick_varlen
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Engine:
             log.warning("%s has no fast tokenizer; tokenization will be slow", config.model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._truncating = truncating_backend(self.tokenizer, config.max_length)
+        self._tokenizer_json: str | None = None  # its serialisation, made on first adopt()
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="lepton-collate")
         self.quantization = "none"
         self.setup(resolve_dtype(config.dtype, self.device))
@@ -160,6 +162,21 @@ class Engine:
             for i, row in zip(long_rows, cut, strict=True):
                 ids[i] = row
         return Tokenized.from_lists(ids, truncated)
+
+    def adopt(self, pre: Pretokenized | None) -> Tokenized | None:
+        """``pre``'s ids when the tokenizer that made them serialises exactly as this
+        engine's own (vocabulary, normaliser, special tokens, truncation side and length):
+        then they are the ids :meth:`tokenize` would give. Else None, and the rows are
+        tokenized again."""
+        if pre is None or self._truncating is None:
+            return None
+        if self._tokenizer_json is None:
+            self._tokenizer_json = self._truncating.to_str()
+        if pre.tokenizer == self._tokenizer_json:
+            return pre.tokens
+        log.info("the early tokenization used another tokenizer setup than the model's "
+                 "(tokenizer_config.json changes it); tokenizing those %d rows again", len(pre))
+        return None
 
     def _collate(self, tok: Tokenized, idx: np.ndarray) -> Batch:
         return collate(tok, idx, self.pad_id, self.packed is not None, self.device)
@@ -285,10 +302,9 @@ def truncating_backend(tokenizer: Any, max_length: int) -> Any | None:
         return None
     from tokenizers import Tokenizer
 
-    own = Tokenizer.from_str(backend.to_str())  # the engine's alone: never reconfigured
-    own.no_padding()
-    own.enable_truncation(max_length, direction=getattr(tokenizer, "truncation_side", "right"))
-    return own
+    # A copy, the engine's alone: never reconfigured by a caller of the HF tokenizer.
+    return truncating(Tokenizer.from_str(backend.to_str()), max_length,
+                      getattr(tokenizer, "truncation_side", "right"))
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, skip: int = 0) -> torch.Tensor:
