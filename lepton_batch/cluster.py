@@ -89,16 +89,30 @@ def open_client(spec: ClusterSpec, warm: str | None = None) -> Iterator[Client]:
         worker_dashboard_address=None if spec.processes else "127.0.0.1:0",
         silence_logs=logging.WARNING,
     ) as cluster, Client(cluster) as client:
-        # Dask's statistical profiler records torch's deep call stacks; sizing them for the
-        # dashboard overflows the recursion limit and logs a harmless warning per run.
-        client.run(_quiet_sizeof)
+        client.run(_quiet_worker_logs)
         if warm:
             client.run(warm_up, warm)
         yield client
 
 
-def _quiet_sizeof() -> None:
+class _ShutdownRace(logging.Filter):
+    """Drops the error an embedded worker may log as the cluster shuts down after a
+    finished run: its heartbeat finds the scheduler's comm closed (a race inside Dask).
+    The scheduler lives in the driver, so it never means a scheduler lost mid-run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(
+            "Failed to communicate with scheduler during heartbeat")
+
+
+def _quiet_worker_logs() -> None:
+    """On an embedded worker: no log lines that report nothing wrong."""
+    # Dask's statistical profiler records torch's deep call stacks; sizing them for the
+    # dashboard overflows the recursion limit and logs a harmless warning per run.
     logging.getLogger("distributed.sizeof").setLevel(logging.ERROR)
+    worker_log = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _ShutdownRace) for f in worker_log.filters):
+        worker_log.addFilter(_ShutdownRace())
 
 
 def warm_up(model_dir: str) -> None:

@@ -32,6 +32,23 @@ def test_local_cluster_is_loopback_and_untrimmed(monkeypatch):
         assert set(client.run(_profiling).values()) == {False}
 
 
+def test_embedded_workers_drop_the_shutdown_heartbeat_error(caplog):
+    """A finished run's shutdown may race a worker's heartbeat; Dask then logs an error
+    with a traceback under the run's summary. Embedded workers drop that one line only."""
+    import logging
+
+    from lepton_batch.cluster import _quiet_worker_logs, _ShutdownRace
+
+    log = logging.getLogger("distributed.worker")
+    _quiet_worker_logs()
+    _quiet_worker_logs()  # once per worker start; the filter is not stacked
+    with caplog.at_level(logging.ERROR, logger="distributed.worker"):
+        log.error("Failed to communicate with scheduler during heartbeat.")
+        log.error("Compute Failed")
+    assert [r.getMessage() for r in caplog.records] == ["Compute Failed"]
+    assert sum(isinstance(f, _ShutdownRace) for f in log.filters) == 1
+
+
 def test_thread_cluster_listens_on_loopback_only():
     import psutil
 

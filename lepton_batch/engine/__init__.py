@@ -19,8 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from lepton_batch.engine.batching import Batch, BatchStats, Tokenized, collate, plan_batches
 from lepton_batch.engine.config import EngineConfig
 
@@ -88,18 +86,14 @@ class EngineCache:
         tokenizer = file_tokenizer(Path(config.model_dir), config.max_length)
         if tokenizer is None:
             return None
-        ids: list[list[int]] = []
-        truncated: list[bool] = []
-        while len(ids) < len(texts) and self._warming():
-            done = len(ids)
-            for e in tokenizer.encode_batch_fast(texts[done : done + PRETOKENIZE_ROWS]):
-                ids.append(e.ids)
-                truncated.append(bool(e.overflowing))
-        log.debug("tokenized %d of %d rows while the warm-up imported", len(ids), len(texts))
-        if not ids:
-            return None
-        return Pretokenized(tokenizer.to_str(),
-                            Tokenized.from_lists(ids, np.asarray(truncated, dtype=bool)))
+        parts: list[Tokenized] = []
+        done = 0
+        while done < len(texts) and self._warming():
+            batch = texts[done : done + PRETOKENIZE_ROWS]
+            parts.append(Tokenized.from_encodings(tokenizer.encode_batch_fast(batch)))
+            done += len(batch)
+        log.debug("tokenized %d of %d rows while the warm-up imported", done, len(texts))
+        return Pretokenized(tokenizer.to_str(), Tokenized.concat(parts)) if parts else None
 
     def get(self, config: EngineConfig,
             sample: Callable[[], list[str]] | None = None) -> Engine | Decoder:

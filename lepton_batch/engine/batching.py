@@ -49,6 +49,15 @@ class Tokenized:
                                 count=len(encodings))
         return cls.from_lists([e.ids for e in encodings], truncated)
 
+    @classmethod
+    def concat(cls, parts: list[Tokenized]) -> Tokenized:
+        """The rows of ``parts``, one after another."""
+        lengths = np.concatenate([p.lengths for p in parts])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(np.concatenate([p.flat for p in parts]), offsets, lengths,
+                   np.concatenate([p.truncated for p in parts]))
+
     def __len__(self) -> int:
         return len(self.lengths)
 
