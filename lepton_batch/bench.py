@@ -7,7 +7,8 @@ the same torch threads; every repeat runs each method once, in a rotating order.
 ``st-best`` (sentence-transformers at its defaults and at its fastest batch x dtype),
 ``engine`` / ``engine-fp32`` / ``engine-bf16`` / ``engine-int8`` (lepton-batch's engine
 in-process), ``submit`` (a whole Parquet -> Dask -> Parquet job, wall clock) and, only when
-named, ``engine-compile`` (the engine with ``engine.compile``).
+named, ``engine-compile`` (the engine with ``engine.compile``) and ``submit-fp32`` (the job
+with ``model.dtype: float32``).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from lepton_batch.spec import ModelSpec, TaskSpec
 METHODS = ("hf-pipeline", "st-default", "st-best", "engine", "engine-fp32", "engine-bf16",
            "engine-int8", "submit")
 # Only when named: the engine with engine.compile (torch.compile of the packed layers; its
-# compile time falls in the warm-up pass, outside the timing).
-OPTIONAL_METHODS = ("engine-compile",)
+# compile time falls in the warm-up pass, outside the timing), and the whole job with
+# fp32 forced (model.dtype: float32).
+OPTIONAL_METHODS = ("engine-compile", "submit-fp32")
 MiB = 1 << 20
 log = logging.getLogger(__name__)
 
@@ -379,7 +381,9 @@ def _hf_pipeline(ctx: _Ctx) -> Method:
                   f"first {n:,} rows only" if n < len(ctx.texts) else "")
 
 
-def _submit(ctx: _Ctx, tmp: Path, dtype: str) -> Method:
+def _submit(ctx: _Ctx, tmp: Path, dtype: str, forced: str | None = None) -> Method:
+    """The whole job, wall clock; ``forced``: its ``model.dtype`` (else auto, whose choice
+    ``dtype`` names)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -388,15 +392,17 @@ def _submit(ctx: _Ctx, tmp: Path, dtype: str) -> Method:
     from lepton_batch.run import run_job
     from lepton_batch.spec import JobSpec
 
-    (tmp / "in").mkdir()
+    tmp = tmp / f"submit-{forced or 'auto'}"
+    (tmp / "in").mkdir(parents=True)
     # pyarrow, not polars: the GPU machine's image has no polars and no room to carry it
     pq.write_table(pa.table({"id": pa.array(range(len(ctx.raw)), pa.int64()),
                              "text": pa.array(ctx.raw, pa.string())}),
                    tmp / "in" / "rows.parquet")
+    model = {"path": str(ctx.model_dir), "device": ctx.cfg.device,
+             "max_length": ctx.cfg.max_length}
     job = JobSpec.model_validate({
         "name": "bench-submit", "input": {"path": str(tmp / "in")}, "task": {"kind": "embed"},
-        "model": {"path": str(ctx.model_dir), "device": ctx.cfg.device,
-                  "max_length": ctx.cfg.max_length},
+        "model": model | ({"dtype": forced} if forced else {}),
         "output": {"path": str(tmp / "out"), "mode": "overwrite"},
         "cluster": {"dashboard_address": "127.0.0.1:0"},
     })
@@ -456,6 +462,8 @@ def _setup(name: str, ctx: _Ctx, tmp: Path, loaded: dict[str, Method],
         return _st(ctx, st32, 32) if name == "st-default" else _st_best(ctx, st32)
     if name == "hf-pipeline":
         return _hf_pipeline(ctx)
+    if name == "submit-fp32":
+        return _submit(ctx, tmp, "float32", forced="float32")
     auto = loaded.get("engine")  # a job's dtype is auto
     return _submit(ctx, tmp, auto.dtype if auto else "auto")
 

@@ -330,7 +330,9 @@ def submit(
     (lepton_batch_rows_total, ..._tokens_total, ..._error_rows_total,
     ..._shards_done_total, ..._shards_failed_total, ..._tokens_per_second, ...). Each run
     writes `_runs/RUN_ID/report.html` (plots), report.json and dask-report.html; the
-    summary and report.json give the time to the first batch (first_batch_seconds).
+    summary and report.json give the time to the first batch (first_batch_seconds). A
+    fresh worker imports torch and transformers first; meanwhile it reads its first shard
+    and (embed, classify) tokenizes it.
     """
     if progress not in ("auto", "rich", "plain", "none"):
         _fail(ValueError(f"--progress: {progress!r} is not one of rich, plain, none"))
@@ -596,9 +598,9 @@ def inspect_output(
 
 
 MethodsOpt = Annotated[str | None, typer.Option(
-    help="Comma-separated methods (default: all but engine-compile): hf-pipeline, "
-    "st-default, st-best, engine, engine-fp32, engine-bf16, engine-int8, submit, "
-    "engine-compile.", show_default=False)]
+    help="Comma-separated methods (default: all but engine-compile and submit-fp32): "
+    "hf-pipeline, st-default, st-best, engine, engine-fp32, engine-bf16, engine-int8, "
+    "submit, engine-compile, submit-fp32.", show_default=False)]
 
 
 @app.command()
@@ -649,10 +651,11 @@ def bench(
     dtype), `engine`, `engine-fp32`, `engine-bf16`, `engine-int8` (lepton-batch's engine
     in-process), `submit` (a whole Parquet-to-Parquet job, cluster start and model load
     included) and, only when named, `engine-compile` (engine.compile: true; its compile
-    time falls in the warm-up). Prints rows/s and tokens/s (median and spread of the
-    repeats), padding efficiency, achieved TFLOP/s and its share of a measured GEMM peak,
-    GPU busy share, peak memory, speed-ups over sentence-transformers and the cosine of each
-    method's embeddings to an fp32 reference.
+    time falls in the warm-up) and `submit-fp32` (the job with model.dtype: float32).
+    Prints rows/s and tokens/s (median and spread of the repeats), padding efficiency,
+    achieved TFLOP/s and its share of a measured GEMM peak, GPU busy share, peak memory,
+    speed-ups over sentence-transformers and the cosine of each method's embeddings to an
+    fp32 reference.
     """
     _setup_logging(verbose)
     if task == "generate":

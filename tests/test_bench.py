@@ -28,8 +28,8 @@ def test_encoder_flops_formula():
 def test_bad_options_fail_before_loading():
     with pytest.raises(ValueError, match="--methods"):
         BenchConfig(methods=("engine", "nope")).check()
-    BenchConfig(methods=("engine", "engine-compile")).check()  # named: allowed
-    assert "engine-compile" not in BenchConfig().methods  # but not run by default
+    BenchConfig(methods=("engine", "engine-compile", "submit-fp32")).check()  # named: allowed
+    assert {"engine-compile", "submit-fp32"}.isdisjoint(BenchConfig().methods)  # not default
     with pytest.raises(ValueError, match="positive"):
         BenchConfig(rows=0).check()
 
@@ -41,7 +41,7 @@ def _corpus(tmp_path):
 
 
 def test_bench_on_tiny_bert(tmp_path, tiny_bert):
-    methods = ("engine", "engine-fp32", "st-default", "submit")
+    methods = ("engine", "engine-fp32", "st-default", "submit", "submit-fp32")
     cfg = BenchConfig(model=str(tiny_bert), corpus=str(_corpus(tmp_path)), rows=40,
                       repeats=1, device="cpu", methods=methods, tune_rows=16)
     result = run_bench(cfg)
@@ -52,7 +52,8 @@ def test_bench_on_tiny_bert(tmp_path, tiny_bert):
     assert set(result.gemm_peak_tflops) == {"float32", "bfloat16", "int8"}
     assert all(t > 0 for t in result.gemm_peak_tflops.values())
     by_name = {m.name: m for m in result.methods}
-    assert list(by_name) == ["st-default", "engine", "engine-fp32", "submit"]
+    assert list(by_name) == ["st-default", "engine", "engine-fp32", "submit", "submit-fp32"]
+    assert by_name["submit-fp32"].dtype == "float32"
     ran = [m for m in result.methods if not m.skipped]
     for m in ran:
         assert m.rows == 40 and len(m.seconds) == 1 and m.rate > 0, m
@@ -70,7 +71,7 @@ def test_bench_on_tiny_bert(tmp_path, tiny_bert):
     ref = by_name[result.reference]
     assert ref.cos_min == pytest.approx(1.0, abs=1e-6)
     # Same rows in the same order through sentence-transformers and the whole job.
-    for name in ("st-default", "submit"):
+    for name in ("st-default", "submit", "submit-fp32"):
         assert by_name[name].cos_min > 0.9999, by_name[name]
 
     out = tmp_path / "bench.json"

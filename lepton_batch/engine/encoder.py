@@ -174,8 +174,8 @@ class Engine:
             self._tokenizer_json = self._truncating.to_str()
         if pre.tokenizer == self._tokenizer_json:
             return pre.tokens
-        log.info("the early tokenization used another tokenizer setup than the model's "
-                 "(tokenizer_config.json changes it); tokenizing those %d rows again", len(pre))
+        log.info("the model's tokenizer, as transformers loads it, differs from its "
+                 "tokenizer.json alone; tokenizing the %d early-tokenized rows again", len(pre))
         return None
 
     def _collate(self, tok: Tokenized, idx: np.ndarray) -> Batch:
