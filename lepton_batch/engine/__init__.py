@@ -75,7 +75,7 @@ class EngineCache:
         """Tokenize the leading rows of ``texts`` while this worker's warm-up still runs,
         with the model's ``tokenizer.json`` and no transformers; stop when it ends (then
         the engine loads). The warm-up imports on one core; the tokenizer's Rust code runs
-        on another without holding the GIL, so these ids cost the shard no time. None when
+        on another without holding the GIL, so these ids cost the shard little time. None when
         the engine is loaded already, nothing is warming or the model has no
         ``tokenizer.json``; the engine checks the tokenizer before it uses the ids
         (``Engine.adopt``)."""
