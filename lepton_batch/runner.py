@@ -239,8 +239,8 @@ def _run_chunks(pipeline: Pipeline, engine: Engine, texts: list[str], spec: Engi
         bounds += [(done + a, done + b) for a, b in chunk_bounds(len(texts) - done, chunk_rows)]
     parts, lengths, truncated = [], [], []
     with ThreadPoolExecutor(1, thread_name_prefix="lepton-tokenize") as pool:
-        ahead: Future[Tokenized] = Future()
         if done:
+            ahead: Future[Tokenized] = Future()
             ahead.set_result(ready)
         else:
             ahead = pool.submit(pipeline.tokenize, engine, texts[slice(*bounds[0])])
