@@ -94,6 +94,7 @@ class GenConfig:
     dtype: str = "auto"
     layers: int = 6
     hidden: int = 512
+    graphs: bool = True  # CUDA graphs for decode steps; on CUDA also timed without them
 
     def check(self) -> None:
         if self.lengths not in LENGTHS:
@@ -173,41 +174,42 @@ def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) ->
         ids = [row[: cfg.max_prompt] for row in ids]
         max_new = planned_lengths(len(ids), cfg.max_new, cfg.lengths)
         tok = Tokenized.from_lists(ids, np.zeros(len(ids), dtype=bool))
-        ours = GenMethod("lepton-batch")
+        graphs = cfg.graphs and device == "cuda"
         hf = GenMethod("hf-generate", note=f"padded batches of {cfg.batch}, left padding")
+        ours = GenMethod("lepton-batch", note="CUDA graphs" if graphs else "")
+        methods = [hf, ours]
+        if graphs:  # whether the graphs pay, measured beside them
+            methods.append(GenMethod("lepton-batch-eager", note="no CUDA graphs"))
         ours_tokens: list[list[int]] = []
         hf_tokens: list[list[int]] = [[] for _ in ids]
         for rnd in range(cfg.repeats):
-            for name in (("lepton-batch", "hf-generate") if rnd % 2 == 0
-                         else ("hf-generate", "lepton-batch")):
+            for method in (methods[1:] + methods[:1] if rnd % 2 == 0 else methods):
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 _sync(device)
                 start = time.perf_counter()
-                if name == "lepton-batch":
+                if method is hf:
+                    hf.computed_tokens = _hf_generate(dec, ids, max_new, cfg.batch, hf_tokens)
+                else:
                     stats = GenerateStats()
                     out = generate(dec, tok, max_new, np.zeros(len(ids), dtype=np.int64),
                                    Sampling(), [], cfg.batch, None, dec.token_budget(None),
-                                   stats)
-                    _sync(device)
-                    ours.seconds.append(time.perf_counter() - start)
-                    ours.computed_tokens = stats.slot_steps + len(ids)
-                    ours_tokens = out.tokens
-                    method = ours
-                else:
-                    hf.computed_tokens = _hf_generate(dec, ids, max_new, cfg.batch, hf_tokens)
-                    _sync(device)
-                    hf.seconds.append(time.perf_counter() - start)
-                    method = hf
+                                   stats, graphs=graphs and method is ours)
+                    method.computed_tokens = stats.slot_steps + len(ids)
+                    if method is ours:
+                        ours_tokens = out.tokens
+                _sync(device)
+                method.seconds.append(time.perf_counter() - start)
                 if device == "cuda":
                     method.peak_cuda_mib = torch.cuda.max_memory_allocated() / 2**20
-                say(f"round {rnd + 1}: {name} {method.seconds[-1]:.2f} s")
-        ours.useful_tokens = hf.useful_tokens = int(max_new.sum())
+                say(f"round {rnd + 1}: {method.name} {method.seconds[-1]:.2f} s")
+        for method in methods:
+            method.useful_tokens = int(max_new.sum())
         same = sum(a == b for a, b in zip(ours_tokens, hf_tokens, strict=True)) / len(ids)
         return GenResult(config=cfg, device=device, dtype=str(dec.dtype).removeprefix("torch."),
                          model=model_name, prompts=len(ids),
                          prompt_tokens=int(tok.lengths.sum()),
-                         planned_tokens=int(max_new.sum()), methods=[hf, ours],
+                         planned_tokens=int(max_new.sum()), methods=methods,
                          identical_rows=same)
 
 

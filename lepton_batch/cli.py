@@ -633,6 +633,9 @@ def bench(
                       ] = 512,
     dtype: Annotated[str, typer.Option(help="generate: auto | float32 | bfloat16 | float16")
                      ] = "auto",
+    cuda_graphs: Annotated[bool, typer.Option(
+        help="generate on CUDA: decode steps from CUDA graphs (as engine.cuda_graphs), and "
+        "lepton-batch-eager timed beside them.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO.")] = False,
 ) -> None:
     """Measure throughput against the libraries users would otherwise run, on the same
@@ -641,8 +644,9 @@ def bench(
     --task generate: lepton-batch's continuous batching against transformers
     `model.generate` on left-padded batches of the same size (--batch), same prompts, same
     planned new tokens per row (end-of-sequence off in both; a padded batch runs to its
-    longest row). Prints useful tokens/s (median and spread), the speed-up, and the share
-    of rows whose greedy tokens are identical.
+    longest row). On CUDA lepton-batch decodes with CUDA graphs and `lepton-batch-eager`,
+    without them, runs beside it. Prints useful tokens/s (median and spread), the
+    speed-up, peak GPU memory, and the share of rows whose greedy tokens are identical.
 
     --task embed (default):
 
@@ -664,7 +668,8 @@ def bench(
         _bench_generate(GenConfig(model=model, corpus=corpus, rows=rows or 256, batch=batch,
                                   max_new=max_new, max_prompt=max_length or 256,
                                   lengths=lengths, repeats=repeats, device=device, dtype=dtype,
-                                  layers=layers, hidden=hidden), json_file)
+                                  layers=layers, hidden=hidden, graphs=cuda_graphs),
+                        json_file)
         return
     if task != "embed":
         _fail(ValueError(f"--task: embed or generate, got {task!r}"))

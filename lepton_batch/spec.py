@@ -269,6 +269,9 @@ class EngineSpec(_Strict):
     # oneDNN linears it replaces ran as fast as inductor with frozen weights, and compiling
     # costs seconds per worker; on GPU it is not measured yet.
     compile: bool = False
+    # generate on CUDA: steps that only decode replay CUDA graphs (one per batch and span
+    # bucket, the second use of each checked against the eager step); false: eager steps.
+    cuda_graphs: bool = True
 
 
 class QualitySpec(_Strict):

@@ -152,7 +152,8 @@ class GeneratePipeline:
         out = generate(engine, tok, self.max_new, self.seeds,
                        resolve_sampling(self.task, engine.generation_config), self.task.stop,
                        spec.max_num_seqs, spec.kv_cache_tokens,
-                       engine.token_budget(spec.max_tokens_per_batch), gstats)
+                       engine.token_budget(spec.max_tokens_per_batch), gstats,
+                       graphs=spec.cuda_graphs and engine.device == "cuda")
         texts = engine.tokenizer.batch_decode(out.tokens, skip_special_tokens=True) \
             if out.tokens else []
         finish = list(out.finish)

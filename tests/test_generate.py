@@ -24,6 +24,7 @@ from lepton_batch.engine.generate import (
     shared_prefix,
     uniforms,
 )
+from lepton_batch.engine.graphs import MIN_SPAN, bucket
 from lepton_batch.plan import make_plan
 from lepton_batch.run import run_job
 from lepton_batch.spec import JobSpecError, load_job
@@ -64,8 +65,9 @@ def _strip_eos(tokens: list[int], eos: list[int]) -> list[int]:
     return tokens
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
-def test_greedy_is_token_identical_to_model_generate(arch, request):
+def test_greedy_is_token_identical_to_model_generate(arch, graphs, request):
     model_dir = request.getfixturevalue(arch)
     dec = _decoder(model_dir)
     assert dec.stack is not None, dec.forward_reason
@@ -79,8 +81,9 @@ def test_greedy_is_token_identical_to_model_generate(arch, request):
     stats = GenerateStats()
     # 5 slots for 24 rows and a small prefill budget: slots are refilled many times, and
     # prefills take several rows at once.
+    # static: decode-only steps padded to batch and span buckets, as CUDA graphs run them.
     out = generate(dec, tok, max_new, np.zeros(len(ids), dtype=np.int64), Sampling(), [],
-                   max_seqs=5, kv_tokens=None, prefill_tokens=400, stats=stats)
+                   max_seqs=5, kv_tokens=None, prefill_tokens=400, stats=stats, graphs=graphs)
     ref = _reference(model_dir, ids, max_new)
     eos = dec.eos_ids()
     for i, (ours, theirs) in enumerate(zip(out.tokens, ref, strict=True)):
@@ -90,6 +93,7 @@ def test_greedy_is_token_identical_to_model_generate(arch, request):
         assert want == "eos" or len(ours) == max_new[i]
     assert stats.slots == 5 and stats.prefills > 5 and max(stats.sizes) > 1
     assert stats.generated_tokens == sum(map(len, out.tokens))
+    assert (stats.graph_steps > stats.decode_steps // 2) == graphs
 
 
 def test_shared_prefix_is_computed_once_and_changes_nothing(tiny_llama):
@@ -154,10 +158,18 @@ def test_sampling_is_reproducible_whatever_the_batch(tiny_llama):
     part = generate(dec, sub, max_new[pick], seeds[pick], sampling, [], 3, None, 100)
     for j, i in enumerate(pick):
         assert part.tokens[j] == full.tokens[i]
+    # Decode steps with static shapes (as CUDA graphs run them) draw the same tokens.
+    static = generate(dec, tok, max_new, seeds, sampling, [], 5, None, 300, graphs=True)
+    assert static.tokens == full.tokens
     other = generate(dec, tok, max_new, seeds + 1, sampling, [], 8, None, 2048)
     assert other.tokens != full.tokens  # the seed matters
     greedy = generate(dec, tok, max_new, seeds, Sampling(), [], 8, None, 2048)
     assert greedy.tokens != full.tokens
+
+
+def test_static_decode_buckets():
+    assert [bucket(n, 48) for n in (1, 2, 3, 5, 17, 33, 48)] == [1, 2, 4, 8, 32, 48, 48]
+    assert [bucket(n, 300, MIN_SPAN) for n in (1, 64, 65, 200, 257)] == [64, 64, 128, 256, 300]
 
 
 def test_uniforms_are_per_row_and_step():

@@ -22,6 +22,7 @@ import torch
 
 from lepton_batch.engine.batching import Tokenized
 from lepton_batch.engine.decoder import Decoder, KVCache
+from lepton_batch.engine.graphs import DecodeGraphs
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class GenerateStats:
     shared_prefix: int = 0  # tokens every prompt shared, computed once
     slots: int = 0
     slot_steps: int = 0  # sum over decode steps of active sequences (occupancy)
+    graph_steps: int = 0  # decode steps with static shapes (CUDA graphs on CUDA)
     sizes: list[int] = field(default_factory=list)
 
 
@@ -156,12 +158,15 @@ class _StopChecker:
 @torch.inference_mode()
 def generate(dec: Decoder, tok: Tokenized, max_new: np.ndarray, seeds: np.ndarray,
              sampling: Sampling, stop: list[str], max_seqs: int, kv_tokens: int | None,
-             prefill_tokens: int, stats: GenerateStats | None = None) -> Generated:
+             prefill_tokens: int, stats: GenerateStats | None = None,
+             graphs: bool = False) -> Generated:
     """Generate for every row of ``tok`` (prompts, already cut to fit the context).
 
     max_new: (n,) int64 >= 1 new tokens per row; seeds: (n,) int64 per-row sampling seeds;
     max_seqs: KV-cache slots; kv_tokens: the cache size in tokens (None: from memory);
-    prefill_tokens: padded prompt tokens per prefill step. Results are in row order.
+    prefill_tokens: padded prompt tokens per prefill step; graphs: steps that only decode
+    run with static shapes (``engine/graphs.py``), replayed from CUDA graphs on CUDA.
+    Results are in row order.
     """
     assert dec.stack is not None, dec.forward_reason
     stats = stats if stats is not None else GenerateStats()
@@ -185,6 +190,8 @@ def generate(dec: Decoder, tok: Tokenized, max_new: np.ndarray, seeds: np.ndarra
     penalty = sampling.repetition_penalty != 1.0
     history = torch.zeros((slots, max_len), dtype=torch.int64, device=device) if penalty else None
     stats.shared_prefix, stats.slots = prefix, slots
+    static = DecodeGraphs(stack, cache, dec.pad_id, capture=device == "cuda") if graphs \
+        else None
 
     prefix_kv = None
     if prefix:
@@ -264,6 +271,11 @@ def generate(dec: Decoder, tok: Tokenized, max_new: np.ndarray, seeds: np.ndarra
         prefill of ``group`` into the slots after them."""
         nonlocal active
         d, b = active, len(group)
+        if static is not None and not b:
+            logits = static(last[:d], pos[:d])
+            stats.graph_steps += 1
+            advance(logits, d, 0)
+            return
         ids_parts = [torch.as_tensor(last[:d], device=device)]
         pos_parts = [torch.as_tensor(pos[:d], device=device)]
         if b:
@@ -303,7 +315,12 @@ def generate(dec: Decoder, tok: Tokenized, max_new: np.ndarray, seeds: np.ndarra
                               prefill(layer, q[d:], k[d:], v[d:])])
 
         hidden = stack.hidden(torch.cat(ids_parts), torch.cat(pos_parts), attend)
-        logits = stack.logits(torch.cat([hidden[:d], hidden[ends]]) if b else hidden)
+        advance(stack.logits(torch.cat([hidden[:d], hidden[ends]]) if b else hidden), d, b)
+
+    def advance(logits: torch.Tensor, d: int, b: int) -> None:
+        """After a step's forward: count it, sample a token for each of the ``d`` decoded
+        and ``b`` admitted slots, and retire the finished ones."""
+        nonlocal active
         pos[:d] += 1
         if d:
             stats.decode_steps += 1
@@ -318,6 +335,8 @@ def generate(dec: Decoder, tok: Tokenized, max_new: np.ndarray, seeds: np.ndarra
 
     while active or waiting:
         step(next_group())
+    if static is not None:
+        log.debug("decode: %s", static.describe())
     return Generated(tokens, finish)
 
 
