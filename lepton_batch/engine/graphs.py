@@ -112,7 +112,9 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: a CUDA call from another of the worker's threads during the
+            # capture is not an error of this capture.
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 logits = self._step(batch, span)
         except Exception as exc:  # noqa: BLE001 -- any capture failure means eager decode
             self._give_up(f"capture failed: {exc}")
