@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures issues 7 and 8 still need, in one device call. Prepare here (once):
+# The GPU figures still unmeasured (issues 7 and 8 closed without a device lent), in one
+# device call. Prepare here (once):
 #
 #   make venv && EXTRA="prometheus-client" bash ../shared/gpu/prepare-carry.sh
 #   .venv/bin/python benchmarks/device_models.py minilm .gpucarry/minilm   # 45 MB, fp16
@@ -10,7 +11,8 @@
 #   bertbase  the same on a random BERT-base built on the device
 #   compile   engine against engine-compile on MiniLM (engine.compile on GPU: pays or not)
 #   first     a 4,000-row submit: wall clock, stages, first-batch timing in report.json
-#   generate  bench --task generate, a random 24 x 1024 Llama (~0.5 B), batch 64
+#   generate  bench --task generate, a random 24 x 1024 Llama (~0.4 B), batch 64, bf16;
+#             lepton-batch with CUDA graphs and lepton-batch-eager without (pay or not)
 # Each step has its own timeout; results go to $OUT (JSON, logs) as they finish, so a
 # call cut short still returns what ran. Try it on CPU first with tiny sizes:
 #   DEVICE=cpu ROWS=300 GEN_ROWS=8 GEN_LAYERS=2 GEN_HIDDEN=128 OUT=/tmp/dc \
