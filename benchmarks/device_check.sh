@@ -11,7 +11,8 @@
 #   bertbase  the same on a random BERT-base built on the device
 #   compile   engine against engine-compile on MiniLM (engine.compile on GPU: pays or not)
 #   first     a 4,000-row submit: wall clock, stages, first-batch timing in report.json
-#   generate  bench --task generate, a random 24 x 1024 Llama (~0.4 B), batch 64, bf16;
+#   generate  bench --task generate, a random 24 x 1152 Llama (~0.5 B), batch 64, bf16,
+#             prompts of 32..1024 tokens;
 #             lepton-batch with CUDA graphs and lepton-batch-eager without (pay or not)
 # Each step has its own timeout; results go to $OUT (JSON, logs) as they finish, so a
 # call cut short still returns what ran. Try it on CPU first with tiny sizes:
@@ -24,7 +25,7 @@ ROWS=${ROWS:-100000}
 STEPS=${STEPS:-minilm bertbase compile first generate}
 GEN_ROWS=${GEN_ROWS:-256}
 GEN_LAYERS=${GEN_LAYERS:-24}
-GEN_HIDDEN=${GEN_HIDDEN:-1024}
+GEN_HIDDEN=${GEN_HIDDEN:-1152}
 MINILM=${MINILM:-.gpucarry/minilm}
 mkdir -p "$OUT"
 if [ -z "${PY:-}" ]; then
@@ -85,7 +86,7 @@ PYEOF
     generate)
       step bench-generate 300 "${CLI[@]}" bench --task generate --device "$DEVICE" \
         --layers "$GEN_LAYERS" --hidden "$GEN_HIDDEN" --batch 64 --max-new 512 \
-        --max-length 1024 --rows "$GEN_ROWS" --repeats 1 --json "$OUT/generate.json" ;;
+        --max-length 1024 --min-prompt 32 --rows "$GEN_ROWS" --repeats 1 --json "$OUT/generate.json" ;;
     *) log "unknown step $s" ;;
   esac
 done

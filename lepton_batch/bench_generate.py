@@ -80,6 +80,26 @@ def planned_lengths(n: int, max_new: int, kind: str, seed: int = 0) -> np.ndarra
     return np.full(n, max_new, dtype=np.int64)
 
 
+def spread_prompts(ids: list[list[int]], low: int, high: int, bos: int | None,
+                   seed: int = 1) -> list[list[int]]:
+    """As many prompts as ``ids``, of lengths drawn uniformly in ``low .. high`` (seeded),
+    cut from the corpus's tokens laid end to end (each row's own BOS dropped; ``bos``, when
+    given, starts every prompt), so prompt lengths spread over the range whatever the
+    corpus's own row lengths."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(low, high + 1, len(ids))
+    head = [bos] if bos is not None else []
+    stream = [t for row in ids for t in (row[1:] if head and row[:1] == head else row)]
+    out, at = [], 0
+    for n in lengths:
+        take = int(n) - len(head)
+        while at + take > len(stream):  # wrap around a short corpus
+            stream = stream + stream
+        out.append(head + stream[at: at + take])
+        at += take
+    return out
+
+
 @dataclass
 class GenConfig:
     model: str | None = None  # None: a random Llama, layers x hidden
@@ -88,6 +108,7 @@ class GenConfig:
     batch: int = 16
     max_new: int = 256
     max_prompt: int = 256
+    min_prompt: int | None = None  # set: prompt lengths uniform in min_prompt .. max_prompt
     lengths: str = "exp"
     repeats: int = 3
     device: str = "auto"
@@ -102,6 +123,9 @@ class GenConfig:
         for name in ("rows", "batch", "max_new", "max_prompt", "repeats", "layers", "hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.min_prompt is not None and not 2 <= self.min_prompt <= self.max_prompt:
+            raise ValueError(f"--min-prompt: 2 .. --max-length ({self.max_prompt}), got "
+                             f"{self.min_prompt}")
 
 
 @dataclass
@@ -171,7 +195,11 @@ def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) ->
             raise ValueError(f"--model: {dec.forward_reason}")
         dec.generation_config.eos_token_id = []  # lengths are planned; see the module doc
         ids = dec.tokenizer(texts, verbose=False)["input_ids"]
-        ids = [row[: cfg.max_prompt] for row in ids]
+        if cfg.min_prompt is None:
+            ids = [row[: cfg.max_prompt] for row in ids]
+        else:
+            ids = spread_prompts(ids, cfg.min_prompt, cfg.max_prompt,
+                                 dec.tokenizer.bos_token_id)
         max_new = planned_lengths(len(ids), cfg.max_new, cfg.lengths)
         tok = Tokenized.from_lists(ids, np.zeros(len(ids), dtype=bool))
         graphs = cfg.graphs and device == "cuda"

@@ -634,6 +634,10 @@ def bench(
                       ] = 512,
     dtype: Annotated[str, typer.Option(help="generate: auto | float32 | bfloat16 | float16")
                      ] = "auto",
+    min_prompt: Annotated[int | None, typer.Option(
+        help="generate: prompt lengths drawn uniformly from this to --max-length, cut from "
+        "the corpus laid end to end. Default: each corpus row, cut to --max-length.",
+        show_default=False)] = None,
     cuda_graphs: Annotated[bool, typer.Option(
         help="generate on CUDA: decode steps from CUDA graphs (as engine.cuda_graphs), and "
         "lepton-batch-eager timed beside them.")] = True,
@@ -668,6 +672,7 @@ def bench(
 
         _bench_generate(GenConfig(model=model, corpus=corpus, rows=rows or 256, batch=batch,
                                   max_new=max_new, max_prompt=max_length or 256,
+                                  min_prompt=min_prompt,
                                   lengths=lengths, repeats=repeats, device=device, dtype=dtype,
                                   layers=layers, hidden=hidden, graphs=cuda_graphs),
                         json_file)
@@ -725,8 +730,10 @@ def _bench_generate(cfg, json_file: Path | None) -> None:
     from lepton_batch.bench_generate import run_generate_bench
 
     out, result = _bench_start(cfg.device, lambda say: run_generate_bench(cfg, say=say), 160)
+    spread = f", {cfg.min_prompt}..{cfg.max_prompt} each" if cfg.min_prompt else ""
     out.print(f"{result.model}, {result.dtype} on {result.device}; {result.prompts:,} prompts "
-              f"({result.prompt_tokens:,} tokens), {result.planned_tokens:,} new tokens planned "
+              f"({result.prompt_tokens:,} tokens{spread}), {result.planned_tokens:,} new tokens "
+              "planned "
               f"({cfg.lengths}, at most {cfg.max_new} per row); batch {cfg.batch}")
     table = Table(title=f"generation throughput, {cfg.repeats} repeat(s)")
     for column in ("method", "useful tok/s (min-max)", "decode positions computed",

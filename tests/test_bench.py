@@ -112,8 +112,8 @@ def test_generate_bench_on_a_tiny_llama(tmp_path):
     from lepton_batch.bench_generate import GenConfig, planned_lengths, run_generate_bench
 
     cfg = GenConfig(corpus=str(_corpus(tmp_path)), rows=12, batch=4, max_new=16,
-                    max_prompt=24, repeats=2, device="cpu", dtype="float32", layers=2,
-                    hidden=64)
+                    max_prompt=24, min_prompt=8, repeats=2, device="cpu", dtype="float32",
+                    layers=2, hidden=64)
     result = run_generate_bench(cfg, say=lambda _: None)
     assert [m.name for m in result.methods] == ["hf-generate", "lepton-batch"]  # no eager on CPU
     assert result.planned_tokens == int(planned_lengths(12, 16, "exp").sum())
@@ -123,4 +123,20 @@ def test_generate_bench_on_a_tiny_llama(tmp_path):
     hf, ours = result.methods
     assert ours.computed_tokens < hf.computed_tokens  # no row waits on its batch's longest
     assert result.identical_rows >= 0.9  # a float near-tie under left padding may flip one
+    assert 8 * 12 <= result.prompt_tokens <= 24 * 12
     json.dumps(result.to_json(), default=str)
+    with pytest.raises(ValueError, match="--min-prompt"):
+        GenConfig(min_prompt=300, max_prompt=256).check()
+
+
+def test_spread_prompts_cover_the_range():
+    from lepton_batch.bench_generate import spread_prompts
+
+    rows = [[1, *range(10 + i, 20 + i)] for i in range(5)]  # BOS 1, ten tokens each
+    out = spread_prompts(rows * 20, 8, 40, bos=1)
+    lengths = [len(p) for p in out]
+    assert len(out) == 100 and min(lengths) >= 8 and max(lengths) <= 40
+    assert max(lengths) - min(lengths) > 20  # spread, unlike the corpus's own 11
+    assert all(p[0] == 1 and 1 not in p[1:] for p in out)  # one BOS, at the start
+    assert out == spread_prompts(rows * 20, 8, 40, bos=1)  # seeded
+    assert [len(p) for p in spread_prompts(rows, 3, 3, bos=None)] == [3] * 5
