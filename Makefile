@@ -1,27 +1,70 @@
-# Every target bootstraps .venv first; a second run reinstalls nothing unless pyproject.toml changed.
+# Every target bootstraps .venv first, from the lock: the exact versions CI tested. A second
+# run reinstalls nothing unless pyproject.toml or the lock changed.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+LOCK := requirements/lock-py$(PYVER).txt
 TORCH_CPU := torch==2.13.0
+# Where `make lock` finds the torch CPU wheel, so the lock holds its dependencies and not the
+# CUDA libraries of PyPI's Linux build (torch itself stays out of the lock: see venv).
+TORCH_WHEELS ?= /opt/wheels
+LATEST := .venv-latest
+PIP := -m pip install --quiet --disable-pip-version-check
+# Tests mostly wait on subprocesses and Dask start-ups: more workers than cores pays.
+PYTEST_WORKERS ?= 4
 
-.PHONY: venv demo topics test lint bench bench-memory clean
+.PHONY: venv lock test-latest demo topics test test-quick lint bench bench-memory clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@# Keep a torch that is already there (a CUDA build on a GPU machine); otherwise pin the
-	@# CPU wheel before the project is installed, so no multi-GB CUDA build is pulled in.
-	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
-		echo "keeping installed torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
-	elif command -v nvidia-smi >/dev/null 2>&1; then \
-		echo "CUDA machine: installing torch from the project's range"; \
+# $(1): a venv's bin folder. Keep a torch that is already there (a CUDA build on a GPU
+# machine); otherwise install $(TORCH_CPU): the CPU wheel where pip finds it (this machine's
+# wheel folder), PyPI's CUDA build on a CUDA machine.
+define torch
+	@if $(1)/python -c "import torch" 2>/dev/null; then \
+		echo "keeping installed torch $$($(1)/python -c 'import torch; print(torch.__version__)')"; \
 	else \
-		$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_CPU)"; \
+		$(1)/python $(PIP) "$(TORCH_CPU)"; \
 	fi
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+endef
+
+$(STAMP): pyproject.toml $(LOCK)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(call torch,$(BIN))
+	@# The lock is the whole dependency closure but torch: --no-deps installs exactly it.
+	$(BIN)/python $(PIP) --no-deps -r $(LOCK)
+	$(BIN)/python $(PIP) --no-deps -e .
+	$(BIN)/python -m pip check --disable-pip-version-check
 	touch $(STAMP)
+
+$(LOCK):
+	@echo "no lock for Python $(PYVER): run 'make lock' (or PYTHON=python3.11 make ...)" >&2
+	@exit 1
+
+# Refresh the lock to the newest releases that pyproject.toml's ranges allow.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/uv || $(BIN)/python $(PIP) uv
+	mkdir -p requirements
+	echo "$(TORCH_CPU)" | $(BIN)/uv pip compile pyproject.toml --extra dev --constraint - \
+		--python-version $(PYVER) --no-emit-package torch --upgrade --quiet \
+		$(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS)) \
+		--custom-compile-command "make lock" -o $(LOCK)
+	@if grep -Eq '^(nvidia-|triton==|cuda-)' $(LOCK); then \
+		echo "$(LOCK) pins CUDA libraries: set TORCH_WHEELS to a folder holding the $(TORCH_CPU) CPU wheel" >&2; \
+		exit 1; fi
+	@echo "$(LOCK): $$(grep -c '==' $(LOCK)) packages pinned"
+
+# The suite against the newest releases (torch stays as installed), in its own venv.
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(call torch,$(LATEST)/bin)
+	$(LATEST)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(LATEST)/torch.txt
+	$(LATEST)/bin/python $(PIP) --upgrade --upgrade-strategy eager -c $(LATEST)/torch.txt -e ".[dev]"
+	$(LATEST)/bin/python -m pip list --disable-pip-version-check | grep -Ei '^(transformers|kernels|dask|torch) '
+	$(LATEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS)
 
 demo: $(STAMP)
 	$(BIN)/lepton-batch submit jobs/quickstart.yaml
@@ -34,7 +77,11 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
+
+# The edit loop: everything not marked slow, no ruff.
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/lepton-batch bench
@@ -43,4 +90,4 @@ bench-memory: $(STAMP)
 	$(BIN)/python benchmarks/bench_memory.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(LATEST) out .pytest_cache

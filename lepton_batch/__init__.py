@@ -1,3 +1,22 @@
 """lepton-batch: batch offline inference for large text corpora."""
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def top_level_folder(init_file: str) -> list[str]:
+    """The ``__path__`` of ``lepton_batch.kernels`` / ``lepton_batch.pipelines``.
+
+    Their modules sit in the repository's top-level ``kernels/`` and ``pipelines/`` folders,
+    which hold no ``__init__.py``, so that from the repository root (``python -m pytest``,
+    ``python -m lepton_batch``, a notebook) ``import kernels`` finds Hugging Face's
+    ``kernels`` distribution, which transformers imports, and never our folder. Each
+    package's init is ``lepton_batch/<name>.py`` instead; a module with a ``__path__`` is a
+    package. ``init_file``: that module's ``__file__``. Installed (a wheel, ``pip install
+    .``), setuptools' package-dir put the folder beside it as ``lepton_batch/<name>/``; in a
+    source checkout (editable install, or the root on ``sys.path``) it is the top-level one.
+    """
+    init = Path(init_file)
+    installed = init.with_suffix("")
+    return [str(installed if installed.is_dir() else init.parents[1] / init.stem)]

@@ -1,4 +1,5 @@
-"""Task pipelines (installed as ``lepton_batch.pipelines``).
+"""Task pipelines: the package ``lepton_batch.pipelines``, whose modules are in the
+repository's top-level ``pipelines/`` folder (see :func:`lepton_batch.top_level_folder`).
 
 Each pipeline names the input ``columns`` it reads and its output ``fields()``, and runs a
 shard in four steps: ``prepare(table)`` (usable texts, bad rows recorded),
@@ -10,6 +11,11 @@ call them chunk by chunk (``engine.tokenize_chunk_rows``).
 
 from __future__ import annotations
 
+from lepton_batch import top_level_folder
+
+__path__ = top_level_folder(__file__)
+
+# Imported once __path__ is set: the submodules live in the folder it names.
 from lepton_batch.modeldir import ModelInfo
 from lepton_batch.pipelines.classify import ClassifyPipeline
 from lepton_batch.pipelines.embed import EmbedPipeline
