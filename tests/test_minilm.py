@@ -2,12 +2,19 @@
 embeddings against sentence-transformers ``encode`` on the whole sample corpus.
 
 The quickstart job leaves max_length, pooling and normalize out, so this checks that the
-model directory's own settings (256 tokens, mean pooling, Normalize) are the defaults.
+model directory's own settings (256 tokens, mean pooling, Normalize) are the defaults. It
+runs as a user runs it: ``python -m lepton_batch submit jobs/quickstart.yaml`` in a
+subprocess whose working directory is the repository root, on the job's own process workers,
+which inherit that ``sys.path`` (``tests/test_imports.py`` checks the rest of the import
+names).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import polars as pl
@@ -17,7 +24,6 @@ from conftest import REPO
 
 from lepton_batch.modeldir import resolve_model_dir
 from lepton_batch.plan import make_plan
-from lepton_batch.run import run_job
 from lepton_batch.spec import load_job
 
 pytestmark = pytest.mark.slow
@@ -26,9 +32,8 @@ pytestmark = pytest.mark.slow
 def test_quickstart_matches_sentence_transformers(tmp_path, capsys, monkeypatch):
     sentence_transformers = pytest.importorskip("sentence_transformers")
     monkeypatch.chdir(REPO)  # the job file's paths are relative to the repository root
-    job = load_job(REPO / "jobs" / "quickstart.yaml",
-                   [f"output.path={tmp_path / 'out'}", "cluster.processes=false",
-                    "cluster.dashboard_address=127.0.0.1:0"])
+    overrides = [f"output.path={tmp_path / 'out'}", "cluster.dashboard_address=127.0.0.1:0"]
+    job = load_job(REPO / "jobs" / "quickstart.yaml", overrides)
     assert job.model.max_length is None
     assert (job.task.pooling, job.task.normalize, job.task.prompt) == (None, None, None)
     plan = make_plan(job)
@@ -37,9 +42,15 @@ def test_quickstart_matches_sentence_transformers(tmp_path, capsys, monkeypatch)
     assert s.sources["max_length"] == "model (sentence_bert_config.json)"
     assert s.sources["pooling"] == "model (1_Pooling/config.json)"
     assert s.sources["normalize"] == "model (modules.json)" and s.warnings == ()
-    result = run_job(plan)
-    assert result.ok and result.rows == 2230
+    res = subprocess.run(
+        [sys.executable, "-m", "lepton_batch", "submit", "jobs/quickstart.yaml",
+         *(a for o in overrides for a in ("--set", o))],
+        cwd=REPO, capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "250"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"shards: {len(plan.shards)} run, 0 skipped, 0 failed" in res.stdout, res.stdout
+    assert "rows: 2,230 (7 with errors)" in res.stdout, res.stdout
     df = pl.read_parquet(plan.output_root / "run_date=*" / "*.parquet").sort("id")
+    assert df.height == 2230
     good = df.filter(pl.col("error").is_null())
     assert df.height - good.height == 7  # the corpus's null / empty rows
     ours = np.asarray(good["embedding"].to_list(), dtype=np.float32)
