@@ -13,7 +13,7 @@ TORCH_WHEELS ?= /opt/wheels
 LATEST := .venv-latest
 PIP := -m pip install --quiet --disable-pip-version-check
 # Tests mostly wait on subprocesses and Dask start-ups: more workers than cores pays.
-PYTEST_WORKERS ?= 4
+PYTEST_WORKERS ?= 3
 
 .PHONY: venv lock test-latest demo topics test test-quick lint bench bench-memory clean
 
@@ -64,7 +64,7 @@ test-latest:
 	$(LATEST)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(LATEST)/torch.txt
 	$(LATEST)/bin/python $(PIP) --upgrade --upgrade-strategy eager -c $(LATEST)/torch.txt -e ".[dev]"
 	$(LATEST)/bin/python -m pip list --disable-pip-version-check | grep -Ei '^(transformers|kernels|dask|torch) '
-	$(LATEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS)
+	$(LATEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 demo: $(STAMP)
 	$(BIN)/lepton-batch submit jobs/quickstart.yaml
@@ -77,11 +77,11 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 # The edit loop: everything not marked slow, no ruff.
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/lepton-batch bench

@@ -5,6 +5,8 @@ small Parquet corpora cut from the real sample corpus."""
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,9 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# rich fixes a console's width for good when COLUMNS is set as the console is made, and
+# pytest-xdist starts its workers with COLUMNS=80: the CLI's console would then ignore the
+# width a test gives CliRunner. Without it, each console reads COLUMNS when it prints.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
@@ -57,12 +66,28 @@ def _save_tiny_model(path: Path, model_cls, seed: int, **config) -> Path:
     return path
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """``build(folder)`` once per test run, in a folder that stays: under pytest-xdist the
+    workers share the run's base temp folder, and the first one to get there builds (the
+    others wait on a file lock, then reuse it). ``build`` fills the folder it is given."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if XDIST_WORKER else base) / f"once-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A random BertModel + WordPiece tokenizer in a local directory (safetensors)."""
     from transformers import BertModel
 
-    return _save_tiny_model(tmp_path_factory.mktemp("tiny-bert"), BertModel, seed=0)
+    return built_once(tmp_path_factory, "tiny-bert",
+                      lambda path: _save_tiny_model(path, BertModel, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -70,11 +95,11 @@ def tiny_bert_cls(tmp_path_factory) -> Path:
     """A random BertForSequenceClassification with 3 named labels."""
     from transformers import BertForSequenceClassification
 
-    return _save_tiny_model(
-        tmp_path_factory.mktemp("tiny-bert-cls"), BertForSequenceClassification, seed=1,
+    return built_once(tmp_path_factory, "tiny-bert-cls", lambda path: _save_tiny_model(
+        path, BertForSequenceClassification, seed=1,
         num_labels=3, id2label=dict(enumerate(LABELS)),
         label2id={v: i for i, v in enumerate(LABELS)},
-    )
+    ))
 
 
 def write_corpus(folder: Path, n_files: int = 3, rows: int = 45, group: int = 10,
@@ -142,9 +167,11 @@ def tiny_llama(tmp_path_factory) -> Path:
     """A random LlamaForCausalLM (grouped-query attention) + BPE tokenizer with BOS."""
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(3)
-    return _save_causal(tmp_path_factory.mktemp("tiny-llama"),
-                        LlamaForCausalLM(tiny_llama_config()), bos=True)
+    def build(path: Path) -> None:
+        torch.manual_seed(3)
+        _save_causal(path, LlamaForCausalLM(tiny_llama_config()), bos=True)
+
+    return built_once(tmp_path_factory, "tiny-llama", build)
 
 
 @pytest.fixture(scope="session")
@@ -152,9 +179,11 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     """A random GPT2LMHeadModel + byte-level BPE tokenizer (no BOS)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(4)
-    config = GPT2Config(vocab_size=800, n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                        initializer_range=0.2)
-    return _save_causal(tmp_path_factory.mktemp("tiny-gpt2"), GPT2LMHeadModel(config),
-                        bos=False)
+    def build(path: Path) -> None:
+        torch.manual_seed(4)
+        config = GPT2Config(vocab_size=800, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                            initializer_range=0.2)
+        _save_causal(path, GPT2LMHeadModel(config), bos=False)
+
+    return built_once(tmp_path_factory, "tiny-gpt2", build)

@@ -25,7 +25,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_corpus, write_job
+from conftest import built_once, write_corpus, write_job
 from typer.testing import CliRunner
 
 from lepton_batch.faults import FAULT_ENV, ONCE_ENV
@@ -65,9 +65,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("fault-corpus") / "in"
-    write_corpus(folder)
-    return folder
+    return built_once(tmp_path_factory, "fault-corpus", lambda f: write_corpus(f / "in")) / "in"
 
 
 def _job(tmp_path: Path, model: Path, corpus: Path, processes: bool = False, **output) -> Path:
@@ -103,11 +101,12 @@ def _assert_same(df: pl.DataFrame, ref: pl.DataFrame) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_bert, corpus_dir) -> pl.DataFrame:
-    """The dataset of one uninterrupted run."""
-    tmp = tmp_path_factory.mktemp("fault-reference")
-    res = _cli("submit", str(_job(tmp, tiny_bert, corpus_dir)))
-    assert res.returncode == 0, res.stdout + res.stderr
-    return _dataset(tmp / "out")
+    """The dataset of one uninterrupted run (one per test run: xdist workers share it)."""
+    def run(tmp: Path) -> None:
+        res = _cli("submit", str(_job(tmp, tiny_bert, corpus_dir)))
+        assert res.returncode == 0, res.stdout + res.stderr
+
+    return _dataset(built_once(tmp_path_factory, "fault-reference", run) / "out")
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
@@ -367,8 +366,10 @@ def _visible(root: Path, fmt: str) -> pl.DataFrame:
         pl.lit(None, pl.String).alias("run_date"))  # parts only; the date is in the path
 
 
-@pytest.mark.parametrize(("first_night", "point"), INCREMENTAL_KILL_POINTS,
-                         indirect=["first_night"])
+@pytest.mark.parametrize(("first_night", "point"), [
+    # one worker per format builds its first night once (make test: xdist --dist loadgroup)
+    pytest.param(fmt, point, id=f"{fmt}-{point}", marks=pytest.mark.xdist_group(f"night-{fmt}"))
+    for fmt, point in INCREMENTAL_KILL_POINTS], indirect=["first_night"])
 def test_killed_incremental_night_resumes_without_loss_or_duplicates(first_night, point,
                                                                      tmp_path, tiny_bert):
     fmt = first_night[0]

@@ -4,11 +4,13 @@ precision against fp32, and the quality gate — all on tiny random models loade
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LABELS, _bert_config, _tokenizer, sample_texts
+from conftest import LABELS, _bert_config, _tokenizer, built_once, sample_texts
 
 from lepton_batch.engine import (
     BatchStats,
@@ -32,14 +34,16 @@ def tiny_roberta(tmp_path_factory):
     """A random RobertaModel (positions counted from pad + 1) with the WordPiece tokenizer."""
     from transformers import AutoTokenizer, RobertaConfig, RobertaModel
 
-    path = tmp_path_factory.mktemp("tiny-roberta")
-    _tokenizer(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(3)
-    cfg = RobertaConfig(**_bert_config(len(tok)).to_dict())
-    cfg.pad_token_id, cfg.max_position_embeddings, cfg.type_vocab_size = tok.pad_token_id, 132, 1
-    RobertaModel(cfg).eval().save_pretrained(path)
-    return path
+    def build(path: Path) -> None:
+        _tokenizer(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        torch.manual_seed(3)
+        cfg = RobertaConfig(**_bert_config(len(tok)).to_dict())
+        cfg.pad_token_id, cfg.max_position_embeddings, cfg.type_vocab_size = (
+            tok.pad_token_id, 132, 1)
+        RobertaModel(cfg).eval().save_pretrained(path)
+
+    return built_once(tmp_path_factory, "tiny-roberta", build)
 
 
 @pytest.mark.parametrize("packed", [False, True])
