@@ -7,7 +7,10 @@
 #
 # then run(command="bash benchmarks/device_check.sh", carry=[".gpucarry"], timeout_s=590).
 # STEPS picks steps (default all, in this order; a second call can run the rest):
-#   minilm    bench MiniLM: st-best, engine, submit               (ROWS rows, 2 rounds)
+#   correct   correctness first (benchmarks/device_correct.py): embeddings vs
+#             sentence-transformers fp32, greedy generation vs model.generate, score vs a
+#             direct forward, on this device                      (CORRECT_ROWS rows)
+#   minilm    bench MiniLM: st-best, engine, engine-int8, submit  (ROWS rows, 2 rounds)
 #   bertbase  the same on a random BERT-base built on the device
 #   compile   engine against engine-compile on MiniLM (engine.compile on GPU: pays or not)
 #   first     a 4,000-row submit: wall clock, stages, first-batch timing in report.json
@@ -22,7 +25,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/device-out}
 DEVICE=${DEVICE:-cuda}
 ROWS=${ROWS:-100000}
-STEPS=${STEPS:-minilm bertbase compile first generate}
+STEPS=${STEPS:-correct minilm bertbase compile first generate}
+CORRECT_ROWS=${CORRECT_ROWS:-4000}
 GEN_ROWS=${GEN_ROWS:-256}
 GEN_LAYERS=${GEN_LAYERS:-24}
 GEN_HIDDEN=${GEN_HIDDEN:-1152}
@@ -31,6 +35,11 @@ mkdir -p "$OUT"
 if [ -z "${PY:-}" ]; then
   bash .gpucarry/install.sh && export PYTHONPATH="$HOME/.gpusite"
   PY=python3
+fi
+# The carried wheel, not the checkout: run from the repository root, a plain ``python -m``
+# would import ./lepton_batch, which lacks the kernels/ and pipelines/ that the wheel maps in.
+if [ -n "${PYTHONPATH:-}" ]; then
+  export PYTHONSAFEPATH=1
 fi
 CLI=("$PY" -m lepton_batch)
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
@@ -42,13 +51,17 @@ step() {  # step NAME SECONDS CMD...: run with a timeout, output to $OUT/NAME.lo
   tail -n 25 "$OUT/$name.log"
 }
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+"$PY" -c "import torch, transformers, lepton_batch.kernels as k; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available(), 'lepton_batch from', k.__file__)"
 
 for s in $STEPS; do
   case $s in
+    correct)
+      step correct 150 "$PY" benchmarks/device_correct.py --device "$DEVICE" --model "$MINILM" \
+        --rows "$CORRECT_ROWS" --json "$OUT/correct.json" ;;
     minilm)
       step bench-minilm 240 "${CLI[@]}" bench --device "$DEVICE" --model "$MINILM" \
-        --rows "$ROWS" --repeats 2 --methods st-best,engine,submit --json "$OUT/minilm.json" ;;
+        --rows "$ROWS" --repeats 2 --methods st-best,engine,engine-int8,submit \
+        --json "$OUT/minilm.json" ;;
     bertbase)
       "$PY" benchmarks/device_models.py bert-base /tmp/bert-base --like "$MINILM" \
         > "$OUT/bert-base-build.log" 2>&1 || tail "$OUT/bert-base-build.log"
