@@ -770,7 +770,9 @@ def _bench_table(result) -> Table:
             continue
         seconds, tflops = statistics.median(m.seconds), m.tflops
         peak = result.gemm_peak_tflops.get(m.dtype)
-        mem = f"{max(m.cuda_mib):,.0f} CUDA" if m.cuda_mib else f"{max(m.rss_mib):,.0f} RSS"
+        mem = f"{max(m.rss_mib):,.0f} RSS"
+        if m.cuda_mib:
+            mem = f"{max(m.cuda_mib):,.0f} CUDA, {mem}"
         speedups = [f"{m.rate / b.rate:.2f}x" if b and b.rate else "-"
                     for b in (by_name.get("st-default"), by_name.get("st-best"))]
         table.add_row(
