@@ -658,7 +658,7 @@ def bench(
     Methods: `hf-pipeline` (transformers feature-extraction pipeline), `st-default` and
     `st-best` (sentence-transformers at its defaults and at its fastest batch size and
     dtype), `engine`, `engine-fp32`, `engine-bf16`, `engine-int8` (lepton-batch's engine
-    in-process), `submit` (a whole Parquet-to-Parquet job, cluster start and model load
+    in-process; int8 on CPU only), `submit` (a whole Parquet-to-Parquet job, cluster start and model load
     included) and, only when named, `engine-compile` (engine.compile: true; its compile
     time falls in the warm-up) and `submit-fp32` (the job with model.dtype: float32).
     Prints rows/s and tokens/s (median and spread of the repeats), padding efficiency,
