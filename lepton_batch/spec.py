@@ -396,7 +396,12 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"{path}: required field is missing"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{path}: {msg} (got {err.get('input')!r})"
+    got = err.get("input")
+    if not loc:  # a check across sections: its message names the fields concerned
+        return msg
+    if isinstance(got, dict) or (isinstance(got, list) and len(repr(got)) > 60):
+        return f"{path}: {msg}"  # a whole section: the message says what is wrong in it
+    return f"{path}: {msg} (got {got!r})"
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
