@@ -6,7 +6,8 @@ device:
             fp32, on ROWS real sample rows: min / mean cosine (target min >= 0.999 bf16)
   generate  greedy continuous batching (eager and static/CUDA-graph decode) against
             ``model.generate`` one row at a time, on a random Llama in float32 and bfloat16:
-            the share of rows whose tokens are identical (target 1.0 in float32)
+            the share of rows whose tokens are identical (target 1.0 in float32; in bf16
+            beside transformers against itself with eager attention, the noise floor)
   score     ``Decoder.score`` against a plain forward's log-softmax in float32 on the same
             device: max absolute difference of each row's summed log-probability
             (target < 1e-3)
@@ -69,19 +70,32 @@ def check_generate(model_dir: Path, device: str, dtype: str, ids: list[list[int]
     dec = Decoder(EngineConfig(str(model_dir), "causal_lm", dtype=dtype, device=device,
                                max_length=1024))
     assert dec.stack is not None, dec.forward_reason
-    ref = []
-    with torch.inference_mode():
-        for row, m in zip(ids, max_new, strict=True):
-            x = torch.tensor([row], device=dec.device)
-            g = dec.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+    def hf(model) -> list[list[int]]:
+        got = []
+        with torch.inference_mode():
+            for row, m in zip(ids, max_new, strict=True):
+                x = torch.tensor([row], device=dec.device)
+                g = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
                                    max_new_tokens=int(m), pad_token_id=0)
-            toks = g[0, len(row):].tolist()
-            eos = dec.eos_ids()
-            cut = next((i + 1 for i, t in enumerate(toks) if t in eos), len(toks))
-            ref.append(toks[:cut])
+                toks = g[0, len(row):].tolist()
+                eos = dec.eos_ids()
+                got.append(toks[:next((i + 1 for i, t in enumerate(toks) if t in eos),
+                                      len(toks))])
+        return got
+
+    ref = hf(dec.model)
     tok = Tokenized.from_lists(ids, np.zeros(len(ids), dtype=bool))
     out = {"dtype": str(dec.dtype).removeprefix("torch."), "rows": len(ids),
            "path": dec.forward_reason}
+    if dec.dtype != torch.float32:
+        # The noise floor: transformers against itself with another attention kernel.
+        from transformers import AutoModelForCausalLM
+
+        other = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=dec.dtype, attn_implementation="eager").to(dec.device).eval()
+        out["hf_sdpa_vs_hf_eager_identical_rows"] = sum(
+            a == b for a, b in zip(hf(other), ref, strict=True)) / len(ids)
+        del other
     for graphs in (False, True):
         stats = GenerateStats()
         start = time.perf_counter()
