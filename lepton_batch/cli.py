@@ -658,9 +658,10 @@ def bench(
     Methods: `hf-pipeline` (transformers feature-extraction pipeline), `st-default` and
     `st-best` (sentence-transformers at its defaults and at its fastest batch size and
     dtype), `engine`, `engine-fp32`, `engine-bf16`, `engine-int8` (lepton-batch's engine
-    in-process), `submit` (a whole Parquet-to-Parquet job, cluster start and model load
-    included) and, only when named, `engine-compile` (engine.compile: true; its compile
-    time falls in the warm-up) and `submit-fp32` (the job with model.dtype: float32).
+    in-process; int8 on CPU only), `submit` (a whole Parquet-to-Parquet job, cluster start
+    and model load included) and, only when named, `engine-compile` (engine.compile: true;
+    its compile time falls in the warm-up) and `submit-fp32` (the job with model.dtype:
+    float32).
     Prints rows/s and tokens/s (median and spread of the repeats), padding efficiency,
     achieved TFLOP/s and its share of a measured GEMM peak, GPU busy share, peak memory,
     speed-ups over sentence-transformers and the cosine of each method's embeddings to an
@@ -770,7 +771,9 @@ def _bench_table(result) -> Table:
             continue
         seconds, tflops = statistics.median(m.seconds), m.tflops
         peak = result.gemm_peak_tflops.get(m.dtype)
-        mem = f"{max(m.cuda_mib):,.0f} CUDA" if m.cuda_mib else f"{max(m.rss_mib):,.0f} RSS"
+        mem = f"{max(m.rss_mib):,.0f} RSS"
+        if m.cuda_mib:
+            mem = f"{max(m.cuda_mib):,.0f} CUDA, {mem}"
         speedups = [f"{m.rate / b.rate:.2f}x" if b and b.rate else "-"
                     for b in (by_name.get("st-default"), by_name.get("st-best"))]
         table.add_row(

@@ -8,9 +8,10 @@ __path__ = top_level_folder(__file__)
 
 # Imported once __path__ is set: the submodule lives in the folder it names.
 from lepton_batch.kernels.attention import (
+    avoid_cudnn_sdpa,
     pick_attention,
     pick_varlen,
     varlen_attention,
 )
 
-__all__ = ["pick_attention", "pick_varlen", "varlen_attention"]
+__all__ = ["avoid_cudnn_sdpa", "pick_attention", "pick_varlen", "varlen_attention"]

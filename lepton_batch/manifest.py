@@ -48,9 +48,9 @@ class ShardRecord:
     engine: str = ""
     deduplicated_rows: int = 0  # rows that took the result of an identical row
     # For the run report (empty in records of older versions): wall seconds per stage
-    # (read, prepare, load, tokenize, compute, write), token lengths of the rows that ran in
-    # bins of ``length_bin_width`` tokens, batches by rows in power-of-two bins, and rows
-    # per error message (numbers blanked)
+    # (read, prepare, warm_up, load, tokenize, compute, write), token lengths of the rows
+    # that ran in bins of ``length_bin_width`` tokens, batches by rows in power-of-two
+    # bins, and rows per error message (numbers blanked)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     length_bin_width: int = 0
     length_histogram: list[int] = field(default_factory=list)

@@ -83,7 +83,8 @@ BATCH_BINS = 16  # batch-size histogram: bin k holds batches of 2**k .. 2**(k+1)
 
 
 class Stages:
-    """Wall seconds per stage of one shard (read, prepare, load, tokenize, compute, write).
+    """Wall seconds per stage of one shard (read, prepare, warm_up, load, tokenize, compute,
+    write). warm_up: waiting for the worker's start-up imports (``cluster.warm_up``).
 
     ``meter``: an outer timer each stage also runs under, e.g. Dask's
     ``context_meter.meter``, so the dashboard's fine performance metrics show the same
@@ -181,6 +182,8 @@ def _compute(pipeline: Pipeline, table: pa.Table, job: JobSpec, ctx: RunContext,
     if chunkable:  # the first shard of a warming worker: tokenize while it imports
         with stage("tokenize"):
             pre = cache.pretokenize(config, texts)
+    with stage("warm_up"):  # what is left of the worker's imports and CUDA context
+        cache.wait_for_warm_up()
     with stage("load"):
         engine = cache.get(config, lambda: quality_sample(texts, job.quality.sample_rows))
     load_seconds = stage.seconds["load"] if cache.loads > loads else 0.0

@@ -24,7 +24,7 @@ from lepton_batch.engine.generate import (
     shared_prefix,
     uniforms,
 )
-from lepton_batch.engine.graphs import MIN_SPAN, bucket
+from lepton_batch.engine.graphs import MIN_SPAN, bucket, replay_agrees
 from lepton_batch.plan import make_plan
 from lepton_batch.run import run_job
 from lepton_batch.spec import JobSpecError, load_job
@@ -170,6 +170,24 @@ def test_sampling_is_reproducible_whatever_the_batch(tiny_llama):
 def test_static_decode_buckets():
     assert [bucket(n, 48) for n in (1, 2, 3, 5, 17, 33, 48)] == [1, 2, 4, 8, 32, 48, 48]
     assert [bucket(n, 300, MIN_SPAN) for n in (1, 64, 65, 200, 257)] == [64, 64, 128, 256, 300]
+
+
+def test_replay_check_allows_rounding_and_catches_a_broken_capture():
+    """A CUDA graph's replay is checked against the eager step: bf16 rounding compounded
+    over the layers passes (an H200 replay of a 24-layer bf16 Llama differed by 0.047, and
+    the old fixed 1e-2 tolerance turned the graphs off); a stale or mis-addressed buffer,
+    off by the logits' own scale, does not; fp32 is held far tighter."""
+    torch.manual_seed(0)
+    eager = torch.randn(8, 800) * 3  # largest |logit| ~ 12
+    rounding = eager + torch.randn_like(eager).clamp(-3, 3) * 0.005
+    rounding[0, 0] = eager[0, 0] + 0.0469
+    assert replay_agrees(rounding, eager, torch.bfloat16) == (True, pytest.approx(0.0469,
+                                                                                  abs=1e-5))
+    stale = eager[torch.randperm(8)]
+    assert not replay_agrees(stale, eager, torch.bfloat16)[0]
+    assert not replay_agrees(torch.zeros_like(eager), eager, torch.float16)[0]
+    assert not replay_agrees(rounding, eager, torch.float32)[0]
+    assert replay_agrees(eager + 1e-5, eager, torch.float32)[0]
 
 
 def test_uniforms_are_per_row_and_step():

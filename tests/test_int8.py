@@ -179,3 +179,19 @@ def test_bad_max_error():
         quantize_linears(nn.Sequential(nn.Linear(4, 4)), lambda: None, max_error=-1)
     with pytest.raises(ValueError, match="from_linear"):
         quantize_linears(nn.Linear(4, 4), lambda: None)
+
+
+def test_int8_is_refused_on_cuda_before_any_model_loads(tmp_path, tiny_bert):
+    """Measured on an H200 (MiniLM, 4,000 rows): int8 10,391 rows/s against bf16's 15,670,
+    so it is not offered on CUDA; the job file names the field."""
+    from conftest import write_job
+
+    from lepton_batch.spec import JobSpecError, load_job
+
+    (tmp_path / "in").mkdir()
+    path = write_job(tmp_path / "job.yaml", name="int8-on-gpu",
+                     input={"path": str(tmp_path / "in")}, task={"kind": "embed"},
+                     model={"path": str(tiny_bert), "device": "cuda", "quantization": "int8"},
+                     output={"path": str(tmp_path / "out")})
+    with pytest.raises(JobSpecError, match="model.quantization int8 is for CPUs"):
+        load_job(path)

@@ -18,7 +18,7 @@ from lepton_batch.inspect import latest_report
 from lepton_batch.monitor import MetricTotals, PrometheusCollector
 from lepton_batch.progress import RunProgress, describe
 
-STAGES = {"read", "prepare", "load", "tokenize", "compute", "write"}
+STAGES = {"read", "prepare", "warm_up", "load", "tokenize", "compute", "write"}
 
 
 def _job(tmp_path: Path, model: Path, corpus: Path, **cluster) -> Path:

@@ -256,3 +256,20 @@ def test_engine_compile_equals_the_eager_packed_forward(tiny_bert, texts):
     engine, got, _ = _embed(tiny_bert, texts[:60], "mean", dtype="float32", compile=True)
     assert engine.packed.compiled is not None and "engine.compile" in engine.forward_reason
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_cudnn_attention_is_taken_out_on_cuda_only():
+    """cuDNN's SDPA builds a plan per new shape (bf16 eager decode on an H200: 17.8 s
+    against 1.0 s in fp32 for the same steps); engines on CUDA turn it off, on CPU nothing
+    changes."""
+    from lepton_batch.kernels import avoid_cudnn_sdpa
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert avoid_cudnn_sdpa("cpu") is None and torch.backends.cuda.cudnn_sdp_enabled()
+        assert "plan per new shape" in avoid_cudnn_sdpa("cuda")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert avoid_cudnn_sdpa("cuda") is None  # already off: said once
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -71,6 +71,21 @@ def test_all_problems_reported_at_once(tmp_path):
     assert "input.txt" in str(exc.value) and "task.kind" in str(exc.value)
 
 
+def test_errors_print_the_problem_not_the_job(tmp_path):
+    """A check across sections names its fields; neither it nor a bad section echoes the
+    whole job or section back."""
+    with pytest.raises(JobSpecError) as exc:
+        _load(tmp_path, GOOD, ["output.format=delta", "output.mode=overwrite"])
+    (problem,) = exc.value.problems
+    assert problem.startswith("output.format delta") and "mode: incremental" in problem
+    assert "{" not in problem and "/models/x" not in problem
+    with pytest.raises(JobSpecError) as exc:
+        _load(tmp_path, GOOD, ["task.labels=[a, b]"])
+    assert "kind: classify" in str(exc.value) and "'kind'" not in str(exc.value)
+    with pytest.raises(JobSpecError, match=r"got 'fp8'"):  # a scalar is still shown
+        _load(tmp_path, GOOD, ["model.dtype=fp8"])
+
+
 def test_yaml_is_loaded_safely(tmp_path):
     # A Python object tag would run code under yaml.load; safe_load refuses it.
     with pytest.raises(JobSpecError, match="not valid YAML"):

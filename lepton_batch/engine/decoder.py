@@ -20,6 +20,7 @@ from torch import nn
 
 from lepton_batch.engine.batching import Tokenized, collate, plan_batches
 from lepton_batch.engine.load import EngineConfig, resolve_device, set_cpu_threads
+from lepton_batch.kernels.attention import avoid_cudnn_sdpa
 from lepton_batch.kernels.onednn import OneDnnLinear, fast_linear, onednn_ok, with_activation
 
 log = logging.getLogger(__name__)
@@ -316,6 +317,7 @@ class Decoder:
         self.device = resolve_device(config.device)
         if self.device == "cpu":
             set_cpu_threads(config)
+        avoid_cudnn_sdpa(self.device)  # decode spans and score batches change shape each step
         self.tokenizer = AutoTokenizer.from_pretrained(
             config.model_dir, trust_remote_code=config.trust_remote_code)
         from transformers import AutoConfig

@@ -30,7 +30,7 @@ from lepton_batch.engine.load import (
 from lepton_batch.engine.packed import PackedEncoder, dense_rows, packable
 from lepton_batch.engine.quality import QualityCheck, check_quality
 from lepton_batch.engine.tokens import Pretokenized, truncating
-from lepton_batch.kernels import pick_attention, pick_varlen
+from lepton_batch.kernels import avoid_cudnn_sdpa, pick_attention, pick_varlen
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class Engine:
         self.device = resolve_device(config.device)
         if self.device == "cpu":
             set_cpu_threads(config)
+        avoid_cudnn_sdpa(self.device)  # padded batches (quality gate, HF path) vary in shape
         self.tokenizer = AutoTokenizer.from_pretrained(
             config.model_dir, trust_remote_code=config.trust_remote_code
         )
@@ -75,8 +76,13 @@ class Engine:
         self._tokenizer_json: str | None = None  # its serialisation, made on first adopt()
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="lepton-collate")
         self.quantization = "none"
+        self.note = ""  # what the engine did other than the job asked, for describe()
         self.setup(resolve_dtype(config.dtype, self.device))
-        if config.quantization == "int8":
+        if config.quantization == "int8" and self.device == "cuda":
+            # device auto landed on a GPU; the job file names the field when it says cuda
+            self.note = "int8 is for CPUs (slower than bf16 on CUDA): ran without it"
+            log.warning("model.quantization int8: %s", self.note)
+        elif config.quantization == "int8":
             from lepton_batch.kernels.int8 import quantize_linears
 
             calib = self.tokenize(sample or [])
@@ -127,6 +133,8 @@ class Engine:
         dtype = str(self.dtype).removeprefix("torch.")
         quant = f"+{self.quantization}" if self.quantization != "none" else ""
         line = f"{dtype}{quant} on {self.device}, {self.attn_implementation}"
+        if self.note:
+            line += f"; {self.note}"
         if self.quality is not None:
             q = self.quality
             line += (f"; quality gate: {q.candidate} {q.metric.replace('_', ' ')} "

@@ -14,8 +14,9 @@ fixed addresses, so a step here runs with:
 
 One graph per (batch, span) bucket, captured the first time the bucket is needed (that step
 runs eagerly, on a side stream, as the capture's warm-up). The second use of a graph is
-checked: it replays, the same step runs eagerly, and on a difference the graphs are
-dropped and decoding goes on eagerly, with a warning. A capture that fails does the same.
+checked: it replays, the same step runs eagerly, and on a difference beyond the dtype's
+rounding (:func:`replay_agrees`) the graphs are dropped and decoding goes on eagerly, with
+a warning. A capture that fails does the same.
 
 Off CUDA the same static step runs eagerly: the tests check it on CPU against
 ``model.generate``.
@@ -39,6 +40,24 @@ MIN_SPAN = 64
 def bucket(n: int, cap: int, floor: int = 1) -> int:
     """The power of two at least ``n`` (and ``floor``), at most ``cap``."""
     return min(cap, max(floor, 1 << max(0, n - 1).bit_length()))
+
+
+def replay_agrees(replayed: torch.Tensor, eager: torch.Tensor,
+                  dtype: torch.dtype) -> tuple[bool, float]:
+    """Whether a replayed step's logits (d, vocab) match the eager step's within the
+    rounding of the model's ``dtype``; also the largest absolute difference.
+
+    The replay and the eager call need not run the same kernels (library heuristics see a
+    capture's stream and workspace), so in bf16 they differ by rounding that every layer
+    compounds: 0.047 on a 24-layer bf16 Llama's logits on an H200, which the old fixed
+    1e-2 tolerance took for a broken capture. A broken capture (a stale buffer, a wrong
+    address) is off by the logits' own scale. Tolerance: 2**-5 of the largest |logit| in
+    fp16/bf16, 2**-12 in fp32 (at least that of a largest |logit| of 1).
+    """
+    diff = float((replayed.float() - eager.float()).abs().max())
+    scale = max(1.0, float(eager.float().abs().max()))
+    rel = 2.0**-5 if dtype in (torch.float16, torch.bfloat16) else 2.0**-12
+    return diff <= rel * scale, diff
 
 
 @dataclass
@@ -95,8 +114,8 @@ class DecodeGraphs:
         self.replays += 1
         if not entry.checked:
             eager = self._step(batch, span)
-            if not torch.allclose(entry.logits, eager, rtol=1e-2, atol=1e-2):
-                diff = float((entry.logits - eager).abs().max())
+            ok, diff = replay_agrees(entry.logits[:d], eager[:d], self.cache.k.dtype)
+            if not ok:
                 self._give_up(f"a replay differs from the eager step by {diff:.3g}")
                 return eager[:d]
             entry.checked = True
