@@ -70,6 +70,8 @@ def check_generate(model_dir: Path, device: str, dtype: str, ids: list[list[int]
     dec = Decoder(EngineConfig(str(model_dir), "causal_lm", dtype=dtype, device=device,
                                max_length=1024))
     assert dec.stack is not None, dec.forward_reason
+    eos = dec.eos_ids()
+
     def hf(model) -> list[list[int]]:
         got = []
         with torch.inference_mode():
@@ -78,7 +80,6 @@ def check_generate(model_dir: Path, device: str, dtype: str, ids: list[list[int]
                 g = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
                                    max_new_tokens=int(m), pad_token_id=0)
                 toks = g[0, len(row):].tolist()
-                eos = dec.eos_ids()
                 got.append(toks[:next((i + 1 for i, t in enumerate(toks) if t in eos),
                                       len(toks))])
         return got
