@@ -337,6 +337,8 @@ def submit(
     """
     if progress not in ("auto", "rich", "plain", "none"):
         _fail(ValueError(f"--progress: {progress!r} is not one of rich, plain, none"))
+    from lepton_batch.stopping import stoppable
+
     _setup_logging(verbose)
     early: list = []
 
@@ -344,25 +346,28 @@ def submit(
         if report_only is None and not job.cluster.address:
             from lepton_batch.early import EarlyCluster
 
-            early.append(EarlyCluster(job.cluster, job.model.path))
+            early.append(EarlyCluster.for_job(job))  # the output's lock checked first
 
-    try:
-        plan = _load(job_file, set_, run_date, on_valid=start_cluster)
-        if report_only is not None:
-            _report_again(plan.output_root, report_only)
-            return
-        _run(plan, progress, early[0] if early else None)
-    except (JobSpecError, OutputError) as exc:
-        _fail(exc)
-    finally:
-        for cluster in early:
-            cluster.close()
+    # Ctrl-C or SIGTERM: a clean stop, the cluster shut down before the last line
+    with stoppable(lambda: [cluster.close() for cluster in early]) as stop:
+        try:
+            plan = _load(job_file, set_, run_date, on_valid=start_cluster)
+            if report_only is not None:
+                _report_again(plan.output_root, report_only)
+                return
+            _run(plan, progress, early[0] if early else None)
+        except (JobSpecError, OutputError) as exc:
+            _fail(exc)
+    if stop.signal:
+        console.print(f"[yellow]{escape(stop.line)}[/]")
+        raise typer.Exit(code=stop.exit_code)
 
 
 def _run(plan, progress: str, early) -> None:
     """submit, once the job is planned: run it, then report (which can only warn)."""
     from lepton_batch.progress import make_display
     from lepton_batch.run import RunResult, run_job
+    from lepton_batch.stopping import held
 
     console.print(_plan_table(plan))
     for bad in plan.bad_files:
@@ -394,27 +399,24 @@ def _run(plan, progress: str, early) -> None:
         result = run_job(plan, on_start=on_start,
                          on_shard=lambda record: _quietly(display.update, True),
                          on_progress=lambda _: _quietly(display.update), early=early)
-    except KeyboardInterrupt:
-        display.stop()
-        console.print("[yellow]interrupted:[/] finished shards are kept (staged, not yet "
-                      "published); run the same command again to resume")
-        raise typer.Exit(code=130) from None
     finally:
         display.stop()
     # The data is committed (or the failure recorded) by now: what follows is reporting,
-    # which can only warn, never change the exit code.
-    _best_effort("summary", _print_summary, plan, result)
-    if result.published:
-        _best_effort("output preview", lambda: console.print(_preview(plan)))
-        if plan.job.task.kind == "classify":
-            _best_effort("label counts", lambda: console.print(_label_counts(plan)))
-    if not result.ok:
-        for key, err in result.failures.items():
-            console.print(f"[bold red]failed:[/] {key}: {escape(err)}")
-        console.print(f"[yellow]not published:[/] {len(result.failures)} failure(s); the "
-                      f"{result.skipped + len(result.records)} finished shard(s) are kept. Fix "
-                      "the cause and run the same command again: only the rest will run.")
-        raise typer.Exit(code=1)
+    # which can only warn, never change the exit code (nor be cut short by a signal).
+    with held():
+        _best_effort("summary", _print_summary, plan, result)
+        if result.published:
+            _best_effort("output preview", lambda: console.print(_preview(plan)))
+            if plan.job.task.kind == "classify":
+                _best_effort("label counts", lambda: console.print(_label_counts(plan)))
+        if not result.ok:
+            for key, err in result.failures.items():
+                console.print(f"[bold red]failed:[/] {key}: {escape(err)}")
+            console.print(f"[yellow]not published:[/] {len(result.failures)} failure(s); the "
+                          f"{result.skipped + len(result.records)} finished shard(s) are kept. "
+                          "Fix the cause and run the same command again: only the rest will "
+                          "run.")
+            raise typer.Exit(code=1)
 
 
 def _quietly(step, *args) -> None:

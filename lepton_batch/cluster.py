@@ -22,6 +22,7 @@ from dask.distributed import Client, LocalCluster, as_completed, get_worker, per
 from distributed import span
 from distributed.metrics import context_meter
 
+from lepton_batch import stopping
 from lepton_batch.engine import BatchStats, EngineCache
 from lepton_batch.faults import checkpoint
 from lepton_batch.manifest import ShardRecord
@@ -64,6 +65,9 @@ def open_client(spec: ClusterSpec, warm: str | None = None) -> Iterator[Client]:
                       # 2k- to a 20k-row corpus with it, +18 % without it (make
                       # bench-memory). Task timings and the dashboard do not need it.
                       "distributed.worker.profile.enabled": False}
+    if spec.processes:  # worker processes leave Ctrl-C and SIGTERM to the driver
+        settings["distributed.worker.preload"] = [
+            *dask.config.get("distributed.worker.preload", []), stopping.PRELOAD]
     one_thread = warm and spec.processes and (os.cpu_count() or 1) <= 2 and (
         "TOKENIZERS_PARALLELISM" not in os.environ)
     if one_thread:

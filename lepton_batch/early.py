@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from dask.distributed import Client
 
-    from lepton_batch.spec import ClusterSpec
+    from lepton_batch.spec import ClusterSpec, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,27 @@ class EarlyCluster:
         self._future = self._pool.submit(self._start, spec, model_dir)
         self._closing: Future[None] | None = None
 
+    @classmethod
+    def for_job(cls, job: JobSpec) -> EarlyCluster:
+        """The job's embedded cluster, being started, once no other run holds the output's
+        lock (raises OutputLocked): a second submit is refused at once, not after starting
+        a cluster that then meets the first one's dashboard port."""
+        from lepton_batch.lock import check_free
+        from lepton_batch.plan import resolve_output_root
+
+        try:
+            root = resolve_output_root(job.output.path, job.output.storage_options)
+        except ValueError:  # planning names the problem
+            root = None
+        if root is not None:
+            check_free(root)
+        return cls(job.cluster, job.model.path)
+
     def _start(self, spec: ClusterSpec, model_dir: str) -> Client:
         from lepton_batch.cluster import open_client
+        from lepton_batch.stopping import block_in_this_thread
+
+        block_in_this_thread()  # its workers must not see a Ctrl-C before their preload
 
         return self._stack.enter_context(open_client(spec, warm=model_dir))
 

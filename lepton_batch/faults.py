@@ -2,8 +2,10 @@
 
 ``LEPTON_BATCH_FAULT=<point>[@<n>]`` SIGKILLs the process the n-th time it passes
 ``checkpoint(point)``; with ``LEPTON_BATCH_FAULT_ONCE=<path>`` it fires only if that file
-does not exist yet (and creates it), so a restarted Dask worker does not die again. With the
-variable unset (always, outside the tests) a checkpoint is one environment lookup.
+does not exist yet (and creates it), so a restarted Dask worker does not die again.
+``LEPTON_BATCH_FAULT_DELAY=<point>:<seconds>[,...]`` sleeps there instead, each pass, so a
+test can send a signal while a run is surely mid-way. With the variables unset (always,
+outside the tests) a checkpoint is two environment lookups.
 """
 
 from __future__ import annotations
@@ -11,15 +13,23 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 FAULT_ENV = "LEPTON_BATCH_FAULT"
 ONCE_ENV = "LEPTON_BATCH_FAULT_ONCE"
+DELAY_ENV = "LEPTON_BATCH_FAULT_DELAY"
 _passes: dict[str, int] = {}  # per-process pass counts; only consulted when FAULT_ENV is set
 _lock = threading.Lock()
 
 
 def checkpoint(point: str) -> None:
-    """SIGKILL this process here if ``LEPTON_BATCH_FAULT`` names ``point`` (and pass n)."""
+    """SIGKILL this process here if ``LEPTON_BATCH_FAULT`` names ``point`` (and pass n);
+    sleep here if ``LEPTON_BATCH_FAULT_DELAY`` names it."""
+    if delays := os.environ.get(DELAY_ENV):
+        for item in delays.split(","):
+            name, _, seconds = item.partition(":")
+            if name == point:
+                time.sleep(float(seconds))
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return

@@ -38,6 +38,31 @@ def _holder(path: OutputPath) -> str:
             f"since {info.get('since')}")
 
 
+def _taken(root: OutputPath, path: OutputPath) -> OutputLocked:
+    return OutputLocked(
+        f"output.path: {root} is being written by another lepton-batch run "
+        f"({_holder(path)}). Wait for it to finish or stop it; the lock is released "
+        "as soon as that process exits, even if it crashes.")
+
+
+def check_free(root: OutputPath) -> None:
+    """Raise OutputLocked now if another run holds ``root``'s lock, before a cluster is
+    started for nothing. Only a look: ``output_lock`` still decides."""
+    if isinstance(root, RemotePath):
+        _lease_free(root)
+        return
+    try:
+        fd = os.open(root / LOCK, os.O_RDONLY)
+    except OSError:  # no lock file (a new output), or not readable: output_lock decides
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _taken(root, root / LOCK) from None
+    finally:
+        os.close(fd)  # releases the shared lock, if taken
+
+
 @contextlib.contextmanager
 def output_lock(root: OutputPath, run_id: str) -> Iterator[None]:
     """Hold ``root``'s writer lock for the ``with`` block; raise OutputLocked if taken."""
@@ -51,11 +76,7 @@ def output_lock(root: OutputPath, run_id: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputLocked(
-                f"output.path: {root} is being written by another lepton-batch run "
-                f"({_holder(path)}). Wait for it to finish or stop it; the lock is released "
-                "as soon as that process exits, even if it crashes."
-            ) from None
+            raise _taken(root, path) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, _info(run_id), 0)
         try:
@@ -75,13 +96,8 @@ def _info(run_id: str, **extra: object) -> bytes:
                        "command": " ".join(sys.argv[:3]), **extra}).encode()
 
 
-@contextlib.contextmanager
-def _lease(root: RemotePath, run_id: str) -> Iterator[None]:
-    """Object stores have no ``flock``: the holder writes ``_lock`` with a lease and renews it
-    every quarter lease; a run that dies stops renewing and its lease lapses after
-    ``LEASE_SECONDS``. Best effort: two runs starting within the same second can both
-    take it (one scheduler per job, as a cron line or an Airflow task gives, avoids that).
-    """
+def _lease_free(root: RemotePath) -> None:
+    """Raise OutputLocked if another run's lease on ``root`` has not lapsed."""
     path = root / LOCK
     try:
         held = json.loads(path.read_text() or "{}")
@@ -94,6 +110,17 @@ def _lease(root: RemotePath, run_id: str) -> Iterator[None]:
             f"output.path: {root} is being written by another lepton-batch run "
             f"({_holder(path)}). Wait for it to finish or stop it; if it died, its lease "
             f"lapses at {until} (it is renewed every {LEASE_SECONDS / 4:.0f} s while it runs)")
+
+
+@contextlib.contextmanager
+def _lease(root: RemotePath, run_id: str) -> Iterator[None]:
+    """Object stores have no ``flock``: the holder writes ``_lock`` with a lease and renews it
+    every quarter lease; a run that dies stops renewing and its lease lapses after
+    ``LEASE_SECONDS``. Best effort: two runs starting within the same second can both
+    take it (one scheduler per job, as a cron line or an Airflow task gives, avoids that).
+    """
+    path = root / LOCK
+    _lease_free(root)
     stop = threading.Event()
 
     def renew() -> None:
