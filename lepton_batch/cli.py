@@ -16,10 +16,12 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from lepton_batch.clihelp import Command, Group, OutputConsole, main_options
 from lepton_batch.output import OutputError
 from lepton_batch.spec import JobSpec, JobSpecError, load_job
 
 app = typer.Typer(
+    cls=Group,
     help="Batch offline inference for large text corpora: sharded Parquet in, a transformer "
     "model run by Dask workers, a Parquet dataset out.\n\n"
     "Start with `lepton-batch validate job.yaml`, then `lepton-batch submit job.yaml`. "
@@ -55,19 +57,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # reflow docstring paragraphs in --help
 )
-console = Console(highlight=False)
+app.callback()(main_options)  # --version
+console = OutputConsole(highlight=False)  # not cut at 80 columns in a log
 
 JobArg = Annotated[Path, typer.Argument(help="The job file (YAML).", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a job field, e.g. --set task.top_k=3 "
-                 "(repeatable; values are parsed as YAML)."),
+    typer.Option("--set", "-s", metavar="FIELD=VALUE", help="Override a job field, e.g. "
+                 "--set task.top_k=3 (repeatable; values are parsed as YAML)."),
 ]
 
 RunDateOpt = Annotated[
     str | None,
-    typer.Option("--run-date", help="The run's date, YYYY-MM-DD (default: today, UTC): "
-                 "its output partition run_date=..., and what {run_date} / {yesterday} in "
+    typer.Option("--run-date", metavar="YYYY-MM-DD", help="The run's date (default: today, "
+                 "UTC): its output partition run_date=..., and what {run_date} / {yesterday} in "
                  "input.path mean. For backfills.", show_default=False),
 ]
 
@@ -150,7 +153,7 @@ def _plan_table(plan) -> Table:
     return table
 
 
-@app.command()
+@app.command(cls=Command)
 def validate(
     job_file: JobArg,
     set_: SetOpt = None,
@@ -289,13 +292,13 @@ def _label_counts(plan) -> Table:
 
 
 ProgressOpt = Annotated[str, typer.Option(
-    "--progress", help="rich: a live bar (shards, rows, tokens/s, padding efficiency, errors, "
-    "ETA); plain: a log line per finished shard and every 30 s, for cron and CI logs; none: "
-    "only the summary. Default: rich on a terminal, plain otherwise.",
+    "--progress", metavar="rich|plain|none", help="rich: a live bar (shards, rows, tokens/s, "
+    "padding efficiency, errors, ETA); plain: a log line per finished shard and every 30 s, "
+    "for cron and CI logs; none: only the summary. Default: rich on a terminal, plain otherwise.",
     show_default=False)]
 
 
-@app.command()
+@app.command(cls=Command)
 def submit(
     job_file: JobArg,
     set_: SetOpt = None,
@@ -503,7 +506,7 @@ StatusArg = Annotated[Path, typer.Argument(
     show_default=False)]
 
 
-@app.command()
+@app.command(cls=Command)
 def status(job_or_output: StatusArg, set_: SetOpt = None) -> None:
     """Show what a job's output holds: published shards vs planned, rows, errors, shards
     staged by an unfinished run, and whether a run is writing it now.
@@ -567,7 +570,7 @@ def _status_of_output(root: Path, overrides: list[str] | None) -> None:
         console.print(table)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=Command)
 def inspect_output(
     output: Annotated[Path, typer.Argument(help="An output directory (a job's output.path).",
                                            show_default=False)],
@@ -606,7 +609,7 @@ MethodsOpt = Annotated[str | None, typer.Option(
     "submit, engine-compile, submit-fp32.", show_default=False)]
 
 
-@app.command()
+@app.command(cls=Command)
 def bench(
     task: Annotated[str, typer.Option(help="embed | generate")] = "embed",
     model: Annotated[str | None, typer.Option(
