@@ -100,13 +100,16 @@ def open_client(spec: ClusterSpec, warm: str | None = None) -> Iterator[Client]:
 
 
 class _ShutdownRace(logging.Filter):
-    """Drops the error an embedded worker may log as the cluster shuts down after a
-    finished run: its heartbeat finds the scheduler's comm closed (a race inside Dask).
-    The scheduler lives in the driver, so it never means a scheduler lost mid-run."""
+    """Drops what an embedded worker may log as the driver shuts the cluster down: after a
+    finished run, its heartbeat finding the scheduler's comm closed (a race inside Dask;
+    the scheduler lives in the driver, so it never means a scheduler lost mid-run); after
+    Ctrl-C or SIGTERM, the warning that its running task was cancelled."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(
-            "Failed to communicate with scheduler during heartbeat")
+        msg = record.getMessage()
+        return not (msg.startswith("Failed to communicate with scheduler during heartbeat")
+                    or msg.startswith("Async instruction for <Task cancelled")
+                    and msg.endswith("ended with CancelledError"))
 
 
 def _quiet_worker_logs() -> None:
@@ -114,9 +117,10 @@ def _quiet_worker_logs() -> None:
     # Dask's statistical profiler records torch's deep call stacks; sizing them for the
     # dashboard overflows the recursion limit and logs a harmless warning per run.
     logging.getLogger("distributed.sizeof").setLevel(logging.ERROR)
-    worker_log = logging.getLogger("distributed.worker")
-    if not any(isinstance(f, _ShutdownRace) for f in worker_log.filters):
-        worker_log.addFilter(_ShutdownRace())
+    for name in ("distributed.worker", "distributed.worker.state_machine"):
+        worker_log = logging.getLogger(name)
+        if not any(isinstance(f, _ShutdownRace) for f in worker_log.filters):
+            worker_log.addFilter(_ShutdownRace())
 
 
 def warm_up(model_dir: str) -> None:
@@ -233,17 +237,21 @@ def optional_performance_report(filename: Path | None) -> Iterator[None]:
         log.warning("no Dask performance report: %s", exc)
         yield
         return
-    exc_info: tuple = (None, None, None)
     try:
         yield
-    except BaseException as exc:
-        exc_info = (type(exc), exc, exc.__traceback__)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop at once (the report takes seconds)
         raise
-    finally:
-        try:
-            report.__exit__(*exc_info)
-        except Exception as exc:
-            log.warning("could not save the Dask performance report %s: %s", filename, exc)
+    except BaseException as exc:
+        _save_report(report, (type(exc), exc, exc.__traceback__), filename)
+        raise
+    _save_report(report, (None, None, None), filename)
+
+
+def _save_report(report, exc_info: tuple, filename: Path) -> None:
+    try:
+        report.__exit__(*exc_info)
+    except Exception as exc:
+        log.warning("could not save the Dask performance report %s: %s", filename, exc)
 
 
 def run_shards(todo: list[Shard], job: JobSpec, ctx: RunContext, report_file: Path | None,
