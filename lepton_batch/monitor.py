@@ -98,6 +98,7 @@ class MetricTotals:
         self.counts: dict[str, dict[str, float]] = defaultdict(
             lambda: dict.fromkeys(self.COUNTERS, 0))
         self.planned: dict[str, dict[str, int]] = {}
+        self.started: dict[str, float] = {}  # job -> when its latest run started (monotonic)
         self.running: dict[str, set[str]] = defaultdict(set)
         self._last: dict[tuple[str, str], tuple[int, int, int, int]] = {}
         self._recent: dict[str, deque[tuple[float, int, int]]] = defaultdict(deque)
@@ -110,6 +111,7 @@ class MetricTotals:
             kind = msg.get("kind")
             if kind == "run":
                 self.planned[job] = {"shards": int(msg["shards"]), "rows": int(msg["rows"])}
+                self.started[job] = now
             elif kind == "failed":
                 self.counts[job]["shards_failed"] += 1
             elif kind == "shard":
@@ -133,14 +135,18 @@ class MetricTotals:
             self.running[job].add(key[1])
 
     def rates(self, job: str, now: float | None = None) -> tuple[float, float]:
-        """(rows/s, tokens/s) over the last :data:`RATE_WINDOW` seconds."""
+        """(rows/s, tokens/s) over the last :data:`RATE_WINDOW` seconds, or since the job's
+        latest run started when that is more recent: the work done over the time it took,
+        not over a window the run has not lived yet (8 s into a run, rows / 8 s)."""
         now = time.monotonic() if now is None else now
         with self._lock:
+            since = max(now - RATE_WINDOW, self.started.get(job, now - RATE_WINDOW))
             recent = self._recent[job]
-            while recent and recent[0][0] < now - RATE_WINDOW:
+            while recent and recent[0][0] <= since:  # an event counts the second before it
                 recent.popleft()
-            return (sum(r for _, r, _ in recent) / RATE_WINDOW,
-                    sum(t for _, _, t in recent) / RATE_WINDOW)
+            seconds = max(now - since, INTERVAL)  # events come once per INTERVAL
+            return (sum(r for _, r, _ in recent) / seconds,
+                    sum(t for _, _, t in recent) / seconds)
 
 
 class PrometheusCollector:
@@ -169,9 +175,11 @@ class PrometheusCollector:
                 metric.add_metric([job], self.totals.counts[job][name])
             yield metric
         gauges = {
-            "rows_per_second": ("Rows per second over the last 30 s",
+            "rows_per_second": ("Rows per second over the last 30 s (or since the run "
+                                "started, if later)",
                                 lambda j: self.totals.rates(j)[0]),
-            "tokens_per_second": ("Tokens per second over the last 30 s",
+            "tokens_per_second": ("Tokens per second over the last 30 s (or since the "
+                                  "run started, if later)",
                                   lambda j: self.totals.rates(j)[1]),
             "padding_efficiency": ("Real tokens / computed tokens so far",
                                    lambda j: self._efficiency(j)),

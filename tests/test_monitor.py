@@ -168,11 +168,40 @@ def test_metric_totals_count_retried_attempts_once_per_increase():
     assert (c["rows"], c["tokens"], c["padded"], c["errors"]) == (18, 180, 200, 1)
     assert (c["shards_done"], c["shards_failed"]) == (1, 1)
     assert totals.running["j"] == {"a"}  # the dead attempt never said done
-    rows_s, tokens_s = totals.rates("j", now=4)
-    assert rows_s == pytest.approx(18 / 30) and tokens_s == pytest.approx(180 / 30)
+    rows_s, tokens_s = totals.rates("j", now=4)  # 4 s since the run started
+    assert rows_s == pytest.approx(18 / 4) and tokens_s == pytest.approx(180 / 4)
     names = {m.name for m in PrometheusCollector(totals).collect()}
     assert {"lepton_batch_rows", "lepton_batch_shards_failed", "lepton_batch_tokens_per_second"
             } <= names  # prometheus_client adds _total to counters when it serves them
+
+
+def test_prometheus_rates_early_in_a_run_divide_by_the_time_it_ran():
+    """Issue 28, bug 7: 8 s into a run at 150 rows/s the gauge read 1,200 / 30 s = 40."""
+    totals = MetricTotals()
+    t0 = time.monotonic() - 8.0  # the run started 8 s ago
+
+    def event(second: int) -> None:
+        totals.add({"kind": "shard", "job": "j", "run": "r", "shard": 0, "attempt": "a",
+                    "rows": 150 * second, "tokens": 3000 * second, "padded": 3000 * second,
+                    "errors": 0, "done": False}, now=t0 + second)
+
+    totals.add({"kind": "run", "job": "j", "run": "r", "shards": 1, "rows": 9000}, now=t0)
+    for second in range(1, 9):  # one cumulative event per second: 150 rows, 3,000 tokens
+        event(second)
+    assert totals.rates("j", now=t0 + 8) == pytest.approx((150.0, 3000.0))
+    gauges = {m.name: m.samples[0].value for m in PrometheusCollector(totals).collect()
+              if m.name.endswith("_per_second")}  # what /metrics serves now
+    assert gauges["lepton_batch_rows_per_second"] == pytest.approx(150.0, rel=0.2)
+    for second in range(9, 39):  # past the window: the last 30 s only
+        event(second)
+    assert totals.rates("j", now=t0 + 38) == pytest.approx((150.0, 3000.0))
+    # the job's next run on the same cluster, 2 s later: measured from its own start, not
+    # with the previous run's last 30 s
+    totals.add({"kind": "run", "job": "j", "run": "r2", "shards": 1, "rows": 20}, now=t0 + 40)
+    totals.add({"kind": "shard", "job": "j", "run": "r2", "shard": 0, "attempt": "b",
+                "rows": 20, "tokens": 400, "padded": 400, "errors": 0, "done": True},
+               now=t0 + 42)
+    assert totals.rates("j", now=t0 + 44) == pytest.approx((20 / 4, 400 / 4))
 
 
 def test_progress_eta_counts_live_rows_and_records():
