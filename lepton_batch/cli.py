@@ -463,7 +463,11 @@ def _best_effort(what: str, step, *args) -> None:
 
 
 def _print_summary(plan, result) -> None:
+    from lepton_batch.progress import PADDING_MIN_ROWS
+
     errors, padded = result.error_rows, result.padded_tokens
+    if result.rows < PADDING_MIN_ROWS:  # a few rows' padding means nothing; report.json has it
+        padded = 0
     seconds = max(result.seconds, 1e-9)
     engines = sorted({r.engine for r in result.records if r.engine})  # one per worker load
     console.print(

@@ -22,6 +22,10 @@ from lepton_batch.monitor import INTERVAL
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 0.5  # the throughput timeline keeps at most one point per this interval
+# Padding efficiency is headlined (progress line, summary) only for runs of at least this
+# many rows: on a few rows it measures one or two batches' length spread, not the engine
+# ("padding eff. 5.9 %" on an 8-row night). report.json and report.html always carry it.
+PADDING_MIN_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ def describe(s: Snapshot) -> str:
              + (f" ({s.shards_failed} failed)" if s.shards_failed else ""),
              f"rows {s.rows:,}/{s.rows_total:,}",
              f"{s.tokens_per_second:,.0f} tokens/s"]
-    if s.padding is not None:
+    if s.padding is not None and s.rows_total >= PADDING_MIN_ROWS:
         parts.append(f"padding eff. {s.padding:.1%}")
     parts.append(f"errors {s.errors:,}")
     parts.append(_eta(0.0 if s.fraction >= 1 else s.eta))

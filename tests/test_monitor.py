@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 from lepton_batch.cli import app
 from lepton_batch.inspect import latest_report
 from lepton_batch.monitor import MetricTotals, PrometheusCollector
-from lepton_batch.progress import RunProgress, describe
+from lepton_batch.progress import PADDING_MIN_ROWS, RunProgress, describe
 
 STAGES = {"read", "prepare", "warm_up", "load", "tokenize", "compute", "write"}
 
@@ -226,7 +227,11 @@ def test_progress_eta_counts_live_rows_and_records():
     assert s.eta is not None and s.eta >= 0
     line = describe(s)
     assert "shards 2/3" in line and "rows 10/20" in line and "errors 2" in line
-    assert "ETA" in line and "padding eff. 96.7%" in line
+    assert "ETA" in line
+    # issue 28: a 20-row run's padding is one batch's length spread, not headlined; from
+    # PADDING_MIN_ROWS rows on it is
+    assert "padding" not in line
+    assert "padding eff. 96.7%" in describe(replace(s, rows_total=PADDING_MIN_ROWS))
 
 
 def test_bad_progress_mode_is_refused_before_anything_runs(tmp_path, tiny_bert):
