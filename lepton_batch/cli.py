@@ -325,7 +325,8 @@ def submit(
 
     Exit codes (for schedulers): 0 done (published, or nothing to do), 1 some shard or
     input file failed (nothing published; rerun to resume), 2 invalid job, bad output or
-    output in use by another run, 130 interrupted.
+    output in use by another run, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM (Airflow,
+    Kubernetes, systemd); stopped either way, finished shards are kept and a rerun resumes.
 
     Monitoring: the Dask dashboard link is printed at start; tasks are named
     `<task>-<job>-shard-0042` inside one Dask span named after the job, and each shard's
