@@ -28,6 +28,7 @@ from lepton_batch.cli import app
 from lepton_batch.faults import DELAY_ENV
 from lepton_batch.lock import OutputLocked, check_free, output_lock
 from lepton_batch.output import init_output
+from lepton_batch.stopping import Terminated, held, sigterm_as_interrupt
 
 ROWS = 135  # write_corpus: 3 files x 45 rows
 KEPT = ("finished shards are kept (staged, not yet published); run the same command again "
@@ -121,6 +122,20 @@ def test_ctrl_c_prints_nothing_after_the_clean_line(tmp_path, tiny_bert, corpus_
     assert lines[-1] == f"interrupted: stopped cleanly; {KEPT}", out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     assert "CancelledError" not in out, out
+
+
+def test_stop_signals_wait_while_held_and_sigterm_raises_terminated():
+    me, before = os.getpid(), signal.getsignal(signal.SIGTERM)
+    with sigterm_as_interrupt():
+        with held() as arrived:  # e.g. the cluster's shutdown: nothing may cut it short
+            os.kill(me, signal.SIGTERM)
+            os.kill(me, signal.SIGINT)
+            time.sleep(0.2)  # Python runs handlers between bytecodes
+        assert arrived == [signal.SIGTERM, signal.SIGINT]
+        with pytest.raises(Terminated):  # a KeyboardInterrupt: Ctrl-C's cleanups run
+            os.kill(me, signal.SIGTERM)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_second_submit_is_refused_before_it_starts_a_cluster(tmp_path, tiny_bert,
