@@ -19,6 +19,7 @@ from rich.table import Table
 from lepton_batch.clihelp import Command, Group, OutputConsole, main_options
 from lepton_batch.output import OutputError
 from lepton_batch.spec import JobSpec, JobSpecError, load_job
+from lepton_batch.stopping import held, stoppable
 
 app = typer.Typer(
     cls=Group,
@@ -341,8 +342,6 @@ def submit(
     """
     if progress not in ("auto", "rich", "plain", "none"):
         _fail(ValueError(f"--progress: {progress!r} is not one of rich, plain, none"))
-    from lepton_batch.stopping import stoppable
-
     _setup_logging(verbose)
     early: list = []
 
@@ -371,7 +370,6 @@ def _run(plan, progress: str, early) -> None:
     """submit, once the job is planned: run it, then report (which can only warn)."""
     from lepton_batch.progress import make_display
     from lepton_batch.run import RunResult, run_job
-    from lepton_batch.stopping import held
 
     console.print(_plan_table(plan))
     for bad in plan.bad_files:
@@ -464,11 +462,9 @@ def _best_effort(what: str, step, *args) -> None:
 
 
 def _print_summary(plan, result) -> None:
-    from lepton_batch.progress import PADDING_MIN_ROWS
+    from lepton_batch.progress import padding_headline
 
-    errors, padded = result.error_rows, result.padded_tokens
-    if result.rows < PADDING_MIN_ROWS:  # a few rows' padding means nothing; report.json has it
-        padded = 0
+    errors = result.error_rows
     seconds = max(result.seconds, 1e-9)
     engines = sorted({r.engine for r in result.records if r.engine})  # one per worker load
     console.print(
@@ -480,7 +476,7 @@ def _print_summary(plan, result) -> None:
            if result.deduplicated_rows else "")
         + f") in {result.seconds:.1f} s: "
         f"{result.rows / seconds:,.1f} rows/s, {result.tokens / seconds:,.0f} "
-        f"tokens/s" + (f", padding efficiency {result.tokens / padded:.1%}" if padded else "")
+        f"tokens/s" + padding_headline(result.rows, result.tokens, result.padded_tokens)
         + "".join(f"\nengine: {e}" for e in engines)
         + _first_batch(result)
         + f"\nrun report: {_report_path(result.report_dir)}"

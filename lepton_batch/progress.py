@@ -127,6 +127,14 @@ class RunProgress:
                 seconds=seconds, eta=eta)
 
 
+def padding_headline(rows: int, tokens: int, padded: int) -> str:
+    """The summary's ", padding efficiency 97.0%", or nothing for a run of fewer than
+    :data:`PADDING_MIN_ROWS` rows."""
+    if not padded or rows < PADDING_MIN_ROWS:
+        return ""
+    return f", padding efficiency {tokens / padded:.1%}"
+
+
 def _eta(seconds: float | None) -> str:
     if seconds is None:
         return "ETA -:--:--"

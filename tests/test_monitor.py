@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from lepton_batch.cli import app
 from lepton_batch.inspect import latest_report
 from lepton_batch.monitor import MetricTotals, PrometheusCollector
-from lepton_batch.progress import PADDING_MIN_ROWS, RunProgress, describe
+from lepton_batch.progress import PADDING_MIN_ROWS, RunProgress, describe, padding_headline
 
 STAGES = {"read", "prepare", "warm_up", "load", "tokenize", "compute", "write"}
 
@@ -232,6 +232,8 @@ def test_progress_eta_counts_live_rows_and_records():
     # PADDING_MIN_ROWS rows on it is
     assert "padding" not in line
     assert "padding eff. 96.7%" in describe(replace(s, rows_total=PADDING_MIN_ROWS))
+    assert padding_headline(8, 290, 300) == ""  # the summary's, likewise
+    assert padding_headline(PADDING_MIN_ROWS, 290, 300) == ", padding efficiency 96.7%"
 
 
 def test_bad_progress_mode_is_refused_before_anything_runs(tmp_path, tiny_bert):
