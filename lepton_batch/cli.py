@@ -403,22 +403,25 @@ def _run(plan, progress: str, early) -> None:
                          on_progress=lambda _: _quietly(display.update), early=early)
     finally:
         display.stop()
+    with held():  # the data is committed, or the failure recorded: report undisturbed
+        _report(plan, result)
+
+
+def _report(plan, result) -> None:
     # The data is committed (or the failure recorded) by now: what follows is reporting,
-    # which can only warn, never change the exit code (nor be cut short by a signal).
-    with held():
-        _best_effort("summary", _print_summary, plan, result)
-        if result.published:
-            _best_effort("output preview", lambda: console.print(_preview(plan)))
-            if plan.job.task.kind == "classify":
-                _best_effort("label counts", lambda: console.print(_label_counts(plan)))
-        if not result.ok:
-            for key, err in result.failures.items():
-                console.print(f"[bold red]failed:[/] {key}: {escape(err)}")
-            console.print(f"[yellow]not published:[/] {len(result.failures)} failure(s); the "
-                          f"{result.skipped + len(result.records)} finished shard(s) are kept. "
-                          "Fix the cause and run the same command again: only the rest will "
-                          "run.")
-            raise typer.Exit(code=1)
+    # which can only warn, never change the exit code.
+    _best_effort("summary", _print_summary, plan, result)
+    if result.published:
+        _best_effort("output preview", lambda: console.print(_preview(plan)))
+        if plan.job.task.kind == "classify":
+            _best_effort("label counts", lambda: console.print(_label_counts(plan)))
+    if not result.ok:
+        for key, err in result.failures.items():
+            console.print(f"[bold red]failed:[/] {key}: {escape(err)}")
+        console.print(f"[yellow]not published:[/] {len(result.failures)} failure(s); the "
+                      f"{result.skipped + len(result.records)} finished shard(s) are kept. Fix "
+                      "the cause and run the same command again: only the rest will run.")
+        raise typer.Exit(code=1)
 
 
 def _quietly(step, *args) -> None:
