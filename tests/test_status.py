@@ -112,7 +112,7 @@ def _copy(nights: Nights, tmp_path: Path) -> Path:
 def test_submit_summary_after_an_incremental_night_describes_current_rows(nights):
     out = nights.submit_night2
     # 61 rows in the output (60 from night 1, 1 from night 2); 60 are current.
-    counts = _rows(out, "┃ label")
+    counts = _rows(out, "mean score")
     assert sum(int(r["rows"].replace(",", "")) for r in counts) == 60, out
     assert "current rows" in out
     preview = _rows(out, "┃ id")
@@ -195,6 +195,6 @@ def test_status_of_a_job_whose_input_path_holds_the_run_date(nights, tmp_path):
     # a.parquet of night 3 holds night 1's texts: id 0 changed back, so 29 of 30 are current
     assert _value(out, "rows current") == ("29 / 30: the next submit computes 1 in 1 "
                                            "shard(s)")
-    assert _value(out, "input") == str(tmp_path / "in" / f"dt={NIGHTS[2]}")
+    assert _value(out, "input") == f"{tmp_path / 'in' / f'dt={NIGHTS[2]}'} (1 file(s), 30 rows)"
     code, out = _cli("status", job, "--run-date", "2026-02-30")
     assert code == 2 and "--run-date: '2026-02-30' is not a date" in out
