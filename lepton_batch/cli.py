@@ -364,11 +364,9 @@ def _run(plan, progress: str, early) -> None:
     # which can only warn, never change the exit code.
     _best_effort("summary", _print_summary, plan, result)
     if result.published:  # the output's current rows (mode incremental: newest per id)
-        from lepton_batch.status import label_counts_table, preview_table
-
-        _best_effort("output preview", lambda: console.print(preview_table(plan)))
+        _best_effort("output preview", lambda: console.print(_preview(plan)))
         if plan.job.task.kind == "classify":
-            _best_effort("label counts", lambda: console.print(label_counts_table(plan)))
+            _best_effort("label counts", lambda: console.print(_label_counts(plan)))
     if not result.ok:
         for key, err in result.failures.items():
             console.print(f"[bold red]failed:[/] {key}: {escape(err)}")
@@ -376,6 +374,18 @@ def _run(plan, progress: str, early) -> None:
                       f"{result.skipped + len(result.records)} finished shard(s) are kept. Fix "
                       "the cause and run the same command again: only the rest will run.")
         raise typer.Exit(code=1)
+
+
+def _preview(plan) -> Table:
+    from lepton_batch.status import preview_table  # polars: inside _best_effort
+
+    return preview_table(plan)
+
+
+def _label_counts(plan) -> Table:
+    from lepton_batch.status import label_counts_table
+
+    return label_counts_table(plan)
 
 
 def _quietly(step, *args) -> None:
