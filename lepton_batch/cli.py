@@ -474,12 +474,12 @@ StatusArg = Annotated[Path, typer.Argument(
 
 @app.command()
 def status(job_or_output: StatusArg, set_: SetOpt = None, run_date: RunDateOpt = None) -> None:
-    """Show what a job's output holds for the job as it stands: in mode incremental the rows
-    current for its plan (those the next submit would not compute) of all it plans now, in
-    the snapshot modes its shards and rows published vs planned; errors, a changed job
-    fingerprint, shards staged by an unfinished run, the run writing it now, the last run
-    (published, failed, interrupted or running). --run-date D: the plan of night D (an
-    input.path holding {run_date} or {yesterday} reads that night's files).
+    """Show what a job's output holds for the job as it stands. Mode incremental: the shards
+    and rows current for its plan (those the next submit would not compute); the snapshot
+    modes: shards and rows published vs planned. Also errors, a changed job fingerprint,
+    shards staged by an unfinished run, the run writing it now and the last run (published,
+    failed, interrupted or running). --run-date D plans night D (an input.path holding
+    {run_date} or {yesterday} reads that night's files).
 
     Both forms show the path of the latest run report (`_runs/RUN_ID/report.html`).
 
