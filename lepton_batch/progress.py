@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lepton_batch.manifest import ShardRecord
 from lepton_batch.monitor import INTERVAL
+from lepton_batch.stopping import deferred
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 0.5  # the throughput timeline keeps at most one point per this interval
@@ -179,8 +180,9 @@ class PlainDisplay(Display):
         now = time.monotonic()
         if finished or now - self._last >= self.every:
             self._last = now
-            self.console.print(f"progress: {describe(self.progress.snapshot())}",
-                               soft_wrap=True)
+            with deferred():  # printed once and whole, even when a stop signal comes
+                self.console.print(f"progress: {describe(self.progress.snapshot())}",
+                                   soft_wrap=True)
 
 
 class _TwoLines(Progress):

@@ -66,6 +66,17 @@ def held() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """As :func:`held`, but a stop signal that arrived is delivered right after the block,
+    to the handler in place. For a line being printed: rich writes its buffer, then clears
+    it, and a Ctrl-C in between would print the line again before the next one."""
+    with held() as arrived:
+        yield
+    if arrived:
+        signal.raise_signal(arrived[0])
+
+
 def block_in_this_thread() -> None:
     """Block SIGINT and SIGTERM in the calling (helper) thread. Threads it starts, and the
     processes they spawn, inherit the mask: the embedded cluster is started from such a

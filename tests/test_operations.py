@@ -28,7 +28,7 @@ from lepton_batch.cli import app
 from lepton_batch.faults import DELAY_ENV
 from lepton_batch.lock import OutputLocked, check_free, output_lock
 from lepton_batch.output import init_output
-from lepton_batch.stopping import Terminated, held, sigterm_as_interrupt
+from lepton_batch.stopping import Terminated, deferred, held, sigterm_as_interrupt
 
 ROWS = 135  # write_corpus: 3 files x 45 rows
 KEPT = ("finished shards are kept (staged, not yet published); run the same command again "
@@ -81,6 +81,8 @@ def _stop_mid_run(job: Path, sig: signal.Signals, group: bool) -> tuple[int, lis
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert sent is not None, "\n".join(lines)
+    # printed once: rich prints a line again if a signal cuts its print short (deferred())
+    assert sum(line.startswith("progress: shards 1/9") for line in lines) == 1, lines
     return code, lines, time.monotonic() - sent
 
 
@@ -135,6 +137,11 @@ def test_stop_signals_wait_while_held_and_sigterm_raises_terminated():
         with pytest.raises(Terminated):  # a KeyboardInterrupt: Ctrl-C's cleanups run
             os.kill(me, signal.SIGTERM)
             time.sleep(5)
+        with pytest.raises(Terminated), deferred():  # delivered once the block is done
+            os.kill(me, signal.SIGTERM)
+            time.sleep(0.2)
+            finished = True
+        assert finished
     assert signal.getsignal(signal.SIGTERM) is before
 
 
