@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import statistics
@@ -133,7 +134,7 @@ def _plan_table(plan) -> Table:
         task += (f", at most {t.max_new_tokens} new tokens"
                  + (f" (or {t.max_new_tokens_column})" if t.max_new_tokens_column else "")
                  + (", chat template" if t.chat else "")
-                 + (f", seed {t.seed}" if t.do_sample else ""))
+                 + (", sampled" if plan.settings.generation.do_sample else ", greedy"))
     table.add_row("task", escape(task))
     if t.uses_template:
         from lepton_batch.pipelines.prompts import template
@@ -215,6 +216,9 @@ def _settings_table(settings, causal: bool = False) -> Table:
         shown = repr(value) if name == "prompt" else (
             str(value).lower() if isinstance(value, bool) else str(value))
         table.add_row(name, escape(shown), escape(settings.sources.get(name, "")))
+    for name, value in (settings.generation.values() if settings.generation else {}).items():
+        table.add_row(name, escape(repr(value) if isinstance(value, str) else json.dumps(value)),
+                      escape(settings.generation.sources.get(name, "")))
     return table
 
 
