@@ -281,7 +281,10 @@ def _label_counts(plan) -> Table:
     from lepton_batch.incremental import scan_output
     from lepton_batch.output import published_parts
 
-    df = (scan_output(published_parts(plan.output_root), ["label", "score"])
+    # A null label is an error, or a top score below task.min_score (not an error).
+    df = (scan_output(published_parts(plan.output_root), ["label", "score", "error"])
+          .with_columns(pl.col("label").fill_null(pl.when(pl.col("error").is_null())
+                        .then(pl.lit("(below task.min_score)")).otherwise(pl.lit("(error)"))))
           .group_by("label").agg(pl.len().alias("rows"), pl.col("score").mean().alias("mean"))
           .sort("rows", descending=True).collect())
     table = Table(title="rows per label (top 1)")
