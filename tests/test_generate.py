@@ -461,7 +461,35 @@ def test_a_sampling_field_means_sampling_as_in_openai_and_vllm(tmp_path, tiny_ll
     same = int((a.filter(good)["generation"] == b.filter(good)["generation"]).sum())
     print(f"rows equal to greedy with temperature 0.7: {same} / {int(good.sum())}")
     assert same < good.sum() // 2
+    # The file metadata carries the generation settings, as it carries an embed's pooling.
+    meta = json.loads(pq.read_schema(next(sampled.output_root.glob("run_date=*/*.parquet")))
+                      .metadata[b"lepton_batch"])
+    generation = json.loads(meta["settings"])["generation"]
+    assert generation == {"prompt": "{text}", "chat": False, "do_sample": True,
+                          "temperature": 0.7, "top_k": 50, "top_p": 1.0, "seed": 0,
+                          "repetition_penalty": 1.0, "max_new_tokens": 8, "stop": []}
+    assert sampled.job_fingerprint != greedy.job_fingerprint
     zero = _causal_job(tmp_path, tiny_llama, {"kind": "generate", "max_new_tokens": 8,
                                               "temperature": 0}, out="zero")
     assert run_job(zero).ok
     assert _read(zero)["generation"].equals(a["generation"])
+
+
+def test_validate_shows_the_generation_settings(tmp_path, tiny_llama):
+    import io
+
+    from rich.console import Console
+
+    from lepton_batch.cli import _settings_table
+
+    write_corpus(tmp_path / "in", n_files=1, rows=15)
+    plan = _causal_job(tmp_path, tiny_llama, {
+        "kind": "generate", "prompt": "Q: {text}\nA:", "top_p": 0.9, "stop": ["\n\n"],
+        "max_new_tokens": 12})
+    out = io.StringIO()
+    Console(file=out, width=200).print(_settings_table(plan.settings, True))
+    lines = [" ".join(line.replace("│", " ").split()) for line in out.getvalue().splitlines()]
+    for want in ("prompt 'Q: {text}\\nA:' job", "do_sample true job (a sampling field is set)",
+                 "top_p 0.9 job", "temperature 1.0 lepton-batch default (as model.generate)",
+                 'stop ["\\n\\n"] job', "max_new_tokens 12 job", "max_length 256"):
+        assert any(line.startswith(want) for line in lines), (want, lines)
