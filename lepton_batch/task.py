@@ -182,7 +182,8 @@ class TaskSpec(_Strict):
                     and not (f == "temperature" and self.temperature == 0)]
         if self.do_sample is False and sampling:
             fields = ", ".join(sampling)
-            raise ValueError(f"do_sample: false is greedy decoding, but {fields} only apply "
+            verb = "applies" if len(sampling) == 1 else "apply"
+            raise ValueError(f"do_sample: false is greedy decoding, but {fields} only {verb} "
                              f"when sampling; drop do_sample (setting {fields} samples, as in "
                              f"the OpenAI API and vLLM) or drop {fields}")
         if self.temperature == 0 and (self.do_sample or sampling):

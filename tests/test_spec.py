@@ -53,7 +53,7 @@ BAD = [
     (GOOD, ["engine.max_tokens_per_batch=lots"], "engine.max_tokens_per_batch", "integer"),
     # generate: do_sample false with a sampling field names both (issue 28, bug 4)
     (GOOD, ["task.kind=generate", "task.do_sample=false", "task.temperature=0.7"], "task",
-     "do_sample: false is greedy decoding, but temperature only apply when sampling"),
+     "do_sample: false is greedy decoding, but temperature only applies when sampling"),
     (GOOD, ["task.kind=generate", "task.do_sample=false", "task.top_p=0.9", "task.top_k=5"],
      "task", "but top_p, top_k only apply"),
     (GOOD, ["task.kind=generate", "task.temperature=0", "task.do_sample=true"], "task",
