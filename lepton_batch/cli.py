@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 import statistics
@@ -164,10 +163,11 @@ def validate(
 
     Prints every problem at once with the field it belongs to, or the plan: files, shards,
     rows and an estimate of the tokens to run; then the settings (max_length, pooling,
-    normalize, prompt, lowercase) with where each came from: the job, the model directory
-    or lepton-batch's default; then the output schema every part file will have (the
-    contract written to _schema.json); in mode incremental, how many rows a submit now would
-    compute. Warns when a job value contradicts the model's, or an id value repeats.
+    normalize, prompt, lowercase; for generate the prompt, sampling, stop, max_new_tokens)
+    with where each came from: the job, the model directory or lepton-batch's default; then
+    the output schema every part file will have (the contract written to _schema.json); in
+    mode incremental, how many rows a submit now would compute. Warns when a job value
+    contradicts the model's, or an id value repeats.
     """
     _setup_logging(False)
     # The settings warnings are printed below, with the settings table; not twice.
@@ -216,9 +216,8 @@ def _settings_table(settings, causal: bool = False) -> Table:
         shown = repr(value) if name == "prompt" else (
             str(value).lower() if isinstance(value, bool) else str(value))
         table.add_row(name, escape(shown), escape(settings.sources.get(name, "")))
-    for name, value in (settings.generation.values() if settings.generation else {}).items():
-        table.add_row(name, escape(repr(value) if isinstance(value, str) else json.dumps(value)),
-                      escape(settings.generation.sources.get(name, "")))
+    for row in settings.generation.rows() if settings.generation else []:
+        table.add_row(*map(escape, row))
     return table
 
 

@@ -60,6 +60,12 @@ class GenerationSettings:
         out["stop"] = list(self.stop)
         return out
 
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(setting, value, where it came from) for ``validate``'s settings table; strings
+        as Python literals (a trailing space or newline shows), the rest as JSON."""
+        return [(name, repr(v) if isinstance(v, str) else json.dumps(v),
+                 self.sources.get(name, "")) for name, v in self.values().items()]
+
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``engine.generate.Sampling``."""
         return {name: getattr(self, name) for name in GENERATE_DEFAULTS}
