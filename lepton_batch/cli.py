@@ -133,7 +133,7 @@ def _plan_table(plan) -> Table:
         task += (f", at most {t.max_new_tokens} new tokens"
                  + (f" (or {t.max_new_tokens_column})" if t.max_new_tokens_column else "")
                  + (", chat template" if t.chat else "")
-                 + (f", seed {t.seed}" if t.do_sample else ""))
+                 + (", sampled" if plan.settings.generation.do_sample else ", greedy"))
     table.add_row("task", escape(task))
     if t.uses_template:
         from lepton_batch.pipelines.prompts import template
@@ -163,10 +163,11 @@ def validate(
 
     Prints every problem at once with the field it belongs to, or the plan: files, shards,
     rows and an estimate of the tokens to run; then the settings (max_length, pooling,
-    normalize, prompt, lowercase) with where each came from: the job, the model directory
-    or lepton-batch's default; then the output schema every part file will have (the
-    contract written to _schema.json); in mode incremental, how many rows a submit now would
-    compute. Warns when a job value contradicts the model's, or an id value repeats.
+    normalize, prompt, lowercase; for generate the prompt, sampling, stop, max_new_tokens)
+    with where each came from: the job, the model directory or lepton-batch's default; then
+    the output schema every part file will have (the contract written to _schema.json); in
+    mode incremental, how many rows a submit now would compute. Warns when a job value
+    contradicts the model's, or an id value repeats.
     """
     _setup_logging(False)
     # The settings warnings are printed below, with the settings table; not twice.
@@ -215,6 +216,8 @@ def _settings_table(settings, causal: bool = False) -> Table:
         shown = repr(value) if name == "prompt" else (
             str(value).lower() if isinstance(value, bool) else str(value))
         table.add_row(name, escape(shown), escape(settings.sources.get(name, "")))
+    for row in settings.generation.rows() if settings.generation else []:
+        table.add_row(*map(escape, row))
     return table
 
 

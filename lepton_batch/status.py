@@ -353,11 +353,15 @@ def label_counts_table(plan: Plan) -> Table:
     newest row per id, not the history of every night."""
     root = plan.output_root
     if plan.job.output.mode == "incremental":
-        frame = current_rows(root, plan.job.input.id_column, ["label", "score"])
+        frame = current_rows(root, plan.job.input.id_column, ["label", "score", "error"])
         title = "rows per label (top 1), over the current rows (newest per id)"
     else:
-        frame = scan_output(published_parts(root), ["label", "score"])
+        frame = scan_output(published_parts(root), ["label", "score", "error"])
         title = "rows per label (top 1)"
+    # A null label is an error, or a top score below task.min_score (not an error).
+    frame = frame.with_columns(pl.col("label").fill_null(
+        pl.when(pl.col("error").is_null()).then(pl.lit("(below task.min_score)"))
+        .otherwise(pl.lit("(error)"))))
     df = (frame.group_by("label").agg(pl.len().alias("rows"), pl.col("score").mean()
                                       .alias("mean"))
           .sort("rows", descending=True).collect())
