@@ -133,6 +133,8 @@ class RunResult:
                     "rows_unchanged": self.rows_plan.unchanged,
                     "rows_to_compute": self.rows_plan.to_compute,
                     "ids_gone_from_input": self.rows_plan.gone}
+            if self.rows_plan.deleted is not None:  # output.tombstones
+                out["ids_marked_deleted"] = len(self.rows_plan.deleted)
         return out
 
 
@@ -315,6 +317,14 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
             started_cluster(None)
         for bad in plan.bad_files:
             result.failures[f"input {bad.path}"] = bad.reason
+        if result.ok and rows_plan is not None and rows_plan.deleted:
+            from lepton_batch.tombstones import write_tombstones
+
+            marks = write_tombstones(ctx, job.input.id_column, rows_plan.deleted,
+                                     job.output.compression)
+            shard_fps = shard_fps | {marks.shard_fingerprint}
+            if delta:
+                commit_shard(root, marks, run_id)
         result.seconds = time.perf_counter() - started
         if result.ok:
             result.published = True
