@@ -10,6 +10,7 @@ a shard, rows with the same content share one model call.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from datetime import date
@@ -136,9 +137,18 @@ def as_of(frame, day: date):
     return frame.filter(pl.col("run_date") <= pl.lit(day))
 
 
-def newest_night(parts: list[OutputPath]) -> date | None:
-    """The greatest ``run_date`` partition that holds published rows, or None."""
+def newest_night(parts: list[OutputPath], reports: list[OutputPath]) -> date | None:
+    """The greatest run date of the output: of a partition with published ``parts``, or of
+    a published run (its ``report.json`` among ``reports``; a night with nothing to
+    compute adds no partition), or None."""
     days = [p.parent.name.partition("=")[2] for p in parts]
+    for path in reports:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a run killed while writing it
+        if isinstance(report, dict) and report.get("published"):
+            days.append(str(report.get("run_date") or ""))
     return max((date.fromisoformat(d) for d in days if d), default=None)
 
 

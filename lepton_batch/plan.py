@@ -76,12 +76,13 @@ class Plan:
     def backfill_note(self) -> str | None:
         """Mode incremental, a run date before the newest published night: what it does."""
         from lepton_batch.incremental import backfill_note, newest_night
-        from lepton_batch.output import published_parts
+        from lepton_batch.output import RUNS_DIR, published_parts
 
         root = self.output_root
         if self.job.output.mode != "incremental" or not root.exists():
             return None
-        return backfill_note(self.run_date, newest_night(published_parts(root)))
+        return backfill_note(self.run_date, newest_night(
+            published_parts(root), list(root.glob(f"{RUNS_DIR}/*/report.json"))))
 
 
 def resolve_output_root(path: str, storage_options: dict | None = None) -> OutputPath:
