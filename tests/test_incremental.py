@@ -12,7 +12,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import sample_texts, write_job
+from conftest import REPO, sample_texts, write_job
 from typer.testing import CliRunner
 
 from lepton_batch.cli import app
@@ -263,12 +263,14 @@ def test_delta_output_over_three_nights_reads_as_one_table(tmp_path, tiny_bert):
         _plan(tmp_path, tiny_bert, NIGHTS[2], mode="resume", overrides=["output.format=delta"])
 
 
+RANK = "qualify rank() over (partition by id order by run_date desc, run_id desc) = 1"
 LATEST_SQL = ("select * from (select * from read_parquet('{glob}', hive_partitioning = true) "
-              "qualify rank() over (partition by id order by run_date desc, run_id desc) = 1)"
-              "{where}")  # the README's DuckDB query
+              f"{RANK}){{where}}")  # the README's DuckDB query
 
 
 def _duckdb_latest(root, tombstones: bool = False) -> pl.DataFrame:
+    readme = (REPO / "README.md").read_text()
+    assert RANK in readme and "where not deleted" in readme
     glob = str(root / "*" / "*.parquet")
     return duckdb.connect().sql(LATEST_SQL.format(
         glob=glob, where=" where not deleted" if tombstones else "")).pl()
@@ -406,3 +408,22 @@ def test_tombstones_mark_deleted_ids_and_drop_them_from_latest(tmp_path, tiny_be
         _plan(tmp_path, tiny_bert, NIGHTS[2], mode="resume", overrides=on)
     with pytest.raises(JobSpecError, match="schema differs"):
         _plan(tmp_path, tiny_bert, NIGHTS[2])
+
+
+def test_tombstones_in_a_delta_table_are_committed_with_the_night(tmp_path, tiny_bert):
+    deltalake = pytest.importorskip("deltalake")
+    on = ["output.format=delta", "output.tombstones=true"]
+    _write(tmp_path / "in", "a.parquet", {i: TEXTS[i] for i in range(10)})
+    run_job(_plan(tmp_path, tiny_bert, NIGHTS[0], overrides=on))
+    _write(tmp_path / "in", "a.parquet", {i: TEXTS[i] for i in range(8)})
+    second = run_job(_plan(tmp_path, tiny_bert, NIGHTS[1], overrides=on))
+    assert second.rows == 0 and second.rows_plan.deleted.to_pylist() == [8, 9]
+    dt = deltalake.DeltaTable(str(tmp_path / "out"))
+    table = pl.from_arrow(dt.to_pyarrow_table())
+    assert table.filter(pl.col("deleted"))["id"].sort().to_list() == [8, 9]
+    uris = ", ".join(f"'{u}'" for u in dt.file_uris())
+    latest = duckdb.connect().sql(
+        f"select * from (select * from read_parquet([{uris}], hive_partitioning = true) "
+        "qualify rank() over (partition by id order by run_date desc, run_id desc) = 1) "
+        "where not deleted").pl()
+    assert sorted(latest["id"].to_list()) == list(range(8))
