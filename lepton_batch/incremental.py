@@ -81,16 +81,29 @@ class RowPlan:
     previous_fingerprints: list[str] = field(default_factory=list)
     # output.tombstones: the gone ids, each to get a ``deleted`` row in this run's partition
     deleted: pa.Array | None = None
+    # A backfill: the next published night after its run date, the ids whose rows it writes
+    # and that night has none of (they would read the backfill's row there), to be restated
+    # there as they were (``restate``: a copy of their rows as of the run date;
+    # ``restate_deleted``: ids with no row before, marked deleted, output.tombstones only).
+    restate_night: date | None = None
+    restate: pa.Array | None = None
+    restate_deleted: pa.Array | None = None
 
     @property
     def to_compute(self) -> int:
         return sum(len(r) for r in self.rows.values())
 
+    @property
+    def restated(self) -> int:
+        return sum(len(a) for a in (self.restate, self.restate_deleted) if a is not None)
+
     def describe(self) -> str:
         return (f"{self.input_rows:,} input rows, {self.unchanged:,} unchanged, "
                 f"{self.to_compute:,} to compute in {len(self.rows)} shard(s); {self.gone:,} "
                 "id(s) with output are gone from the input"
-                + ("" if self.deleted is None else f" ({len(self.deleted):,} marked deleted)"))
+                + ("" if self.deleted is None else f" ({len(self.deleted):,} marked deleted)")
+                + (f"; {self.restated:,} id(s) restated as they were on {self.restate_night}"
+                   if self.restated else ""))
 
 
 def scan_output(parts: list[OutputPath], columns: list[str] | None = None):
@@ -114,18 +127,18 @@ def scan_output(parts: list[OutputPath], columns: list[str] | None = None):
     return pl.from_arrow(pa.concat_tables(tables)).lazy()
 
 
-def latest_rows(frame, id_column: str):
+def latest_rows(frame, id_column: str, keep_deleted: bool = False):
     """Each id's current rows: every row of its newest run (greatest ``run_date``, then
     ``run_id``, which starts with the run's start time). An id that repeats in the input
     has one row per input row there, since a run computes all of an id's rows or none.
-    Rows marking an id deleted (``deleted`` true, output.tombstones) remove the id.
-    Equivalent SQL: ``qualify rank() over (partition by id order by
+    Rows marking an id deleted (``deleted`` true, output.tombstones) remove the id, unless
+    ``keep_deleted``. Equivalent SQL: ``qualify rank() over (partition by id order by
     run_date desc, run_id desc) = 1``, then ``where not deleted``."""
     import polars as pl
 
     order = pl.col("run_date").cast(pl.String) + "/" + pl.col("run_id")
     newest = frame.filter(order == order.max().over(id_column))
-    if "deleted" not in frame.collect_schema().names():
+    if keep_deleted or "deleted" not in frame.collect_schema().names():
         return newest
     return newest.filter(~pl.col("deleted").fill_null(False))
 
@@ -159,9 +172,30 @@ def backfill_note(run_date: date, newest: date | None) -> str | None:
         return None
     return (f"run date {run_date} is older than the newest published night {newest}: a "
             f"backfill. It computes the rows that differ from the output as of {run_date} "
-            f"(partitions up to it) and adds them to run_date={run_date}; later partitions are "
-            f"not changed, so latest keeps each id's row from its newest night, and the next "
-            f"night computes what differs from {newest}")
+            f"(partitions up to it) and adds them to run_date={run_date}; later nights keep "
+            f"what they say (an id it writes that the next night has no row for is restated "
+            f"there as it was), so latest keeps each id's rows from its newest night, and the "
+            f"next night computes what differs from {newest}")
+
+
+def _restate(history, idc: str, day: date, written, tombstones: bool, id_type: pa.DataType
+             ) -> dict:
+    """A backfill of ``day`` writing rows for the ids in ``written``: RowPlan's restate
+    fields, so that the next published night keeps saying what it said."""
+    import polars as pl
+
+    later = history.filter(pl.col("run_date") > pl.lit(day))
+    night = later.select(pl.col("run_date").min()).collect().item()
+    if night is None:
+        return {}
+    there = later.filter(pl.col("run_date") == pl.lit(night)).select(idc).unique().collect()
+    affected = written.join(there, on=idc, how="anti")
+    before = latest_rows(as_of(history, day), idc, keep_deleted=True).select(
+        idc).unique().collect()
+    copy = affected.join(before, on=idc, how="semi")[idc].sort().to_arrow().cast(id_type)
+    fresh = affected.join(before, on=idc, how="anti")[idc].sort().to_arrow().cast(id_type)
+    return {"restate_night": night, "restate": copy,
+            "restate_deleted": fresh if tombstones else None}
 
 
 def _changed_ids(inputs, done, idc: str):
@@ -220,11 +254,11 @@ def plan_rows(shards: list[Shard], id_field: pa.Field, columns: list[str], job_f
     previous: list[str] = []
     deleted = pa.array([], id_field.type) if tombstones else None
     todo = inputs
+    restate: dict = {}
     if parts and inputs is not None:
-        history = scan_output(parts, [idc, "content_hash", "job_fingerprint", "run_id",
-                                      "deleted"])
-        if run_date is not None:
-            history = as_of(history, run_date)
+        everything = scan_output(parts, [idc, "content_hash", "job_fingerprint", "run_id",
+                                         "deleted"])
+        history = everything if run_date is None else as_of(everything, run_date)
         state = latest_rows(history, idc).filter(pl.col(idc).is_not_null()).select(
             idc, "content_hash", "job_fingerprint").collect()
         done = state.filter(pl.col("job_fingerprint") == job_fp)
@@ -240,6 +274,11 @@ def plan_rows(shards: list[Shard], id_field: pa.Field, columns: list[str], job_f
             deleted = gone_ids[idc].sort().to_arrow().cast(id_field.type)
         if done.is_empty() and not state.is_empty():
             previous = sorted(state["job_fingerprint"].unique().to_list())
+        if run_date is not None:
+            # ids this run writes a row for: computed ones, and tombstones
+            written = pl.concat([todo.select(idc), *([gone_ids] if tombstones else [])],
+                                how="vertical_relaxed").drop_nulls().unique()
+            restate = _restate(everything, idc, run_date, written, tombstones, id_field.type)
     by_index = {s.index: s.fingerprint for s in shards}
     rows = dict(unreadable)
     if todo is not None and not todo.is_empty():
@@ -247,7 +286,7 @@ def plan_rows(shards: list[Shard], id_field: pa.Field, columns: list[str], job_f
             rows[by_index[index]] = np.sort(group["pos"].to_numpy()).astype(np.int64)
     plan = RowPlan(rows=rows, input_rows=0 if inputs is None else inputs.height,
                    unchanged=unchanged, gone=gone, previous_fingerprints=previous,
-                   deleted=deleted)
+                   deleted=deleted, **restate)
     log.info("incremental: %d input rows, %d unchanged, %d to compute in %d shard(s), %d ids "
              "gone from the input", plan.input_rows, plan.unchanged, plan.to_compute,
              len(rows), plan.gone)

@@ -427,3 +427,34 @@ def test_tombstones_in_a_delta_table_are_committed_with_the_night(tmp_path, tiny
         "qualify rank() over (partition by id order by run_date desc, run_id desc) = 1) "
         "where not deleted").pl()
     assert sorted(latest["id"].to_list()) == list(range(8))
+
+
+def test_backfill_between_nights_restates_the_next_night(tmp_path, tiny_bert):
+    """A backfill of 12-02 between nights 12-01 and 12-03: ids it writes that 12-03 has no
+    row for are restated at 12-03 as they were, so 12-03 and latest say what they said."""
+    on = ["output.tombstones=true"]
+    a = {i: TEXTS[i] for i in range(10)}
+    _write(tmp_path / "in", "a.parquet", a)
+    run_job(_plan(tmp_path, tiny_bert, date(2026, 12, 1), overrides=on))
+    _write(tmp_path / "in", "a.parquet", {**a, 2: TEXTS[60]})
+    run_job(_plan(tmp_path, tiny_bert, date(2026, 12, 3), overrides=on))
+    # 12-02's input: id 5 changed, id 10 new (12-03 had neither change).
+    _write(tmp_path / "in", "a.parquet", {**a, 5: TEXTS[61], 10: TEXTS[62]})
+    plan = _plan(tmp_path, tiny_bert, date(2026, 12, 2), overrides=on)
+    backfill = run_job(plan)
+    rows = backfill.rows_plan
+    assert backfill.rows == 2 and rows.restate_night == date(2026, 12, 3)
+    assert rows.restate.to_pylist() == [5] and rows.restate_deleted.to_pylist() == [10]
+    assert backfill.summary(plan)["ids_restated"] == 2
+    root = tmp_path / "out"
+    assert _partition(root, date(2026, 12, 2))["id"].to_list() == [5, 10]
+    night3 = _partition(root, date(2026, 12, 3))
+    assert night3["id"].to_list() == [2, 5, 10]
+    assert night3["deleted"].to_list() == [False, False, True]
+    night1 = _partition(root, date(2026, 12, 1)).filter(pl.col("id") == 5)
+    restated = night3.filter(pl.col("id") == 5)
+    assert restated.drop("run_id").equals(night1.drop("run_id"))  # a copy, embedding too
+    assert restated["run_id"].item() == night1["run_id"].item()  # the run that computed it
+    latest = _duckdb_latest(root, tombstones=True)
+    got = {r["id"]: r["content_hash"] for r in latest.iter_rows(named=True)}
+    assert got == {i: _hash({**a, 2: TEXTS[60]}[i]) for i in range(10)}
