@@ -50,13 +50,15 @@ def tombstone_table(schema: pa.Schema, id_column: str, ids: pa.Array, job_fp: st
 
 
 def restated_table(parts: list[OutputPath], schema: pa.Schema, id_column: str, day: date,
-                   ids: pa.Array) -> pa.Table:
-    """The rows of ``ids`` in the output as of ``day`` (its newest rows per id, tombstones
-    included), as written then (their run ids too), in the output ``schema``."""
+                   ids: pa.Array, cutoff: str) -> pa.Table:
+    """The rows of ``ids`` in the output as of ``day``, from runs up to run id ``cutoff``
+    (not this run's, whose shards a Delta table has committed already): each id's newest
+    rows, tombstones included, as written then (their run ids too), in ``schema``."""
     import polars as pl
 
     keys = pl.from_arrow(pa.table({id_column: ids}))
-    frame = latest_rows(as_of(scan_output(parts), day), id_column, keep_deleted=True)
+    earlier = scan_output(parts).filter(pl.col("run_id") <= cutoff)
+    frame = latest_rows(as_of(earlier, day), id_column, keep_deleted=True)
     rows = frame.join(keys.lazy(), on=id_column, how="semi").collect().to_arrow()
     return pa.table({f.name: rows[f.name].cast(f.type) for f in schema}, schema=schema)
 
@@ -75,11 +77,11 @@ def write_driver_rows(ctx: RunContext, id_column: str, rows_plan: RowPlan, run_d
                            compression), run_date.isoformat()))
     if rows_plan.restated:
         night = rows_plan.restate_night
-        assert night is not None
+        assert night is not None and rows_plan.restate_cutoff is not None
         tables = []
         if rows_plan.restate:
             tables.append(restated_table(parts, schema, id_column, run_date,
-                                         rows_plan.restate))
+                                         rows_plan.restate, rows_plan.restate_cutoff))
         if rows_plan.restate_deleted:
             tables.append(tombstone_table(schema, id_column, rows_plan.restate_deleted,
                                           ctx.job_fingerprint, ctx.run_id))

@@ -86,6 +86,7 @@ class RowPlan:
     # there as they were (``restate``: a copy of their rows as of the run date;
     # ``restate_deleted``: ids with no row before, marked deleted, output.tombstones only).
     restate_night: date | None = None
+    restate_cutoff: str | None = None  # that night's newest run id: the rows it saw
     restate: pa.Array | None = None
     restate_deleted: pa.Array | None = None
 
@@ -181,20 +182,29 @@ def backfill_note(run_date: date, newest: date | None) -> str | None:
 def _restate(history, idc: str, day: date, written, tombstones: bool, id_type: pa.DataType
              ) -> dict:
     """A backfill of ``day`` writing rows for the ids in ``written``: RowPlan's restate
-    fields, so that the next published night keeps saying what it said."""
+    fields, so that the next published night N keeps saying what it said when it ran.
+
+    The ids are those this run writes, and those earlier backfills of ``day`` wrote (rows
+    there from runs that started after N's newest run: a resumed Delta run committed some
+    already), that N has no row for; their rows are the ones N saw (runs up to its own)."""
     import polars as pl
 
     later = history.filter(pl.col("run_date") > pl.lit(day))
     night = later.select(pl.col("run_date").min()).collect().item()
     if night is None:
         return {}
-    there = later.filter(pl.col("run_date") == pl.lit(night)).select(idc).unique().collect()
-    affected = written.join(there, on=idc, how="anti")
-    before = latest_rows(as_of(history, day), idc, keep_deleted=True).select(
-        idc).unique().collect()
+    there = later.filter(pl.col("run_date") == pl.lit(night))
+    cutoff = there.select(pl.col("run_id").max()).collect().item()
+    since = history.filter((pl.col("run_date") == pl.lit(day)) & (pl.col("run_id") > cutoff))
+    affected = pl.concat([written, since.select(idc).drop_nulls().collect()],
+                         how="vertical_relaxed").unique().join(
+        there.select(idc).unique().collect(), on=idc, how="anti")
+    seen = history.filter(pl.col("run_id") <= cutoff)
+    before = latest_rows(as_of(seen, day), idc, keep_deleted=True).select(idc).unique()
+    before = before.collect()
     copy = affected.join(before, on=idc, how="semi")[idc].sort().to_arrow().cast(id_type)
     fresh = affected.join(before, on=idc, how="anti")[idc].sort().to_arrow().cast(id_type)
-    return {"restate_night": night, "restate": copy,
+    return {"restate_night": night, "restate_cutoff": cutoff, "restate": copy,
             "restate_deleted": fresh if tombstones else None}
 
 
