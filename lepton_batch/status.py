@@ -271,6 +271,8 @@ def _incremental_rows(table: Table, plan: Plan) -> None:
     root, fp = plan.output_root, plan.job_fingerprint
     rows = plan.row_plan()
     table.add_row("run date", f"{plan.run_date} (the next submit's partition)")
+    if note := plan.backfill_note():
+        table.add_row("backfill", escape(note))
     table.add_row("job fingerprint", _changed(fp, rows.previous_fingerprints, "current rows")
                   if rows.previous_fingerprints else fp)
     table.add_row("shards current", f"{len(plan.shards) - len(rows.rows)} / {len(plan.shards)}")
