@@ -308,6 +308,8 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
     columns_out["content_hash"] = hashes
     columns_out["job_fingerprint"] = pa.array([ctx.job_fingerprint] * n, pa.string())
     columns_out["run_id"] = pa.array([ctx.run_id] * n, pa.string())
+    if "deleted" in schema.names:  # output.tombstones: a computed row is a live one
+        columns_out["deleted"] = pa.array(np.zeros(n, dtype=bool))
     out = pa.table(columns_out, schema=schema)
     bin_width, length_counts = length_histogram(
         lengths, ctx.settings.max_length or int(lengths.max(initial=1)))

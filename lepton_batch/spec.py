@@ -169,6 +169,9 @@ class OutputSpec(_Strict):
     # incremental only, since a Delta table is a history of commits.
     format: Literal["parquet", "delta"] = "parquet"
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    # mode incremental: an id with output that the night's input lacks gets a row with
+    # `deleted` true in that night's partition, and leaves `latest` (adds the column).
+    tombstones: bool = False
 
 
 class ClusterSpec(_Strict):
@@ -197,7 +200,7 @@ class JobSpec(_Strict):
         reserved = {"error", "truncated", "num_tokens", "embedding", "label", "score", "labels",
                     "scores", "generation", "finish_reason", "prompt_tokens",
                     "generated_tokens", "logprob", "mean_logprob", "perplexity", "tokens",
-                    "content_hash", "job_fingerprint", "run_id", "run_date",
+                    "content_hash", "job_fingerprint", "run_id", "run_date", "deleted",
                     self.input.id_column}
         clash = sorted(set(self.input.passthrough_columns) & reserved)
         if clash:
@@ -209,6 +212,9 @@ class JobSpec(_Strict):
                              "object store needs a Delta locking provider")
         if self.output.format == "delta" and self.output.mode != "incremental":
             raise ValueError(f"output.format delta appends each shard as a Delta commit; set "
+                             f"output.mode: incremental (got {self.output.mode})")
+        if self.output.tombstones and self.output.mode != "incremental":
+            raise ValueError("output.tombstones marks ids deleted between nights; it needs "
                              f"output.mode: incremental (got {self.output.mode})")
         if self.model.quantization == "int8" and self.task.uses_template:
             raise ValueError(f"model.quantization int8 is for embed and classify; "

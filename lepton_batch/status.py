@@ -108,7 +108,8 @@ def current_rows(root: OutputPath, id_column: str, columns: list[str] | None = N
                  ) -> pl.LazyFrame:
     """The output's current rows (newest per id) over its published parts; ``columns``:
     what an object-store read fetches besides the id and run id (None: every column)."""
-    read = None if columns is None else list(dict.fromkeys([id_column, "run_id", *columns]))
+    read = None if columns is None else list(dict.fromkeys([id_column, "run_id", "deleted",
+                                                            *columns]))
     return latest_rows(scan_output(published_parts(root), read), id_column)
 
 
@@ -270,6 +271,8 @@ def _incremental_rows(table: Table, plan: Plan) -> None:
     root, fp = plan.output_root, plan.job_fingerprint
     rows = plan.row_plan()
     table.add_row("run date", f"{plan.run_date} (the next submit's partition)")
+    if note := plan.backfill_note():
+        table.add_row("backfill", escape(note))
     table.add_row("job fingerprint", _changed(fp, rows.previous_fingerprints, "current rows")
                   if rows.previous_fingerprints else fp)
     table.add_row("shards current", f"{len(plan.shards) - len(rows.rows)} / {len(plan.shards)}")
@@ -278,7 +281,9 @@ def _incremental_rows(table: Table, plan: Plan) -> None:
     table.add_row("rows current", f"{plan.rows - rows.to_compute:,} / {plan.rows:,}: the next "
                   f"submit computes {todo}")
     if rows.gone:
-        table.add_row("ids gone from the input", f"{rows.gone:,} (their last rows stay current)")
+        table.add_row("ids gone from the input", f"{rows.gone:,} " + (
+            "(their last rows stay current)" if rows.deleted is None else
+            "(the next submit marks them deleted: output.tombstones)"))
     if not (root.exists() and published_parts(root)):
         return
     truncated = "truncated" in plan.schema.names
