@@ -72,7 +72,9 @@ RunDateOpt = Annotated[
     str | None,
     typer.Option("--run-date", metavar="YYYY-MM-DD", help="The run's date (default: today, "
                  "UTC): its output partition run_date=..., and what {run_date} / {yesterday} in "
-                 "input.path mean. For backfills.", show_default=False),
+                 "input.path mean. For backfills: an incremental run before the newest "
+                 "published night fills in that night and leaves later ones as they are.",
+                 show_default=False),
 ]
 
 
@@ -137,7 +139,7 @@ def _plan_table(plan) -> Table:
         task += (f", at most {t.max_new_tokens} new tokens"
                  + (f" (or {t.max_new_tokens_column})" if t.max_new_tokens_column else "")
                  + (", chat template" if t.chat else "")
-                 + (f", seed {t.seed}" if t.do_sample else ""))
+                 + (", sampled" if plan.settings.generation.do_sample else ", greedy"))
     table.add_row("task", escape(task))
     if t.uses_template:
         from lepton_batch.pipelines.prompts import template
@@ -167,10 +169,11 @@ def validate(
 
     Prints every problem at once with the field it belongs to, or the plan: files, shards,
     rows and an estimate of the tokens to run; then the settings (max_length, pooling,
-    normalize, prompt, lowercase) with where each came from: the job, the model directory
-    or lepton-batch's default; then the output schema every part file will have (the
-    contract written to _schema.json); in mode incremental, how many rows a submit now would
-    compute. Warns when a job value contradicts the model's, or an id value repeats.
+    normalize, prompt, lowercase; for generate the prompt, sampling, stop, max_new_tokens)
+    with where each came from: the job, the model directory or lepton-batch's default; then
+    the output schema every part file will have (the contract written to _schema.json); in
+    mode incremental, how many rows a submit now would compute. Warns when a job value
+    contradicts the model's, or an id value repeats.
     """
     _setup_logging(False)
     # The settings warnings are printed below, with the settings table; not twice.
@@ -198,6 +201,8 @@ def validate(
     for warning in plan.settings.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     _warn_duplicate_ids(plan)
+    if note := plan.backfill_note():
+        console.print(f"[yellow]warning:[/] {escape(note)}")
     console.print("[green]job is valid[/]")
 
 
@@ -219,6 +224,8 @@ def _settings_table(settings, causal: bool = False) -> Table:
         shown = repr(value) if name == "prompt" else (
             str(value).lower() if isinstance(value, bool) else str(value))
         table.add_row(name, escape(shown), escape(settings.sources.get(name, "")))
+    for row in settings.generation.rows() if settings.generation else []:
+        table.add_row(*map(escape, row))
     return table
 
 
@@ -278,10 +285,10 @@ def submit(
     every shard is done, so readers see the previous dataset or the new one. One submit per
     output at a time. Killed, interrupted or failed: run the same command again to resume.
 
-    output.mode incremental (nightly jobs): only rows whose (id, content_hash) differs from
-    the id's newest output row under this job fingerprint are computed, and they are added
-    as partition `run_date=RUN_DATE`. In every mode, rows with identical content are
-    computed once per shard.
+    output.mode incremental (nightly jobs): only ids whose rows (id, content_hash) differ
+    from the id's newest output rows as of RUN_DATE under this job fingerprint are
+    computed, and they are added as partition `run_date=RUN_DATE`. In every mode, rows
+    with identical content are computed once per shard.
 
     Exit codes (for schedulers): 0 done (published, or nothing to do), 1 some shard or
     input file failed (nothing published; rerun to resume), 2 invalid job, bad output or
@@ -331,6 +338,8 @@ def _run(plan, progress: str, early) -> None:
     from lepton_batch.run import RunResult, run_job
 
     console.print(_plan_table(plan))
+    if note := plan.backfill_note():
+        console.print(f"[yellow]warning:[/] {escape(note)}")
     for bad in plan.bad_files:
         console.print(f"[bold red]unreadable input:[/] {bad.path}: {bad.reason}")
     display = make_display(progress, console)
@@ -533,8 +542,9 @@ def inspect_output(
     output: Annotated[Path, typer.Argument(help="An output directory (a job's output.path).",
                                            show_default=False)],
     latest: Annotated[bool, typer.Option(
-        "--latest", help="Only the newest row per id (its greatest run_date, then run id): "
-        "the output's current values.")] = False,
+        "--latest", help="Only each id's newest rows (its greatest run_date, then run id; "
+        "a repeated id has one per input row; ids marked deleted left out): the current "
+        "values.")] = False,
     sql: Annotated[str | None, typer.Option(
         help="A SQL query (polars SQL) to run instead; prints its result. Tables: output "
         "(every row; with --latest the newest per id) and latest (the newest row per id), "

@@ -28,6 +28,8 @@ BOOKKEEPING = (
     pa.field("job_fingerprint", pa.string()),
     pa.field("run_id", pa.string()),  # the run that computed the row
 )
+# output.tombstones: after the bookkeeping; true on a row that marks its id deleted.
+DELETED = pa.field("deleted", pa.bool_())
 
 
 _LAYOUTS = {"incremental": "an incremental (history)", "snapshot": "a snapshot"}
@@ -67,7 +69,8 @@ def output_schema(job: JobSpec, files: list[InputFile], task_fields: list[pa.Fie
     if job.output.format == "delta":
         task_fields = [f.with_type(pa.list_(f.type.value_type))
                        if pa.types.is_fixed_size_list(f.type) else f for f in task_fields]
-    return pa.schema([*fields, *task_fields, *BOOKKEEPING])
+    return pa.schema([*fields, *task_fields, *BOOKKEEPING,
+                      *([DELETED] if job.output.tombstones else [])])
 
 
 def contract_document(job: JobSpec, schema: pa.Schema) -> dict:

@@ -10,6 +10,7 @@ a shard, rows with the same content share one model call.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from datetime import date
@@ -73,20 +74,37 @@ class RowPlan:
 
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     input_rows: int = 0
-    unchanged: int = 0  # rows whose (id, content_hash) already has output
-    gone: int = 0  # ids with output that no input row has any more
+    unchanged: int = 0  # rows of ids whose rows in the output as of the run date match
+    gone: int = 0  # ids with output (as of the run date) that no input row has any more
     # When no output row is this job fingerprint's: the fingerprints the output holds (the
     # model revision or task changed, so every row is computed again).
     previous_fingerprints: list[str] = field(default_factory=list)
+    # output.tombstones: the gone ids, each to get a ``deleted`` row in this run's partition
+    deleted: pa.Array | None = None
+    # A backfill: the next published night after its run date, the ids whose rows it writes
+    # and that night has none of (they would read the backfill's row there), to be restated
+    # there as they were (``restate``: a copy of their rows as of the run date;
+    # ``restate_deleted``: ids with no row before, marked deleted, output.tombstones only).
+    restate_night: date | None = None
+    restate_cutoff: str | None = None  # that night's newest run id: the rows it saw
+    restate: pa.Array | None = None
+    restate_deleted: pa.Array | None = None
 
     @property
     def to_compute(self) -> int:
         return sum(len(r) for r in self.rows.values())
 
+    @property
+    def restated(self) -> int:
+        return sum(len(a) for a in (self.restate, self.restate_deleted) if a is not None)
+
     def describe(self) -> str:
         return (f"{self.input_rows:,} input rows, {self.unchanged:,} unchanged, "
                 f"{self.to_compute:,} to compute in {len(self.rows)} shard(s); {self.gone:,} "
-                "id(s) with output are gone from the input")
+                "id(s) with output are gone from the input"
+                + ("" if self.deleted is None else f" ({len(self.deleted):,} marked deleted)")
+                + (f"; {self.restated:,} id(s) restated as they were on {self.restate_night}"
+                   if self.restated else ""))
 
 
 def scan_output(parts: list[OutputPath], columns: list[str] | None = None):
@@ -101,31 +119,128 @@ def scan_output(parts: list[OutputPath], columns: list[str] | None = None):
     # columns through the fsspec filesystem that wrote them.
     tables = []
     for p in parts:
-        table = pq.read_table(p.path, columns=columns, filesystem=p.fs)
+        names = pq.read_schema(p.path, filesystem=p.fs).names
+        table = pq.read_table(p.path, filesystem=p.fs, columns=None if columns is None else
+                              [c for c in columns if c in names])
         day = date.fromisoformat(p.parent.name.partition("=")[2])
         tables.append(table.append_column("run_date", pa.array([day] * table.num_rows,
                                                                   pa.date32())))
     return pl.from_arrow(pa.concat_tables(tables)).lazy()
 
 
-def latest_rows(frame, id_column: str):
-    """The rows of each id's newest run (greatest ``run_date``, then ``run_id``, which starts
-    with the run's start time): the output's current value per id."""
+def latest_rows(frame, id_column: str, keep_deleted: bool = False):
+    """Each id's current rows: every row of its newest run (greatest ``run_date``, then
+    ``run_id``, which starts with the run's start time). An id that repeats in the input
+    has one row per input row there, since a run computes all of an id's rows or none.
+    Rows marking an id deleted (``deleted`` true, output.tombstones) remove the id, unless
+    ``keep_deleted``. Equivalent SQL: ``qualify rank() over (partition by id order by
+    run_date desc, run_id desc) = 1``, then ``where not deleted``."""
     import polars as pl
 
     order = pl.col("run_date").cast(pl.String) + "/" + pl.col("run_id")
-    return frame.filter(order == order.max().over(id_column))
+    newest = frame.filter(order == order.max().over(id_column))
+    if keep_deleted or "deleted" not in frame.collect_schema().names():
+        return newest
+    return newest.filter(~pl.col("deleted").fill_null(False))
+
+
+def as_of(frame, day: date):
+    """The output as it stood for night ``day``: its partitions up to and including it."""
+    import polars as pl
+
+    return frame.filter(pl.col("run_date") <= pl.lit(day))
+
+
+def newest_night(parts: list[OutputPath], reports: list[OutputPath]) -> date | None:
+    """The greatest run date of the output: of a partition with published ``parts``, or of
+    a published run (its ``report.json`` among ``reports``; a night with nothing to
+    compute adds no partition), or None."""
+    days = [p.parent.name.partition("=")[2] for p in parts]
+    for path in reports:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a run killed while writing it
+        if isinstance(report, dict) and report.get("published"):
+            days.append(str(report.get("run_date") or ""))
+    return max((date.fromisoformat(d) for d in days if d), default=None)
+
+
+def backfill_note(run_date: date, newest: date | None) -> str | None:
+    """What a run for a night before the newest published one does (None when it is not
+    one): the warning ``validate`` and ``submit`` print."""
+    if newest is None or run_date >= newest:
+        return None
+    return (f"run date {run_date} is older than the newest published night {newest}: a "
+            f"backfill. It computes the rows that differ from the output as of {run_date} "
+            f"(partitions up to it) and adds them to run_date={run_date}; later nights keep "
+            f"what they say (an id it writes that the next night has no row for is restated "
+            f"there as it was), so latest keeps each id's rows from its newest night, and the "
+            f"next night computes what differs from {newest}")
+
+
+def _restate(history, idc: str, day: date, written, tombstones: bool, id_type: pa.DataType
+             ) -> dict:
+    """A backfill of ``day`` writing rows for the ids in ``written``: RowPlan's restate
+    fields, so that the next published night N keeps saying what it said when it ran.
+
+    The ids are those this run writes, and those earlier backfills of ``day`` wrote (rows
+    there from runs that started after N's newest run: a resumed Delta run committed some
+    already), that N has no row for; their rows are the ones N saw (runs up to its own)."""
+    import polars as pl
+
+    later = history.filter(pl.col("run_date") > pl.lit(day))
+    night = later.select(pl.col("run_date").min()).collect().item()
+    if night is None:
+        return {}
+    there = later.filter(pl.col("run_date") == pl.lit(night))
+    cutoff = there.select(pl.col("run_id").max()).collect().item()
+    since = history.filter((pl.col("run_date") == pl.lit(day)) & (pl.col("run_id") > cutoff))
+    affected = pl.concat([written, since.select(idc).drop_nulls().collect()],
+                         how="vertical_relaxed").unique().join(
+        there.select(idc).unique().collect(), on=idc, how="anti")
+    seen = history.filter(pl.col("run_id") <= cutoff)
+    before = latest_rows(as_of(seen, day), idc, keep_deleted=True).select(idc).unique()
+    before = before.collect()
+    copy = affected.join(before, on=idc, how="semi")[idc].sort().to_arrow().cast(id_type)
+    fresh = affected.join(before, on=idc, how="anti")[idc].sort().to_arrow().cast(id_type)
+    return {"restate_night": night, "restate_cutoff": cutoff, "restate": copy,
+            "restate_deleted": fresh if tombstones else None}
+
+
+def _changed_ids(inputs, done, idc: str):
+    """Ids whose multiset of content hashes in ``inputs`` differs from ``done``'s (their
+    current output rows): rows are matched on (id, content_hash, occurrence number)."""
+    import polars as pl
+
+    key = [idc, "content_hash", "_k"]
+
+    def keyed(frame):
+        frame = frame.select(idc, "content_hash")
+        if frame[idc].n_unique() == frame.height:  # no id repeats: skip the window (1 s/M)
+            return frame.with_columns(pl.lit(0, pl.Int64).alias("_k"))
+        return frame.with_columns(pl.int_range(pl.len()).over(idc, "content_hash").alias("_k"))
+
+    a, b = keyed(inputs), keyed(done)
+    return pl.concat([a.join(b, on=key, how="anti").select(idc),
+                      b.join(a, on=key, how="anti").select(idc)]).unique()
 
 
 def plan_rows(shards: list[Shard], id_field: pa.Field, columns: list[str], job_fp: str,
-              parts: list[OutputPath]) -> RowPlan:
-    """The input rows an incremental run computes: those whose (id, content_hash) is not
-    the id's current output row under ``job_fp`` (polars: a lazy scan of the published
-    ``parts``, then an anti-join). Reads only the id and hashed columns of the input.
+              parts: list[OutputPath], run_date: date | None = None,
+              tombstones: bool = False) -> RowPlan:
+    """The input rows an incremental run for night ``run_date`` computes: all rows of each
+    id whose rows differ from its current rows in the output as of that night (partitions
+    up to ``run_date``; all of them when None) under ``job_fp``. polars: a lazy scan of
+    the published ``parts``, then anti-joins. Reads only the id and hashed columns of the
+    input.
 
-    Comparing with each id's newest row, not with any earlier one, keeps "latest row per
-    id" right when a text changes back to an older version. A row with a null id is always
-    computed (it cannot be matched).
+    Comparing with each id's newest rows, not with any earlier one, keeps "latest rows per
+    id" right when a text changes back to an older version; comparing as of the run date
+    makes a backfill fill in its own night and leave later nights as they are. An id that
+    repeats is computed as a whole (all its rows, in one run), so its newest run holds one
+    row per input row. A row with a null id is always computed (it cannot be matched).
+    ``tombstones``: ids gone from the input (and not already marked) go in ``deleted``.
     """
     import polars as pl
 
@@ -146,29 +261,44 @@ def plan_rows(shards: list[Shard], id_field: pa.Field, columns: list[str], job_f
             idc: table[idc].cast(id_field.type),
             "content_hash": content_hashes(table, columns),
         })))
-    inputs = pl.concat(frames) if frames else pl.DataFrame()
+    inputs = pl.concat(frames) if frames else None
     unchanged = gone = 0
     previous: list[str] = []
-    if not parts or inputs.is_empty():
-        todo = inputs
-    else:
-        columns = [idc, "content_hash", "job_fingerprint", "run_id"]
-        latest = latest_rows(scan_output(parts, columns), idc).select(
+    deleted = pa.array([], id_field.type) if tombstones else None
+    todo = inputs
+    restate: dict = {}
+    if parts and inputs is not None:
+        everything = scan_output(parts, [idc, "content_hash", "job_fingerprint", "run_id",
+                                         "deleted"])
+        history = everything if run_date is None else as_of(everything, run_date)
+        state = latest_rows(history, idc).filter(pl.col(idc).is_not_null()).select(
             idc, "content_hash", "job_fingerprint").collect()
-        done = latest.filter(pl.col("job_fingerprint") == job_fp).select(idc, "content_hash")
-        todo = inputs.join(done, on=[idc, "content_hash"], how="anti")
+        done = state.filter(pl.col("job_fingerprint") == job_fp)
+        matched = inputs.filter(pl.col(idc).is_not_null())
+        todo = pl.concat([
+            matched.join(_changed_ids(matched, done, idc), on=idc, how="semi"),
+            inputs.filter(pl.col(idc).is_null())])
         unchanged = inputs.height - todo.height
-        gone = latest.select(idc).unique().join(inputs.select(idc).unique(), on=idc,
-                                                how="anti").height
-        if done.is_empty():
-            previous = sorted(latest["job_fingerprint"].unique().to_list())
+        gone_ids = state.select(idc).unique().join(matched.select(idc).unique(), on=idc,
+                                                   how="anti")
+        gone = gone_ids.height
+        if tombstones:
+            deleted = gone_ids[idc].sort().to_arrow().cast(id_field.type)
+        if done.is_empty() and not state.is_empty():
+            previous = sorted(state["job_fingerprint"].unique().to_list())
+        if run_date is not None:
+            # ids this run writes a row for: computed ones, and tombstones
+            written = pl.concat([todo.select(idc), *([gone_ids] if tombstones else [])],
+                                how="vertical_relaxed").drop_nulls().unique()
+            restate = _restate(everything, idc, run_date, written, tombstones, id_field.type)
     by_index = {s.index: s.fingerprint for s in shards}
     rows = dict(unreadable)
-    if not todo.is_empty():
+    if todo is not None and not todo.is_empty():
         for (index,), group in todo.group_by("shard"):
             rows[by_index[index]] = np.sort(group["pos"].to_numpy()).astype(np.int64)
-    plan = RowPlan(rows=rows, input_rows=inputs.height, unchanged=unchanged, gone=gone,
-                   previous_fingerprints=previous)
+    plan = RowPlan(rows=rows, input_rows=0 if inputs is None else inputs.height,
+                   unchanged=unchanged, gone=gone, previous_fingerprints=previous,
+                   deleted=deleted, **restate)
     log.info("incremental: %d input rows, %d unchanged, %d to compute in %d shard(s), %d ids "
              "gone from the input", plan.input_rows, plan.unchanged, plan.to_compute,
              len(rows), plan.gone)

@@ -86,8 +86,12 @@ def inspect_tables(root: Path, latest: bool = False, sql: str | None = None,
         raise InspectError(f"{root} holds no published rows and no readable {SCHEMA_FILE} "
                            "yet: run the job's submit to the end first")
     idc = id_column(root, frame)
-    # Outputs from before the run_id column are snapshots: every row is its id's newest.
-    newest = latest_rows(frame, idc) if "run_id" in frame.collect_schema().names() else frame
+    # A snapshot holds the current input, every row of it current (and outputs from before
+    # the run_id column are snapshots); an incremental history's are each id's newest rows.
+    layout = (read_contract(root) or {}).get("layout")
+    history = layout == "incremental" or (layout is None and "run_id" in
+                                          frame.collect_schema().names())
+    newest = latest_rows(frame, idc) if history else frame
     if sql is not None:
         return [sql_table(newest if latest else frame, newest, sql,
                           SQL_ROWS if rows is None else rows)]
@@ -116,6 +120,9 @@ def _overview(root: Path, view: pl.LazyFrame, idc: str, latest: bool) -> Table:
     n, ids = view.select(pl.len(), pl.col(idc).n_unique()).collect().row(0)
     table.add_row("rows", f"{n:,}")
     table.add_row(f"distinct ids ({escape(idc)})", f"{ids:,}")
+    if latest and n > ids:
+        table.add_row("repeated ids", f"{n - ids:,} more row(s) than ids: an id that repeats in "
+                      "the input has one row per input row")
     if not published_parts(root):
         table.add_row("published", f"nothing yet ({staged_count(root)} shard(s) staged by an "
                       "unfinished run)")

@@ -300,13 +300,15 @@ def write_contract(root: OutputPath, contract: dict) -> None:
 
 
 def publish(root: OutputPath, staging: str, shard_fps: set[str], job_fp: str, mode: str,
-            run_date: str, run_id: str, summary: dict, contract: dict) -> None:
+            run_date: str, run_id: str, summary: dict, contract: dict,
+            partitions: dict[str, str] | None = None) -> None:
     """Move the staged parts into ``run_date=<run_date>/`` and (snapshot modes) drop what the
     new dataset no longer holds, through a journal, then write ``_SUCCESS``.
 
     ``shard_fps``: the shards this run planned; each must be staged or (mode resume)
     published already. Mode incremental adds its parts, named with the run id, beside the
-    earlier runs' and deletes nothing.
+    earlier runs' and deletes nothing. ``partitions``: a staged part's run_date when it is
+    not ``run_date`` (a backfill's restated rows, driver_rows.py).
     """
     folder = root / staging
     staged = {fp: rec for fp, rec in read_records(folder / MANIFEST_DIR).items()
@@ -321,7 +323,7 @@ def publish(root: OutputPath, staging: str, shard_fps: set[str], job_fp: str, mo
     missing = shard_fps - set(staged) - set(keep)
     assert not missing, f"publish called with {len(missing)} shard(s) not done"
     moves = [(fp, f"{staging}/{Path(rec.part).name}",
-              f"run_date={run_date}/part-{fp}{suffix}.parquet")
+              f"run_date={(partitions or {}).get(fp, run_date)}/part-{fp}{suffix}.parquet")
              for fp, rec in sorted(staged.items())]
     deletes: list[str] = []
     drop: list[str] = []

@@ -70,7 +70,19 @@ class Plan:
         root = self.output_root
         return plan_rows(self.shards, self.schema.field(self.job.input.id_column),
                          self.task_columns, self.job_fingerprint,
-                         published_parts(root) if root.exists() else [])
+                         published_parts(root) if root.exists() else [], self.run_date,
+                         self.job.output.tombstones)
+
+    def backfill_note(self) -> str | None:
+        """Mode incremental, a run date before the newest published night: what it does."""
+        from lepton_batch.incremental import backfill_note, newest_night
+        from lepton_batch.output import RUNS_DIR, published_parts
+
+        root = self.output_root
+        if self.job.output.mode != "incremental" or not root.exists():
+            return None
+        return backfill_note(self.run_date, newest_night(
+            published_parts(root), list(root.glob(f"{RUNS_DIR}/*/report.json"))))
 
 
 def resolve_output_root(path: str, storage_options: dict | None = None) -> OutputPath:
@@ -108,7 +120,7 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
         problems.append(str(exc))
     if model is not None:
         try:
-            settings = resolve_settings(model, job.model, job.task)
+            settings = resolve_settings(model, job.model, job.task, job.input.text_column)
         except SettingsError as exc:
             problems += exc.problems
     pipeline = None

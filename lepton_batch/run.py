@@ -33,6 +33,7 @@ from lepton_batch.output import (
     init_output,
     prepare_output,
     publish,
+    published_parts,
     run_dir,
 )
 from lepton_batch.plan import Plan, estimate_work
@@ -133,6 +134,10 @@ class RunResult:
                     "rows_unchanged": self.rows_plan.unchanged,
                     "rows_to_compute": self.rows_plan.to_compute,
                     "ids_gone_from_input": self.rows_plan.gone}
+            if self.rows_plan.deleted is not None:  # output.tombstones
+                out["ids_marked_deleted"] = len(self.rows_plan.deleted)
+            if self.rows_plan.restated:  # a backfill (driver_rows.py)
+                out["ids_restated"] = self.rows_plan.restated
         return out
 
 
@@ -315,6 +320,17 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
             started_cluster(None)
         for bad in plan.bad_files:
             result.failures[f"input {bad.path}"] = bad.reason
+        partitions = {}  # tombstones and a backfill's restated rows (driver_rows.py)
+        if result.ok and rows_plan is not None and (rows_plan.deleted or rows_plan.restated):
+            from lepton_batch.driver_rows import write_driver_rows
+
+            for marks, day in write_driver_rows(ctx, job.input.id_column, rows_plan,
+                                                plan.run_date, published_parts(root),
+                                                job.output.compression):
+                shard_fps = shard_fps | {marks.shard_fingerprint}
+                partitions[marks.shard_fingerprint] = day
+                if delta:
+                    commit_shard(root, marks, run_id)
         result.seconds = time.perf_counter() - started
         if result.ok:
             result.published = True
@@ -322,7 +338,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
                 commit_delta(root, staging, run_id, result.summary(plan), plan.contract)
             else:
                 publish(root, staging, shard_fps, plan.job_fingerprint, mode, result.run_date,
-                        run_id, result.summary(plan), plan.contract)
+                        run_id, result.summary(plan), plan.contract, partitions)
     checkpoint("published")
     try:
         write_report(report, report_document(plan, result))

@@ -108,7 +108,8 @@ def current_rows(root: OutputPath, id_column: str, columns: list[str] | None = N
                  ) -> pl.LazyFrame:
     """The output's current rows (newest per id) over its published parts; ``columns``:
     what an object-store read fetches besides the id and run id (None: every column)."""
-    read = None if columns is None else list(dict.fromkeys([id_column, "run_id", *columns]))
+    read = None if columns is None else list(dict.fromkeys([id_column, "run_id", "deleted",
+                                                            *columns]))
     return latest_rows(scan_output(published_parts(root), read), id_column)
 
 
@@ -270,6 +271,8 @@ def _incremental_rows(table: Table, plan: Plan) -> None:
     root, fp = plan.output_root, plan.job_fingerprint
     rows = plan.row_plan()
     table.add_row("run date", f"{plan.run_date} (the next submit's partition)")
+    if note := plan.backfill_note():
+        table.add_row("backfill", escape(note))
     table.add_row("job fingerprint", _changed(fp, rows.previous_fingerprints, "current rows")
                   if rows.previous_fingerprints else fp)
     table.add_row("shards current", f"{len(plan.shards) - len(rows.rows)} / {len(plan.shards)}")
@@ -278,7 +281,9 @@ def _incremental_rows(table: Table, plan: Plan) -> None:
     table.add_row("rows current", f"{plan.rows - rows.to_compute:,} / {plan.rows:,}: the next "
                   f"submit computes {todo}")
     if rows.gone:
-        table.add_row("ids gone from the input", f"{rows.gone:,} (their last rows stay current)")
+        table.add_row("ids gone from the input", f"{rows.gone:,} " + (
+            "(their last rows stay current)" if rows.deleted is None else
+            "(the next submit marks them deleted: output.tombstones)"))
     if not (root.exists() and published_parts(root)):
         return
     truncated = "truncated" in plan.schema.names
@@ -353,11 +358,15 @@ def label_counts_table(plan: Plan) -> Table:
     newest row per id, not the history of every night."""
     root = plan.output_root
     if plan.job.output.mode == "incremental":
-        frame = current_rows(root, plan.job.input.id_column, ["label", "score"])
+        frame = current_rows(root, plan.job.input.id_column, ["label", "score", "error"])
         title = "rows per label (top 1), over the current rows (newest per id)"
     else:
-        frame = scan_output(published_parts(root), ["label", "score"])
+        frame = scan_output(published_parts(root), ["label", "score", "error"])
         title = "rows per label (top 1)"
+    # A null label is an error, or a top score below task.min_score (not an error).
+    frame = frame.with_columns(pl.col("label").fill_null(
+        pl.when(pl.col("error").is_null()).then(pl.lit("(below task.min_score)"))
+        .otherwise(pl.lit("(error)"))))
     df = (frame.group_by("label").agg(pl.len().alias("rows"), pl.col("score").mean()
                                       .alias("mean"))
           .sort("rows", descending=True).collect())

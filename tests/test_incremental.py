@@ -12,7 +12,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import sample_texts, write_job
+from conftest import REPO, sample_texts, write_job
 from typer.testing import CliRunner
 
 from lepton_batch.cli import app
@@ -261,3 +261,74 @@ def test_delta_output_over_three_nights_reads_as_one_table(tmp_path, tiny_bert):
         _plan(tmp_path, tiny_bert, NIGHTS[2])
     with pytest.raises(JobSpecError, match="output.mode: incremental"):
         _plan(tmp_path, tiny_bert, NIGHTS[2], mode="resume", overrides=["output.format=delta"])
+
+
+RANK = "qualify rank() over (partition by id order by run_date desc, run_id desc) = 1"
+LATEST_SQL = ("select * from (select * from read_parquet('{glob}', hive_partitioning = true) "
+              f"{RANK}){{where}}")  # the README's DuckDB query
+
+
+def _duckdb_latest(root, tombstones: bool = False) -> pl.DataFrame:
+    readme = (REPO / "README.md").read_text()
+    assert RANK in readme and "where not deleted" in readme
+    glob = str(root / "run_date=*" / "*.parquet")
+    return duckdb.connect().sql(LATEST_SQL.format(
+        glob=glob, where=" where not deleted" if tombstones else "")).pl()
+
+
+def _inspect_latest(root, sql: str) -> str:
+    res = CliRunner().invoke(app, ["inspect", str(root), "--latest", "--sql", sql],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def _hash(text: str) -> str:
+    return content_hashes(pa.table({"text": [text]}), ["text"]).to_pylist()[0]
+
+
+def test_backfill_fills_in_its_night_and_leaves_later_nights_as_they_are(tmp_path, tiny_bert):
+    """Issue 28, bug 2: a run date before the newest published night (a backfill)."""
+    night1 = {i: TEXTS[i] for i in range(20)}
+    night2 = {**night1, 7: TEXTS[50]}
+    _write(tmp_path / "in", "a.parquet", night1)
+    run_job(_plan(tmp_path, tiny_bert, date(2026, 12, 1)))
+    _write(tmp_path / "in", "a.parquet", night2)
+    assert run_job(_plan(tmp_path, tiny_bert, date(2026, 12, 2))).rows == 1
+    root = tmp_path / "out"
+    # Rerunning a past night with the input it had computes nothing (on main: id 7 again,
+    # compared with 12-02's row, and a second row for id 7 in partition 12-01).
+    _write(tmp_path / "in", "a.parquet", night1)
+    assert _plan(tmp_path, tiny_bert, date(2026, 12, 1)).row_plan().to_compute == 0
+
+    # A text changes; then a backfill of 11-30, before every published night.
+    _write(tmp_path / "in", "a.parquet", {**night2, 3: TEXTS[51]})
+    res = CliRunner().invoke(app, ["validate", str(tmp_path / "job.yaml"), "--no-estimate",
+                                   "--run-date", "2026-11-30"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    assert ("warning: run date 2026-11-30 is older than the newest published night 2026-12-02: "
+            "a backfill. It computes the rows that differ from the output as of 2026-11-30"
+            ) in " ".join(res.output.split())
+    assert "20 input rows, 0 unchanged, 20 to compute" in res.output
+    backfill = run_job(_plan(tmp_path, tiny_bert, date(2026, 11, 30)))
+    # The output as of 11-30 was empty: the backfill's night holds every row (main: 1).
+    assert backfill.rows == 20
+    assert _partition(root, date(2026, 11, 30))["id"].to_list() == list(range(20))
+    assert _partition(root, date(2026, 11, 30)).filter(pl.col("id") == 3)[
+        "content_hash"].item() == _hash(TEXTS[51])
+    # Later nights say what they said: latest is each id's row from its greatest run date.
+    latest = _duckdb_latest(root)
+    got = {r["id"]: (str(r["run_date"]), r["content_hash"]) for r in latest.iter_rows(
+        named=True)}
+    assert len(got) == latest.height == 20
+    assert got[3] == ("2026-12-01", _hash(TEXTS[3]))  # main: the same (the stale value)
+    assert got[7] == ("2026-12-02", _hash(TEXTS[50]))
+    out = _inspect_latest(root, "select id, content_hash, cast(run_date as varchar) as d "
+                          "from latest where id in (3, 7) order by id")
+    assert f"3  │ {_hash(TEXTS[3])} │ 2026-12-01" in out
+    assert f"7  │ {_hash(TEXTS[50])} │ 2026-12-02" in out
+    # The next night computes what differs from 12-02 (id 3), nothing the backfill added.
+    plan = _plan(tmp_path, tiny_bert, date(2026, 12, 3))
+    assert plan.backfill_note() is None
+    rows = plan.row_plan().rows
+    assert {fp: r.tolist() for fp, r in rows.items()} == {plan.shards[0].fingerprint: [3]}
