@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -163,6 +164,24 @@ def published_records(root: OutputPath, shard_fps: set[str], job_fp: str,
                 and part.is_file() and rec.part.startswith("run_date=")):
             keep[fp] = rec
     return keep
+
+
+def computed_before(root: OutputPath, job_fp: str, mode: str) -> Callable[[str], bool]:
+    """``computed(shard fingerprint)``: whether a run in ``mode`` would find that shard done
+    (staged for this job, or in mode resume published by it): the plan keeps such a shard
+    as it was cut then (see ``plan_shards``'s ``keep_whole``) rather than compute it again."""
+    folders = [root / STAGING / job_fp / MANIFEST_DIR]
+    folders += [root / MANIFEST_DIR] if mode == "resume" else []
+
+    def computed(fp: str) -> bool:
+        for folder in folders:
+            path = folder / f"{fp}.json"
+            rec = read_record(path) if path.is_file() else None
+            if rec is not None and rec.job_fingerprint == job_fp:
+                return True
+        return False
+
+    return computed
 
 
 def prepare_staging(root: OutputPath, mode: str, job_fp: str, shard_fps: set[str], run_id: str,

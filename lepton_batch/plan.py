@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from lepton_batch.contract import contract_document, output_schema
 from lepton_batch.modeldir import ModelInfo, inspect_model_dir, resolve_model_dir
-from lepton_batch.output import check_output_dir, output_problem
+from lepton_batch.output import check_output_dir, computed_before, output_problem
 from lepton_batch.settings import Settings, SettingsError, resolve_settings
 from lepton_batch.shards import (
     BadFile,
@@ -173,12 +173,15 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
         raise JobSpecError(problems, source)
     assert model is not None and settings is not None and output_root is not None
     assert pipeline is not None and schema is not None
+    job_fp = job.fingerprint(model.revision, settings)
+    # a large row group an earlier version computed as one shard stays one (resume)
+    keep = computed_before(output_root, job_fp, job.output.mode) if output_root.exists() else None
     return Plan(
         job=job,
         model=model,
         files=files,
-        shards=plan_shards(files, inp.rows_per_shard),
-        job_fingerprint=job.fingerprint(model.revision, settings),
+        shards=plan_shards(files, inp.rows_per_shard, keep_whole=keep),
+        job_fingerprint=job_fp,
         output_root=output_root,
         settings=settings,
         schema=schema,
@@ -230,7 +233,9 @@ def estimate_tokens(plan: Plan, sample_rows: int = 2000) -> tuple[int, float]:
     lengths: list[int] = []
     task = plan.job.task
     for shard in sampled:
-        shard = replace(shard, row_groups=shard.row_groups[:1])  # a sample: read one group
+        # a sample: one row group, or the first rows of a row range (read up to there)
+        shard = (replace(shard, num_rows=min(shard.num_rows, per_shard)) if shard.is_range
+                 else replace(shard, row_groups=shard.row_groups[:1]))
         if task.uses_template:  # causal LMs: the rendered prompts
             from lepton_batch.pipelines.prompts import render, template
             from lepton_batch.spec import template_fields
