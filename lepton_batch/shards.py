@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import groupby
 
 import fsspec
@@ -293,7 +293,8 @@ def _read_range(pf: pq.ParquetFile, shard: Shard, columns: list[str]) -> pa.Tabl
 def read_shards(shards: list[Shard], columns: list[str]
                 ) -> Iterator[tuple[Shard, pa.Table | InputReadError]]:
     """Each shard with its table (:func:`read_shard`'s), or the error reading it, in order.
-    The row-range shards of one row group, when next to each other, share one read of it."""
+    Row-range shards of one row group, when next to each other, share one read of it (from
+    the first range to the end of the last)."""
     def group_key(s: Shard):
         return (s.path, s.row_groups) if s.is_range else (s.path, s.index)
 
@@ -306,15 +307,16 @@ def read_shards(shards: list[Shard], columns: list[str]
                 except InputReadError as exc:
                     yield shard, exc
             continue
-        whole = Shard(index=run[0].index, path=run[0].path, row_groups=run[0].row_groups,
-                      first_row=0, num_rows=0, fingerprint="")
+        lo = min(s.group_offset for s in run)
+        hi = max(s.group_offset + s.num_rows for s in run)
+        span = replace(run[0], group_offset=lo, num_rows=hi - lo)  # read once, to the last
         try:
-            table = read_shard(whole, columns)
+            table = read_shard(span, columns)
         except InputReadError as exc:
             yield from ((shard, exc) for shard in run)
             continue
         for shard in run:
-            yield shard, table.slice(shard.group_offset, shard.num_rows)
+            yield shard, table.slice(shard.group_offset - lo, shard.num_rows)
 
 
 def _bad_group(shard: Shard, columns: list[str]) -> str:
