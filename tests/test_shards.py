@@ -65,6 +65,19 @@ def test_one_large_row_group_becomes_many_shards(tmp_path):
     assert describe_shards(whole, 5000) == "1 (≤ 5,000 rows each, whole row groups)"
 
 
+def test_row_range_read_across_batches(tmp_path, monkeypatch):
+    """Batches that do not line up with the ranges (ranges over 65,536 rows, or here a
+    batch of 7 rows) still give each range exactly its rows."""
+    import lepton_batch.shards as shards_module
+
+    table = _one_group_file(tmp_path / "big.parquet", 2000)
+    monkeypatch.setattr(shards_module, "BATCH_ROWS", 7)
+    shards = plan_shards(describe_files(str(tmp_path))[0], rows_per_shard=300)
+    assert [s.num_rows for s in shards] == [286] * 6 + [284]
+    for s in shards:
+        assert read_shard(s, ["id"]).equals(table.select(["id"]).slice(s.first_row, s.num_rows))
+
+
 def test_whole_group_fingerprints_are_those_of_earlier_versions(tmp_path):
     """Cutting large row groups leaves every other shard as it was, so outputs of earlier
     versions resume: the fingerprint key below is the one earlier versions hashed."""
