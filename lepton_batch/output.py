@@ -167,19 +167,19 @@ def published_records(root: OutputPath, shard_fps: set[str], job_fp: str,
 
 
 def computed_before(root: OutputPath, job_fp: str, mode: str) -> Callable[[str], bool]:
-    """``computed(shard fingerprint)``: whether a run in ``mode`` would find that shard done
-    (staged for this job, or in mode resume published by it): the plan keeps such a shard
-    as it was cut then (see ``plan_shards``'s ``keep_whole``) rather than compute it again."""
-    folders = [root / STAGING / job_fp / MANIFEST_DIR]
-    folders += [root / MANIFEST_DIR] if mode == "resume" else []
+    """``computed(shard fingerprint)``: True when this job staged that shard, or (mode
+    resume) published it with its part in place; the plan then keeps the shard as it was
+    cut (``plan_shards``'s ``keep_whole``). Reads one record per question, not them all."""
+    staged = root / STAGING / job_fp / MANIFEST_DIR
 
     def computed(fp: str) -> bool:
-        for folder in folders:
-            path = folder / f"{fp}.json"
-            rec = read_record(path) if path.is_file() else None
-            if rec is not None and rec.job_fingerprint == job_fp:
-                return True
-        return False
+        name = f"{fp}.json"
+        if (staged / name).is_file() and (rec := read_record(staged / name)) is not None:
+            return rec.job_fingerprint == job_fp  # its part: prepare_staging checks it
+        if mode != "resume" or not (root / MANIFEST_DIR / name).is_file():
+            return False
+        rec = read_record(root / MANIFEST_DIR / name)
+        return rec is not None and bool(published_records(root, {fp}, job_fp, {fp: rec}))
 
     return computed
 

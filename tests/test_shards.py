@@ -241,3 +241,23 @@ def test_incremental_night_over_row_ranges_computes_only_the_changed_row(tmp_pat
     (part,) = second.output_root.glob(f"run_date=*/part-{record.shard_fingerprint}-*.parquet")
     new = pq.read_table(part)
     assert new["id"].to_pylist() == [120] and record.first_row == 100
+
+
+def test_a_large_group_staged_whole_by_a_failed_run_is_kept(tmp_path, tiny_bert):
+    """An unfinished run of an earlier version staged the group as one shard: the rerun
+    (rows_per_shard unchanged, so the same job) publishes it instead of cutting it."""
+    from lepton_batch.run import run_job
+    from lepton_batch.shards import describe_shards
+
+    (tmp_path / "in").mkdir()
+    _one_group_file(tmp_path / "in" / "a.parquet", 120)
+    (tmp_path / "in" / "b.parquet").write_bytes(b"not parquet")
+    failed = run_job(_big_group_job(tmp_path, tiny_bert, rows_per_shard=1000))
+    assert not failed.ok and len(failed.records) == 1  # a.parquet's group, staged whole
+    (tmp_path / "in" / "b.parquet").unlink()
+    plan = _big_group_job(tmp_path, tiny_bert, rows_per_shard=50)
+    assert describe_shards(plan.shards, 50) == (
+        "1 (≤ 50 rows each; 1 row group of 120 rows kept whole: computed as one shard already)")
+    result = run_job(plan)
+    assert result.ok and result.skipped == 1 and result.published
+    assert _published(plan.output_root)["id"].to_list() == list(range(120))
