@@ -135,7 +135,7 @@ def _plan_table(plan) -> Table:
         task += (f", at most {t.max_new_tokens} new tokens"
                  + (f" (or {t.max_new_tokens_column})" if t.max_new_tokens_column else "")
                  + (", chat template" if t.chat else "")
-                 + (f", seed {t.seed}" if t.do_sample else ""))
+                 + (", sampled" if plan.settings.generation.do_sample else ", greedy"))
     table.add_row("task", escape(task))
     if t.uses_template:
         from lepton_batch.pipelines.prompts import template
@@ -164,10 +164,11 @@ def validate(
 
     Prints every problem at once with the field it belongs to, or the plan: files, shards,
     rows and an estimate of the tokens to run; then the settings (max_length, pooling,
-    normalize, prompt, lowercase) with where each came from: the job, the model directory
-    or lepton-batch's default; then the output schema every part file will have (the
-    contract written to _schema.json); in mode incremental, how many rows a submit now would
-    compute. Warns when a job value contradicts the model's, or an id value repeats.
+    normalize, prompt, lowercase; for generate the prompt, sampling, stop, max_new_tokens)
+    with where each came from: the job, the model directory or lepton-batch's default; then
+    the output schema every part file will have (the contract written to _schema.json); in
+    mode incremental, how many rows a submit now would compute. Warns when a job value
+    contradicts the model's, or an id value repeats.
     """
     _setup_logging(False)
     # The settings warnings are printed below, with the settings table; not twice.
@@ -216,6 +217,8 @@ def _settings_table(settings, causal: bool = False) -> Table:
         shown = repr(value) if name == "prompt" else (
             str(value).lower() if isinstance(value, bool) else str(value))
         table.add_row(name, escape(shown), escape(settings.sources.get(name, "")))
+    for row in settings.generation.rows() if settings.generation else []:
+        table.add_row(*map(escape, row))
     return table
 
 
@@ -246,47 +249,6 @@ def _warn_duplicate_ids(plan) -> None:
         console.print(f"[yellow]warning:[/] input.id_column: {n:,} duplicate id value(s) across "
                       f"the input, e.g. {escape(repr(examples))}; every row is still processed "
                       "and written once")
-
-
-def _preview(plan, n: int = 5) -> Table:
-    from lepton_batch.incremental import scan_output
-    from lepton_batch.output import published_parts
-
-    df = scan_output(published_parts(plan.output_root)[:1]).head(n).collect()
-    table = Table(title=f"first {min(n, df.height)} rows of the output")
-    cols = [c for c in df.columns if c not in ("labels", "scores", "num_tokens", "truncated")]
-    for c in cols:
-        table.add_column(c, overflow="fold", max_width=48)
-    for row in df.iter_rows(named=True):
-        cells = []
-        for c in cols:
-            v = row[c]
-            if isinstance(v, list):
-                v = "[" + ", ".join(f"{x:.3f}" for x in v[:3]) + f", …] ({len(v)})"
-            elif isinstance(v, float):
-                v = f"{v:.4f}"
-            elif isinstance(v, str) and len(v) > 60:  # a generation or a long passthrough
-                v = v[:60].replace("\n", " ") + "…"
-            cells.append("" if v is None else str(v))
-        table.add_row(*cells)
-    return table
-
-
-def _label_counts(plan) -> Table:
-    import polars as pl
-
-    from lepton_batch.incremental import scan_output
-    from lepton_batch.output import published_parts
-
-    df = (scan_output(published_parts(plan.output_root), ["label", "score"])
-          .group_by("label").agg(pl.len().alias("rows"), pl.col("score").mean().alias("mean"))
-          .sort("rows", descending=True).collect())
-    table = Table(title="rows per label (top 1)")
-    for c in ("label", "rows", "mean score"):
-        table.add_column(c)
-    for label, rows, mean in df.iter_rows():
-        table.add_row(label or "(error)", f"{rows:,}", "" if mean is None else f"{mean:.3f}")
-    return table
 
 
 ProgressOpt = Annotated[str, typer.Option(
@@ -405,7 +367,7 @@ def _run(plan, progress: str, early) -> None:
     # The data is committed (or the failure recorded) by now: what follows is reporting,
     # which can only warn, never change the exit code.
     _best_effort("summary", _print_summary, plan, result)
-    if result.published:
+    if result.published:  # the output's current rows (mode incremental: newest per id)
         _best_effort("output preview", lambda: console.print(_preview(plan)))
         if plan.job.task.kind == "classify":
             _best_effort("label counts", lambda: console.print(_label_counts(plan)))
@@ -416,6 +378,18 @@ def _run(plan, progress: str, early) -> None:
                       f"{result.skipped + len(result.records)} finished shard(s) are kept. Fix "
                       "the cause and run the same command again: only the rest will run.")
         raise typer.Exit(code=1)
+
+
+def _preview(plan) -> Table:
+    from lepton_batch.status import preview_table  # polars: inside _best_effort
+
+    return preview_table(plan)
+
+
+def _label_counts(plan) -> Table:
+    from lepton_batch.status import label_counts_table
+
+    return label_counts_table(plan)
 
 
 def _quietly(step, *args) -> None:
@@ -435,7 +409,7 @@ def _report_again(root, run_id: str) -> None:
 
     runs = root / RUNS_DIR
     if run_id == "latest":
-        from lepton_batch.inspect import latest_report
+        from lepton_batch.status import latest_report
 
         if (newest := latest_report(root)) is None:
             _fail(ValueError(f"{root} holds no run report yet"))
@@ -503,61 +477,44 @@ StatusArg = Annotated[Path, typer.Argument(
 
 
 @app.command()
-def status(job_or_output: StatusArg, set_: SetOpt = None) -> None:
-    """Show what a job's output holds: published shards vs planned, rows, errors, shards
-    staged by an unfinished run, and whether a run is writing it now.
+def status(job_or_output: StatusArg, set_: SetOpt = None, run_date: RunDateOpt = None) -> None:
+    """Show what a job's output holds for the job as it stands. Mode incremental: the shards
+    and rows current for its plan (those the next submit would not compute); the snapshot
+    modes: shards and rows published vs planned. Also errors, a changed job fingerprint,
+    shards staged by an unfinished run, the run writing it now and the last run (published,
+    failed, interrupted or running). --run-date D plans night D (an input.path holding
+    {run_date} or {yesterday} reads that night's files).
 
     Both forms show the path of the latest run report (`_runs/RUN_ID/report.html`).
 
     Given an output directory instead of a job file: every run in it (shards run, skipped,
     failed and pending, rows, errors, tokens, rows/s and tokens/s, wall time, and in mode
-    incremental the rows skipped as unchanged), the last published run, shards staged by an
-    unfinished run and the run writing it now. Exit code 2 for a directory that is not a
-    lepton-batch output.
+    incremental the rows skipped as unchanged; a run that wrote no report is "interrupted",
+    or "running" while its process holds the lock), the job fingerprint and the run that
+    changed it, the last published run, shards staged by an unfinished run and the run
+    writing it now. Exit code 2 for a directory that is not a lepton-batch output.
     """
     if job_or_output.is_dir():
-        _status_of_output(job_or_output, set_)
+        if set_ or run_date:
+            _fail(ValueError(f"--set and --run-date apply to a job file; {job_or_output} is "
+                             "an output directory"))
+        _status_of_output(job_or_output)
         return
-    job_file = job_or_output
-    _setup_logging(False)
+    _setup_light_logging()
     try:
-        plan = _load(job_file, set_)
+        plan = _load(job_or_output, set_, run_date)
     except (JobSpecError, OutputError) as exc:
         _fail(exc)
-    from lepton_batch.output import LOCK, SUCCESS, published_records, staged_count
+    from lepton_batch.status import job_status_table
 
-    root = plan.output_root
-    planned = {s.fingerprint for s in plan.shards}
-    records = list(published_records(root, planned, plan.job_fingerprint).values())
-    table = Table(title=f"status of job '{plan.job.name}'", show_header=False)
-    table.add_row("output", str(root))
-    table.add_row("shards published", f"{len(records)} / {len(plan.shards)}")
-    if records:
-        table.add_row("rows published", f"{sum(r.rows for r in records):,} / {plan.rows:,}")
-        table.add_row("rows with errors", f"{sum(r.error_rows for r in records):,}")
-        table.add_row("truncated rows", f"{sum(r.truncated_rows for r in records):,}")
-        table.add_row("last shard finished", max(r.finished_at for r in records))
-    if staged := staged_count(root):
-        table.add_row("staged, not published", f"{staged} shard(s): run submit again to finish")
-    if isinstance(root, Path):  # a local output: the lock holder checked, the report found
-        from lepton_batch.inspect import latest_report, writer
-
-        if holder := writer(root):
-            table.add_row("being written", escape(holder))
-        if report := latest_report(root):
-            table.add_row("latest report", escape(str(report)))
-    elif (root / LOCK).is_file():
-        table.add_row("being written", escape((root / LOCK).read_text()))
-    table.add_row("_SUCCESS", "yes" if (root / SUCCESS).exists() else "no")
-    console.print(table)
+    console.print(job_status_table(plan))
 
 
-def _status_of_output(root: Path, overrides: list[str] | None) -> None:
-    from lepton_batch.inspect import InspectError, status_tables
+def _status_of_output(root: Path) -> None:
+    from lepton_batch.inspect import InspectError
+    from lepton_batch.status import status_tables
 
     _setup_light_logging()
-    if overrides:
-        _fail(ValueError(f"--set applies to a job file; {root} is an output directory"))
     try:
         tables = status_tables(root)
     except InspectError as exc:

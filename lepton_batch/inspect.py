@@ -1,17 +1,13 @@
-"""Read an output directory without a model: its runs (``status``) and its rows
-(``inspect``): schema, partitions, labels or embedding norms, errors, sample rows, SQL.
+"""Read an output directory's rows without a model (``inspect``): schema, partitions,
+labels or embedding norms, errors, sample rows, SQL. Its runs (``status``): status.py.
 
-Everything is a lazy polars scan of the published parts plus the small JSON files runs
-leave (``_schema.json``, ``_SUCCESS``, ``_runs/*/report.json``, ``_lock``). Nothing here
+Everything is a lazy polars scan of the published parts plus ``_schema.json``. Nothing here
 imports torch, transformers or Dask, so it answers in a second on any machine that can
 read the files.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 from pathlib import Path
 
 import polars as pl
@@ -22,10 +18,7 @@ from rich.table import Table
 from lepton_batch.contract import SCHEMA_FILE, read_contract, schema_of
 from lepton_batch.incremental import latest_rows, scan_output
 from lepton_batch.output import (
-    LOCK,
     MARKER,
-    RUNS_DIR,
-    SUCCESS,
     is_ours,
     published_parts,
     staged_count,
@@ -55,41 +48,6 @@ def check_output(root: Path) -> None:
                        "run_date=YYYY-MM-DD/ partitions)")
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        blob = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return blob if isinstance(blob, dict) else None
-
-
-def run_reports(root: Path) -> list[dict]:
-    """One dict per run under ``_runs/``, oldest first: its ``report.json`` as written (an
-    older version lacks some keys), or ``{"run_id": ...}`` alone for a run that wrote none
-    (killed, or running now)."""
-    folders = sorted(p for p in (root / RUNS_DIR).glob("*") if p.is_dir())
-    return [{"run_id": f.name, **(_read_json(f / "report.json") or {})} for f in folders]
-
-
-def writer(root: Path) -> str | None:
-    """The run ``_lock`` names as writing the output now, or None. A holder on this host
-    whose process is gone was killed (the kernel has released its lock); that is said."""
-    info = _read_json(root / LOCK)
-    if not info:
-        return None
-    who = (f"run {info.get('run_id')} (host {info.get('host')}, pid {info.get('pid')}, since "
-           f"{info.get('since')})")
-    pid = info.get("pid")
-    if info.get("host") == socket.gethostname() and isinstance(pid, int):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return who + ": its process is gone (killed); the lock is free"
-        except PermissionError:
-            pass  # alive, another user's
-    return who
-
-
 def scan(root: Path) -> pl.LazyFrame | None:
     """Every published row with ``run_date`` (a date) from its partition. Nothing published
     yet: an empty frame of the ``_schema.json`` schema, or None without one."""
@@ -110,109 +68,6 @@ def id_column(root: Path, frame: pl.LazyFrame) -> str:
     contract = read_contract(root) or {}
     fields = contract.get("fields") or [{"name": frame.collect_schema().names()[0]}]
     return contract.get("id_column") or fields[0]["name"]
-
-
-def _num(report: dict, key: str, fmt: str = ",") -> str:
-    """``report[key]`` formatted, "-" when absent (older reports lack some keys)."""
-    value = report.get(key)
-    if value is None:
-        return "-"
-    try:
-        return format(value, fmt)
-    except (TypeError, ValueError):  # not a number: show it as written
-        return escape(str(value))
-
-
-def status_tables(root: Path) -> list[Table]:
-    """What ``lepton-batch status OUTPUT`` prints: the output at a glance, one row per run
-    (shards, rows, errors, tokens, throughput, wall time, rows skipped as unchanged), and the
-    failures of the last run if it had any."""
-    check_output(root)
-    contract = read_contract(root) or {}
-    success = _read_json(root / SUCCESS)
-    reports = run_reports(root)
-    overview = Table(title=f"status of output {escape(str(root))}", show_header=False)
-    for key in ("job", "task", "layout", "output_format"):
-        if key in contract:
-            overview.add_row(key, escape(str(contract[key])))
-    parts = published_parts(root)
-    if parts:
-        rows = scan_output(parts).select(pl.len()).collect().item()
-        dates = {p.parent.name.removeprefix("run_date=") for p in parts}
-        overview.add_row("published", f"{rows:,} rows in {len(parts)} part file(s), "
-                         f"{len(dates)} partition(s) ({min(dates)} .. {max(dates)})")
-    else:
-        overview.add_row("published", "nothing yet")
-    if success:
-        day = success.get("run_date")
-        overview.add_row("last published run", f"{success.get('run_id')}"
-                         + (f" (run_date {day})" if day else ""))
-    if reports:
-        overview.add_row("last run", _last_run(reports[-1]))
-        if report := latest_report(root):
-            overview.add_row("latest report", escape(str(report)))
-    if staged := staged_count(root):
-        overview.add_row("staged, not published", f"{staged} shard(s) of an unfinished run: "
-                         "run its submit again to finish")
-    if holder := writer(root):
-        overview.add_row("being written", escape(holder))
-    overview.add_row("_SUCCESS", "yes" if success is not None else "no")
-    tables = [overview, _runs_table(reports)]
-    if reports and reports[-1].get("failures"):
-        failed = Table(title=f"failures of run {reports[-1]['run_id']}")
-        for column in ("shard or input", "error"):
-            failed.add_column(column, overflow="fold")
-        for key, message in reports[-1]["failures"].items():
-            failed.add_row(escape(str(key)), escape(str(message)))
-        tables.append(failed)
-    return tables
-
-
-def latest_report(root: Path) -> Path | None:
-    """The newest run's ``report.html`` (else its ``report.json``), if one was written."""
-    for folder in sorted((p for p in (root / RUNS_DIR).glob("*") if p.is_dir()), reverse=True):
-        for name in ("report.html", "report.json"):
-            if (folder / name).is_file():
-                return folder / name
-    return None
-
-
-def _last_run(report: dict) -> str:
-    """The last run's state, and what it skipped: rows unchanged, or shards already done."""
-    if len(report) == 1:
-        return f"{report['run_id']}: no report (still running, or killed)"
-    state = "published" if report.get("published") else "failed, not published"
-    text = f"{report['run_id']}: {state}"
-    if "rows_unchanged" in report:
-        text += (f"; {_num(report, 'rows_unchanged')} of {_num(report, 'rows_input')} input "
-                 f"rows unchanged (skipped), {_num(report, 'rows_to_compute')} computed, "
-                 f"{_num(report, 'ids_gone_from_input')} id(s) gone from the input")
-    elif report.get("shards_skipped"):
-        text += f"; {report['shards_skipped']} shard(s) already done, skipped"
-    return text
-
-
-def _runs_table(reports: list[dict]) -> Table:
-    table = Table(title=f"runs ({len(reports)}, oldest first)")
-    columns = ("run", "run date", "mode", "shards run", "skipped", "failed", "pending", "rows",
-               "errors", "tokens", "rows/s", "tokens/s", "wall", "unchanged", "published")
-    for column in columns:
-        table.add_column(column, justify="left" if column in columns[:3] else "right")
-    for r in reports:
-        if len(r) == 1:
-            table.add_row(r["run_id"], *[""] * 11, "", "", "no report")
-            continue
-        done = sum(r.get(k) or 0 for k in ("shards_skipped", "shards_run", "shards_failed"))
-        pending = max((r.get("shards_planned") or 0) - done, 0)
-        wall = r.get("seconds")
-        table.add_row(
-            r["run_id"], str(r.get("run_date", "-")), str(r.get("mode", "-")),
-            _num(r, "shards_run"), _num(r, "shards_skipped"), _num(r, "shards_failed"),
-            f"{pending:,}" if "shards_planned" in r else "-", _num(r, "rows"),
-            _num(r, "error_rows"), _num(r, "tokens"), _num(r, "rows_per_second", ",.1f"),
-            _num(r, "tokens_per_second", ",.0f"), "-" if wall is None else f"{wall:,.1f} s",
-            _num(r, "rows_unchanged"), "yes" if r.get("published") else "no")
-    return table
 
 
 def inspect_tables(root: Path, latest: bool = False, sql: str | None = None,

@@ -63,7 +63,7 @@ def make_pipeline(task: TaskSpec, info: ModelInfo, settings: Settings,
             raise ValueError(f"task.max_new_tokens: {task.max_new_tokens} leaves no room for a "
                              f"prompt in the model's context of {settings.max_length} tokens "
                              "(model.max_length)")
-        return GeneratePipeline(task, info, inp, settings.max_length)
+        return GeneratePipeline(task, info, inp, settings.max_length, settings.generation)
     return ScorePipeline(task, info, inp)
 
 

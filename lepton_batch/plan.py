@@ -108,7 +108,7 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
         problems.append(str(exc))
     if model is not None:
         try:
-            settings = resolve_settings(model, job.model, job.task)
+            settings = resolve_settings(model, job.model, job.task, job.input.text_column)
         except SettingsError as exc:
             problems += exc.problems
     pipeline = None

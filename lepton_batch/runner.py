@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lepton_batch.engine import BatchStats, EngineCache, EngineConfig, Tokenized
+from lepton_batch.engine.calibration import gate_sample
 from lepton_batch.faults import checkpoint
 from lepton_batch.incremental import content_hashes, first_occurrences
 from lepton_batch.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
@@ -129,16 +130,6 @@ def error_counts(errors: pa.Array, top: int = 20) -> dict[str, int]:
     return dict(counts.most_common(top))
 
 
-def quality_sample(texts: list[str], n: int) -> list[str]:
-    """Up to ``n`` of ``texts`` for calibration and the quality gate: the longest quarter
-    (where low precision drifts most) and the rest spread evenly over the shard."""
-    if len(texts) <= n:
-        return list(texts)
-    longest = set(sorted(range(len(texts)), key=lambda i: -len(texts[i]))[: n // 4])
-    rest = [i for i in np.linspace(0, len(texts) - 1, n).astype(int) if i not in longest]
-    return [texts[i] for i in sorted(longest | set(rest[: n - len(longest)]))]
-
-
 def _expand(values: pa.Array, valid: np.ndarray, n: int,
             failed: np.ndarray | None = None) -> pa.Array:
     """Place k results at their rows in a length-n array; every other row is null.
@@ -185,7 +176,8 @@ def _compute(pipeline: Pipeline, table: pa.Table, job: JobSpec, ctx: RunContext,
     with stage("warm_up"):  # what is left of the worker's imports and CUDA context
         cache.wait_for_warm_up()
     with stage("load"):
-        engine = cache.get(config, lambda: quality_sample(texts, job.quality.sample_rows))
+        engine = cache.get(config, lambda: gate_sample(texts, job.quality.sample_rows,
+                                                        ctx.settings.apply))
     load_seconds = stage.seconds["load"] if cache.loads > loads else 0.0
     if chunkable:
         results, lengths, truncated = _run_chunks(pipeline, engine, texts, job.engine, stats,

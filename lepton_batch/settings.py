@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lepton_batch.generation import GenerationSettings, resolve_generation
 from lepton_batch.modeldir import ModelInfo
 from lepton_batch.spec import ModelSpec, TaskSpec
 
@@ -62,12 +63,17 @@ class Settings:
     include_prompt: bool = True
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # generate: the resolved prompt, sampling, stop and length (see generation.py)
+    generation: GenerationSettings | None = None
 
     def values(self) -> dict[str, Any]:
-        """The settings that change outputs, for the job fingerprint."""
-        return {"max_length": self.max_length, "pooling": self.pooling,
-                "normalize": self.normalize, "prompt": self.prompt,
-                "lowercase": self.lowercase, "include_prompt": self.include_prompt}
+        """The settings that change outputs, for the job fingerprint and file metadata."""
+        out = {"max_length": self.max_length, "pooling": self.pooling,
+               "normalize": self.normalize, "prompt": self.prompt,
+               "lowercase": self.lowercase, "include_prompt": self.include_prompt}
+        if self.generation is not None:
+            out["generation"] = self.generation.values()
+        return out
 
     def apply(self, texts: list[str]) -> list[str]:
         """The texts the model sees: prompt prepended, lowercased when the model says so."""
@@ -128,8 +134,10 @@ def _default_pooling(info: ModelInfo) -> str:
     return "lasttoken" if causal else "mean"
 
 
-def resolve_settings(info: ModelInfo, model: ModelSpec, task: TaskSpec) -> Settings:
-    """The job's value for each setting, else the model directory's, else a default.
+def resolve_settings(info: ModelInfo, model: ModelSpec, task: TaskSpec,
+                     text_column: str = "text") -> Settings:
+    """The job's value for each setting, else the model directory's, else a default;
+    for kind generate also the generation settings (``text_column``: the default prompt).
 
     Raises :class:`SettingsError` for a model module lepton-batch cannot apply (unless the
     job sets ``task.pooling`` and so opts out of it) or an unknown ``task.prompt_name``.
@@ -244,6 +252,8 @@ def resolve_settings(info: ModelInfo, model: ModelSpec, task: TaskSpec) -> Setti
         raise SettingsError(problems)
     for w in warnings:
         log.warning(w)
+    generation = resolve_generation(path, task, text_column) if task.kind == "generate" \
+        else None
     return Settings(max_length=max_length, pooling=pooling, normalize=normalize, prompt=prompt,
                     lowercase=lowercase, include_prompt=include_prompt, sources=sources,
-                    warnings=tuple(warnings))
+                    warnings=tuple(warnings), generation=generation)

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from itertools import groupby
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -75,6 +76,15 @@ def _protocol_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
 
 
+def _resolved(path: str) -> str:
+    """For a relative local path, what it resolves to: the current directory is the base
+    (not the job file's folder), which a message must say."""
+    if "://" in path or Path(path).expanduser().is_absolute():
+        return ""
+    return (f" (a relative path resolves against the current directory {Path.cwd()}: "
+            f"{Path.cwd() / path})")
+
+
 def find_files(path: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """All ``*.parquet`` files under a file, directory, glob or URL, sorted by name."""
     fs, root = fsspec.core.url_to_fs(path)
@@ -85,14 +95,15 @@ def find_files(path: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     elif fs.exists(root):
         candidates = [root]
     else:
-        raise FileNotFoundError(f"input.path: {path} does not exist")
+        raise FileNotFoundError(f"input.path: {path} does not exist{_resolved(path)}")
     files = sorted(
         p
         for p in candidates
         if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(("_", "."))
     )
     if not files:
-        raise FileNotFoundError(f"input.path: no *.parquet files found under {path}")
+        raise FileNotFoundError(f"input.path: no *.parquet files found under {path}"
+                                f"{_resolved(path)}")
     return fs, files
 
 

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     PositiveInt,
     ValidationError,
@@ -25,34 +24,19 @@ from pydantic import (
     model_validator,
 )
 
+from lepton_batch.task import (  # re-exported: the task section lives in task.py
+    CAUSAL_KINDS,
+    GENERATE_FIELDS,
+    LATER_FIELDS,
+    RESOLVED_TASK_FIELDS,
+    SAMPLING_FIELDS,
+    TaskSpec,
+    _Strict,
+    template_fields,
+)
+
 if TYPE_CHECKING:
     from lepton_batch.settings import Settings
-
-# Task fields that settings.py resolves against the model; the fingerprint hashes the result.
-RESOLVED_TASK_FIELDS = {"pooling", "normalize", "prompt", "prompt_name"}
-CAUSAL_KINDS = ("generate", "score")
-# Fields that only the causal-LM tasks read; each is refused with embed and classify.
-GENERATE_FIELDS = {"chat", "system", "max_new_tokens", "max_new_tokens_column", "do_sample",
-                   "temperature", "top_p", "repetition_penalty", "stop", "seed"}
-
-
-def template_fields(template: str) -> list[str]:
-    """Column names a prompt template reads (``"Summarize: {text}"`` -> ``["text"]``).
-
-    Raises ValueError for a malformed template or a field that is not a plain name.
-    """
-    names = []
-    for _, name, spec, conv in string.Formatter().parse(template):
-        if name is None:
-            continue
-        if not name.isidentifier() and not name.replace("-", "_").replace(".", "_").isidentifier():
-            raise ValueError(f"{{{name}}} is not a column name; write {{column}}, and {{{{ "
-                             "}} for literal braces")
-        if spec or conv:
-            raise ValueError(f"{{{name}}} may not carry a format spec or conversion")
-        if name not in names:
-            names.append(name)
-    return names
 
 
 class JobSpecError(ValueError):
@@ -62,10 +46,6 @@ class JobSpecError(ValueError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # Placeholders an input path may hold, filled from the run date (--run-date, default today
@@ -129,118 +109,6 @@ class ModelSpec(_Strict):
     # int8: linear layers swapped for int8 ones (dynamic per-token activations, per-channel
     # weights), calibrated on the job's rows; layers that lose too much stay in `dtype`.
     quantization: Literal["none", "int8"] = "none"
-
-
-class TaskSpec(_Strict):
-    kind: Literal["embed", "classify", "generate", "score"]
-    # None: the model directory's own setting (1_Pooling/, a Normalize module, the prompts in
-    # config_sentence_transformers.json), so a job gives what sentence-transformers gives.
-    pooling: Literal["mean", "cls", "max", "lasttoken"] | None = None
-    normalize: bool | None = None  # zero-shot classify always normalises (cosine similarity)
-    # embed / classify: literal text prepended to every row (and zero-shot label).
-    # generate / score: a template over the row's columns, "Summarize: {text}"; default
-    # "{<input.text_column>}".
-    prompt: str | None = None
-    prompt_name: str | None = None  # a key of the model's `prompts`
-    # classify: None uses the model's sequence-classification head; a list (or a mapping of
-    # label -> description) runs zero-shot classification by cosine similarity.
-    labels: list[str] | dict[str, str] | None = None
-    # classify: how many top labels to write (default 1). generate: top-k sampling (0 off;
-    # default: the model's generation_config.json, as for the other sampling fields).
-    top_k: int | None = Field(default=None, ge=0)
-    # classify with labels: "embedding" (zero-shot by cosine similarity, the default) or
-    # "likelihood" (a causal LM scores each label as the continuation of task.prompt).
-    method: Literal["embedding", "likelihood"] | None = None
-
-    # generate: the prompt through the tokenizer's chat template (a user turn, after
-    # `system` when given) instead of as plain text.
-    chat: bool = False
-    system: str | None = None
-    max_new_tokens: PositiveInt = 128
-    max_new_tokens_column: str | None = None  # per-row limit; null rows use max_new_tokens
-    # Sampling. None: the model's generation_config.json, as model.generate reads it;
-    # do_sample false (greedy) when it says nothing.
-    do_sample: bool | None = None
-    temperature: float | None = Field(default=None, gt=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    repetition_penalty: float | None = Field(default=None, gt=0)
-    stop: list[str] = Field(default_factory=list)  # generation ends before any of these
-    seed: int = 0  # a row samples from seed + its id: the same text in any batch or rerun
-    # score: log p(continuation | prompt) only, instead of the whole prompt's likelihood.
-    continuation_column: str | None = None
-
-    @model_validator(mode="after")
-    def _check_kind_fields(self) -> TaskSpec:
-        causal = self.kind in CAUSAL_KINDS
-        if not causal:
-            given = sorted(f for f in GENERATE_FIELDS if f in self.model_fields_set)
-            if given:
-                raise ValueError(f"{', '.join(given)} only apply to kind: generate; remove "
-                                 "them or change task.kind")
-        if self.kind != "score" and self.continuation_column is not None:
-            raise ValueError("continuation_column only applies to kind: score")
-        if self.method is not None and (self.kind != "classify" or self.labels is None):
-            raise ValueError("method applies to kind: classify with labels (zero-shot)")
-        if self.method == "likelihood":
-            for name in ("pooling", "normalize", "prompt_name"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"{name} does not apply to method: likelihood; write "
-                                     "the prompt template in task.prompt")
-            if self.prompt is not None:
-                template_fields(self.prompt)
-            return self._check_labels()
-        if causal:
-            for name in ("pooling", "normalize", "prompt_name", "labels"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"{name} does not apply to kind: {self.kind}; for a "
-                                     "causal LM write the prompt template in task.prompt")
-            extra = self.model_fields_set & (GENERATE_FIELDS | {"top_k"})
-            if self.kind == "score" and extra:
-                raise ValueError(f"{', '.join(sorted(extra))} only apply to kind: generate")
-            if self.prompt is not None:
-                template_fields(self.prompt)
-            if self.system is not None and not self.chat:
-                raise ValueError("system is the chat template's system message; set "
-                                 "task.chat: true or drop task.system")
-            if any(not s for s in self.stop):
-                raise ValueError("stop may not hold an empty string")
-            return self
-        if self.top_k == 0:
-            raise ValueError("top_k must be at least 1 for classify")
-        if self.prompt is not None and self.prompt_name is not None:
-            raise ValueError("give task.prompt (literal text) or task.prompt_name (one of the "
-                             "model's prompts), not both")
-        if self.kind == "embed" and self.labels is not None:
-            raise ValueError("labels only apply to kind: classify; remove task.labels")
-        return self._check_labels()
-
-    def _check_labels(self) -> TaskSpec:
-        if self.labels is not None:
-            if len(self.labels) < 2:
-                raise ValueError("labels needs at least 2 labels for zero-shot classification")
-            if len(set(self.labels)) != len(self.labels):
-                raise ValueError("labels has duplicates")
-            if self.labels_k > len(self.labels):
-                raise ValueError(
-                    f"top_k is {self.top_k} but there are only {len(self.labels)} labels"
-                )
-        return self
-
-    @property
-    def uses_template(self) -> bool:
-        """task.prompt is a template over the row's columns (causal LMs), not a prefix."""
-        return self.kind in CAUSAL_KINDS or self.method == "likelihood"
-
-    @property
-    def labels_k(self) -> int:
-        """classify: how many top labels each row gets."""
-        return self.top_k or 1
-
-    def label_texts(self) -> tuple[list[str], list[str]]:
-        """Zero-shot labels and the texts embedded for them (the description when given)."""
-        if isinstance(self.labels, dict):
-            return list(self.labels), list(self.labels.values())
-        return list(self.labels or []), list(self.labels or [])
 
 
 class EngineSpec(_Strict):
@@ -354,6 +222,14 @@ class JobSpec(_Strict):
                              "of the job; set quality.sample_rows above 0")
         return self
 
+    def _task_payload(self) -> dict[str, Any]:
+        task = self.task.model_dump(
+            exclude=set() if self.task.uses_template else RESOLVED_TASK_FIELDS)
+        for name in LATER_FIELDS:  # unset: the fingerprint jobs had before the field existed
+            if task.get(name) is None:
+                task.pop(name, None)
+        return task
+
     def fingerprint(self, model_revision: str, settings: Settings) -> str:
         """Hash of everything that changes the output values; engine and cluster excluded.
 
@@ -365,8 +241,7 @@ class JobSpec(_Strict):
             "model": self.model.model_dump(exclude={"device", "max_length"}),
             "model_revision": model_revision,
             # A causal LM's prompt is a template the job states; nothing resolves it.
-            "task": self.task.model_dump(
-                exclude=set() if self.task.uses_template else RESOLVED_TASK_FIELDS),
+            "task": self._task_payload(),
             "settings": settings.values(),
             "results_version": RESULTS_VERSION,
         }
@@ -449,3 +324,9 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
         raise JobSpecError([_describe(e) for e in exc.errors()], source) from None
+
+
+__all__ = ["CAUSAL_KINDS", "GENERATE_FIELDS", "RESOLVED_TASK_FIELDS", "SAMPLING_FIELDS",
+           "ClusterSpec", "EngineSpec", "InputSpec", "JobSpec", "JobSpecError", "ModelSpec",
+           "OutputSpec", "QualitySpec", "TaskSpec", "apply_overrides", "fill_path",
+           "is_remote_url", "load_job", "parse_overrides", "template_fields"]

@@ -1,9 +1,14 @@
 """``task.kind: classify`` — a sequence-classification head, or zero-shot by label embeddings.
 
-Zero-shot: every label (or its description, when ``labels`` is a mapping) is embedded by
-the same model with the same settings (pooling, prompt, lowercasing; always normalised); a
-row's scores are cosine similarities to the labels.
-With a head, scores are softmax probabilities (sigmoid for multi-label models).
+Zero-shot: every label (or its description, when ``labels`` is a mapping), filled into
+``task.label_template`` when one is set ("This post is {}."), is embedded by the same model
+with the same settings (pooling, prompt, lowercasing; always normalised). ``scores: cosine``
+(the default) writes the raw cosine similarities to the labels: they are not probabilities,
+are often small (a top label at 0.02 is possible) and differ in scale between models.
+``scores: softmax`` writes ``softmax(cosine / softmax_temperature)`` over the labels (sums
+to 1 per row). With a head, scores are softmax probabilities (sigmoid for multi-label
+models). ``task.min_score``: a row whose top score is below it gets a null ``label`` (its
+``score``, ``labels`` and ``scores`` are kept, ``error`` stays null: it is not an error).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from lepton_batch.pipelines.embed import prompt_tokens
 from lepton_batch.pipelines.text import PreparedText, encoder_texts
 from lepton_batch.settings import Settings
 from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec
+from lepton_batch.task import DEFAULT_SOFTMAX_TEMPERATURE
 
 if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
     import torch
@@ -25,16 +31,19 @@ if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
     from lepton_batch.engine.encoder import Engine
 
 
-def top_labels(scores: torch.Tensor, names: list[str], k: int) -> dict[str, pa.Array]:
-    """``label``/``score`` (top 1) and ``labels``/``scores`` (top k) from (n, L) scores."""
+def top_labels(scores: torch.Tensor, names: list[str], k: int,
+               min_score: float | None = None) -> dict[str, pa.Array]:
+    """``label``/``score`` (top 1) and ``labels``/``scores`` (top k) from (n, L) float32
+    scores; ``label`` is null where the top score is below ``min_score``."""
     import torch
 
     top = torch.topk(scores, k, dim=-1)
     idx, val = top.indices.numpy(), top.values.numpy()
     picked = [[names[j] for j in row] for row in idx]
     offsets = pa.array(range(0, len(idx) * k + 1, k), pa.int32())
+    below = None if min_score is None else val[:, 0] < min_score
     return {
-        "label": pa.array([p[0] for p in picked], pa.string()),
+        "label": pa.array([p[0] for p in picked], pa.string(), mask=below),
         "score": pa.array(val[:, 0], pa.float32()),
         "labels": pa.ListArray.from_arrays(
             offsets, pa.array([n for p in picked for n in p], pa.string())),
@@ -96,7 +105,11 @@ class ClassifyPipeline:
             pooling, skip = self.settings.pooling, prompt_tokens(engine, self.settings)
             labels = engine.tokenize(self.settings.apply(self.label_texts))
             label_emb = engine.embed(labels, pooling, True, budget, rows, skip=skip)
-            return engine.embed(tok, pooling, True, budget, rows, stats, skip=skip) @ label_emb.T
+            cosine = engine.embed(tok, pooling, True, budget, rows, stats, skip=skip) @ label_emb.T
+            if self.task.score_kind == "softmax":
+                temperature = self.task.softmax_temperature or DEFAULT_SOFTMAX_TEMPERATURE
+                return torch.softmax(cosine / temperature, dim=-1)
+            return cosine
         logits = engine.logits(tok, budget, rows, stats)
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
 
@@ -104,4 +117,4 @@ class ClassifyPipeline:
             stats: BatchStats) -> dict[str, pa.Array]:
         """Top-k labels and scores for the tokenized rows, in their order."""
         return top_labels(self._scores(engine, tok, spec, stats), self.names,
-                          self.task.labels_k)
+                          self.task.labels_k, self.task.min_score)

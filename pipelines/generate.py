@@ -2,19 +2,19 @@
 
 Output columns: ``generation`` (the new text, cut before a stop string), ``finish_reason``
 (``eos``, ``stop`` or ``length``), ``prompt_tokens`` and ``generated_tokens``. A prompt too
-long for the model's context keeps its last tokens (``truncated``); sampling defaults come
-from the model's ``generation_config.json`` as ``model.generate`` reads them.
+long for the model's context keeps its last tokens (``truncated``); sampling is resolved
+before the run (the job, else the model's ``generation_config.json``; see generation.py).
 """
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from lepton_batch.engine import BatchStats, Tokenized
+from lepton_batch.generation import GenerationSettings, resolve_generation
 from lepton_batch.modeldir import ModelInfo
 from lepton_batch.pipelines.prompts import chat_prompts, prepared, render, template
 from lepton_batch.pipelines.text import PreparedText
@@ -22,7 +22,6 @@ from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec, template_fields
 
 if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
     from lepton_batch.engine.decoder import Decoder
-    from lepton_batch.engine.generate import Sampling
 
 
 def fit_context(ids: list[list[int]], max_new: np.ndarray,
@@ -38,37 +37,6 @@ def fit_context(ids: list[list[int]], max_new: np.ndarray,
     return Tokenized.from_lists(cut, truncated), np.minimum(max_new, context - lengths)
 
 
-def resolve_sampling(task: TaskSpec, generation_config) -> Sampling:
-    """The job's sampling fields, else the model's generation config, else the defaults of
-    ``model.generate``."""
-    from lepton_batch.engine.generate import Sampling
-
-    def pick(job_value, name: str, default):
-        if job_value is not None:
-            return job_value
-        value = getattr(generation_config, name, None)
-        return default if value is None else value
-
-    return Sampling(
-        do_sample=bool(pick(task.do_sample, "do_sample", False)),
-        temperature=float(pick(task.temperature, "temperature", 1.0)),
-        top_k=int(pick(task.top_k, "top_k", 50)),
-        top_p=float(pick(task.top_p, "top_p", 1.0)),
-        repetition_penalty=float(pick(task.repetition_penalty, "repetition_penalty", 1.0)),
-    )
-
-
-def _samples(task: TaskSpec, info: ModelInfo) -> bool:
-    """Whether the job samples: task.do_sample, else the model's generation_config.json."""
-    if task.do_sample is not None:
-        return task.do_sample
-    try:
-        config = json.loads((info.path / "generation_config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(config.get("do_sample", False))
-
-
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """``text`` up to the first stop string, and whether one was found."""
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
@@ -80,7 +48,8 @@ class GeneratePipeline:
 
     head = "causal_lm"
 
-    def __init__(self, task: TaskSpec, info: ModelInfo, inp: InputSpec, context: int) -> None:
+    def __init__(self, task: TaskSpec, info: ModelInfo, inp: InputSpec, context: int,
+                 generation: GenerationSettings | None = None) -> None:
         from transformers import AutoConfig
 
         from lepton_batch.engine.decoder import stack_support
@@ -93,6 +62,7 @@ class GeneratePipeline:
                              "(chat_template in tokenizer_config.json or chat_template.jinja);"
                              " write the prompt in task.prompt and set task.chat: false")
         self.task = task
+        self.generation = generation or resolve_generation(info.path, task, inp.text_column)
         self.template = template(task, inp.text_column)
         self.columns = template_fields(self.template) + (
             [task.max_new_tokens_column] if task.max_new_tokens_column else [])
@@ -100,7 +70,7 @@ class GeneratePipeline:
         self.seeds = np.zeros(0, dtype=np.int64)
         self.id_column = inp.id_column
         # A sampled row's text depends on its id (the seed), not on its content only.
-        self.row_keyed = _samples(task, info)
+        self.row_keyed = self.generation.do_sample
 
     def fields(self) -> list[pa.Field]:
         return [pa.field("generation", pa.string()), pa.field("finish_reason", pa.string()),
@@ -145,12 +115,12 @@ class GeneratePipeline:
     def run(self, engine: Decoder, tok: Tokenized, spec: EngineSpec,
             stats: BatchStats) -> dict[str, pa.Array]:
         """Generations for the tokenized prompts, in their order."""
-        from lepton_batch.engine.generate import GenerateStats, generate
+        from lepton_batch.engine.generate import GenerateStats, Sampling, generate
 
         gstats = GenerateStats()
         stats.started()  # the first step follows at once
         out = generate(engine, tok, self.max_new, self.seeds,
-                       resolve_sampling(self.task, engine.generation_config), self.task.stop,
+                       Sampling(**self.generation.sampling_kwargs()), self.task.stop,
                        spec.max_num_seqs, spec.kv_cache_tokens,
                        engine.token_budget(spec.max_tokens_per_batch), gstats,
                        graphs=spec.cuda_graphs and engine.device == "cuda")

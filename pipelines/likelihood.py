@@ -84,4 +84,4 @@ class LikelihoodPipeline:
                                   engine.token_budget(spec.max_tokens_per_batch),
                                   spec.max_rows_per_batch, stats)
         probs = torch.from_numpy(logprob.reshape(n, k)).softmax(-1).float()
-        return top_labels(probs, self.names, self.task.labels_k)
+        return top_labels(probs, self.names, self.task.labels_k, self.task.min_score)

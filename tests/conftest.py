@@ -23,6 +23,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # width a test gives CliRunner. Without it, each console reads COLUMNS when it prints.
 os.environ.pop("COLUMNS", None)
 os.environ.pop("LINES", None)
+# One torch thread per process. The suite runs several pytest workers, each starting CLI
+# subprocesses and Dask workers, on few cores: with a pool per core in every process, OpenMP
+# threads spin-wait on each other (test_job + test_oom here: 209 s wall, 92 s CPU at the
+# default; 70 s wall, 52 s CPU at one thread). LEPTON_BATCH_THREADS is what the engine reads;
+# OMP_NUM_THREADS reaches subprocesses before they import torch.
+os.environ.setdefault("LEPTON_BATCH_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["LEPTON_BATCH_THREADS"]))
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -108,6 +108,19 @@ def test_missing_input_path(tmp_path, tiny_bert):
         _plan(tmp_path, tiny_bert, input_path=tmp_path / "nowhere")
 
 
+def test_relative_input_path_says_it_resolves_against_the_current_directory(
+        tmp_path, tiny_bert, monkeypatch):
+    """Issue 28: `input.path: in/ does not exist` left the user guessing the base."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(JobSpecError) as exc:
+        _plan(tmp_path, tiny_bert, input_path="in/")
+    assert (f"input.path: in/ does not exist (a relative path resolves against the current "
+            f"directory {tmp_path}: {tmp_path / 'in'}") in str(exc.value)
+    (tmp_path / "in").mkdir()
+    with pytest.raises(JobSpecError, match="no .* found under in/ .*current directory"):
+        _plan(tmp_path, tiny_bert, input_path="in/")
+
+
 def test_empty_input_directory(tmp_path, tiny_bert):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.csv").write_text("id,text\n1,hi\n")

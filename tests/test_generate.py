@@ -359,17 +359,22 @@ def test_sliding_window_longer_than_the_context_is_fine():
     assert not stack_support(type("C", (), {"model_type": "gemma"})(), 512)[0]
 
 
-def test_model_generation_config_sets_the_sampling_defaults(tmp_path, tiny_llama):
-    from transformers import GenerationConfig
-
-    from lepton_batch.pipelines.generate import resolve_sampling
+def test_model_generation_config_sets_the_sampling_defaults(tmp_path):
+    from lepton_batch.generation import resolve_generation
     from lepton_batch.spec import TaskSpec
 
-    cfg = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9)
-    s = resolve_sampling(TaskSpec(kind="generate"), cfg)
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    s = resolve_generation(tmp_path, TaskSpec(kind="generate"), "text")
     assert (s.do_sample, s.temperature, s.top_p, s.top_k) == (True, 0.6, 0.9, 50)
-    s = resolve_sampling(TaskSpec(kind="generate", do_sample=False, top_k=5), cfg)
-    assert (s.do_sample, s.top_k) == (False, 5)
+    assert s.sources["temperature"] == "model (generation_config.json)"
+    s = resolve_generation(tmp_path, TaskSpec(kind="generate", temperature=0), "text")
+    assert not s.do_sample and "temperature" not in s.values()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    s = resolve_generation(tmp_path, TaskSpec(kind="generate", top_k=5), "body")
+    assert (s.do_sample, s.top_k, s.temperature, s.prompt) == (True, 5, 1.0, "{body}")
+    assert s.sources["do_sample"] == "job (a sampling field is set)"
+    assert resolve_generation(tmp_path, TaskSpec(kind="generate"), "text").do_sample is False
 
 
 @pytest.mark.slow
@@ -439,3 +444,52 @@ def test_auto_dtype_is_what_from_pretrained_loads():
     assert resolve_causal_dtype("auto", "cpu", None) == t.float32
     assert resolve_causal_dtype("auto", "cpu", "float16") == t.float32  # emulated on CPU
     assert resolve_causal_dtype("float16", "cpu", "bfloat16") == t.float16  # the job's word
+
+
+def test_a_sampling_field_means_sampling_as_in_openai_and_vllm(tmp_path, tiny_llama):
+    """Issue 28, bug 4: temperature 0.7 with do_sample unset sampled nothing (every row
+    equal to greedy); temperature 0 is greedy."""
+    write_corpus(tmp_path / "in", n_files=1, rows=50)
+    greedy = _causal_job(tmp_path, tiny_llama, {"kind": "generate", "max_new_tokens": 8},
+                         out="greedy")
+    assert run_job(greedy).ok
+    sampled = _causal_job(tmp_path, tiny_llama, {"kind": "generate", "max_new_tokens": 8,
+                                                 "temperature": 0.7}, out="sampled")
+    assert run_job(sampled).ok
+    a, b = _read(greedy), _read(sampled)
+    good = a["error"].is_null()
+    same = int((a.filter(good)["generation"] == b.filter(good)["generation"]).sum())
+    print(f"rows equal to greedy with temperature 0.7: {same} / {int(good.sum())}")
+    assert same < good.sum() // 2
+    # The file metadata carries the generation settings, as it carries an embed's pooling.
+    meta = json.loads(pq.read_schema(next(sampled.output_root.glob("run_date=*/*.parquet")))
+                      .metadata[b"lepton_batch"])
+    generation = json.loads(meta["settings"])["generation"]
+    assert generation == {"prompt": "{text}", "chat": False, "do_sample": True,
+                          "temperature": 0.7, "top_k": 50, "top_p": 1.0, "seed": 0,
+                          "repetition_penalty": 1.0, "max_new_tokens": 8, "stop": []}
+    assert sampled.job_fingerprint != greedy.job_fingerprint
+    zero = _causal_job(tmp_path, tiny_llama, {"kind": "generate", "max_new_tokens": 8,
+                                              "temperature": 0}, out="zero")
+    assert run_job(zero).ok
+    assert _read(zero)["generation"].equals(a["generation"])
+
+
+def test_validate_shows_the_generation_settings(tmp_path, tiny_llama):
+    import io
+
+    from rich.console import Console
+
+    from lepton_batch.cli import _settings_table
+
+    write_corpus(tmp_path / "in", n_files=1, rows=15)
+    plan = _causal_job(tmp_path, tiny_llama, {
+        "kind": "generate", "prompt": "Q: {text}\nA:", "top_p": 0.9, "stop": ["\n\n"],
+        "max_new_tokens": 12})
+    out = io.StringIO()
+    Console(file=out, width=200).print(_settings_table(plan.settings, True))
+    lines = [" ".join(line.replace("│", " ").split()) for line in out.getvalue().splitlines()]
+    for want in ("prompt 'Q: {text}\\nA:' job", "do_sample true job (a sampling field is set)",
+                 "top_p 0.9 job", "temperature 1.0 lepton-batch default (as model.generate)",
+                 'stop ["\\n\\n"] job', "max_new_tokens 12 job", "max_length 256"):
+        assert any(line.startswith(want) for line in lines), (want, lines)

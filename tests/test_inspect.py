@@ -213,8 +213,8 @@ def test_status_of_a_killed_run(outputs, tmp_path):
     code, out = _cli("status", root)
     assert code == 0, out
     assert _rows(out, "unchanged")[-1]["run"] == run_id
-    assert _rows(out, "unchanged")[-1]["published"] == "no report"
-    assert _value(out, "last run") == f"{run_id}: no report (still running, or killed)"
+    assert _rows(out, "unchanged")[-1]["published"] == "interrupted"
+    assert _value(out, "last run").startswith(f"{run_id}: interrupted (stopped or killed")
     assert _value(out, "staged, not published").startswith("1 shard(s)")
     assert "its process is gone (killed); the lock is free" in " ".join(out.split())
 

@@ -14,9 +14,9 @@ from conftest import write_corpus, write_job
 from typer.testing import CliRunner
 
 from lepton_batch.cli import app
-from lepton_batch.inspect import latest_report
 from lepton_batch.monitor import MetricTotals, PrometheusCollector
 from lepton_batch.progress import RunProgress, describe
+from lepton_batch.status import latest_report
 
 STAGES = {"read", "prepare", "warm_up", "load", "tokenize", "compute", "write"}
 

@@ -107,6 +107,11 @@ def test_incremental_on_s3_computes_only_changed_rows(tmp_path, tiny_bert, s3):
     assert f"{ROWS - 1:,} unchanged, 1 to compute" in res.output
     night2 = [k for k in _objects(s3, "nightly") if k.startswith("run_date=2026-03-02/")]
     assert len(night2) == 1
+    # The summary and status read the current rows (newest per id) from the bucket too.
+    assert "first 5 current rows" in res.output and "warning" not in res.output, res.output
+    status = CliRunner().invoke(app, ["status", job], env={"COLUMNS": "200"})
+    assert status.exit_code == 0, status.output
+    assert f"{ROWS:,} / {ROWS:,}: the next submit computes none" in status.output
 
 
 def test_second_writer_is_refused_while_the_lease_is_live(tmp_path, tiny_bert, s3):

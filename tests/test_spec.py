@@ -51,6 +51,24 @@ BAD = [
     (GOOD.replace("id_column: id", "id_column: text"), [], "input.text_column and input.id_column",
      "must differ"),
     (GOOD, ["engine.max_tokens_per_batch=lots"], "engine.max_tokens_per_batch", "integer"),
+    # generate: do_sample false with a sampling field names both (issue 28, bug 4)
+    (GOOD, ["task.kind=generate", "task.do_sample=false", "task.temperature=0.7"], "task",
+     "do_sample: false is greedy decoding, but temperature only applies when sampling"),
+    (GOOD, ["task.kind=generate", "task.do_sample=false", "task.top_p=0.9", "task.top_k=5"],
+     "task", "but top_p, top_k only apply"),
+    (GOOD, ["task.kind=generate", "task.temperature=0", "task.do_sample=true"], "task",
+     "temperature: 0 is greedy decoding"),
+    (GOOD, ["task.kind=generate", "task.temperature=-1"], "task.temperature",
+     "greater than or equal to 0"),
+    # zero-shot scores
+    (GOOD, ["task.label_template=This is {}."], "task", "apply to kind: classify with labels"),
+    (GOOD, ["task.kind=classify", "task.labels=[a, b]", "task.label_template=About {x}"],
+     "task", "label_template must hold the label as {} exactly once"),
+    (GOOD, ["task.kind=classify", "task.labels=[a, b]", "task.softmax_temperature=0.1"],
+     "task", "softmax_temperature applies to scores: softmax"),
+    (GOOD, ["task.kind=classify", "task.labels=[a, b]", "task.scores=probs"], "task.scores",
+     "'cosine' or 'softmax'"),
+    (GOOD, ["task.min_score=0.3"], "task", "min_score applies to kind: classify"),
 ]
 
 
@@ -130,3 +148,26 @@ def test_settings_default_to_the_model(tmp_path):
         (None, None, None, None)
     with pytest.raises(JobSpecError, match="'mean', 'cls', 'max' or 'lasttoken'"):
         _load(tmp_path, GOOD, ["task.pooling=weightedmean"])
+
+
+def test_sampling_follows_openai_and_vllm(tmp_path):
+    """Issue 28, bug 4: a sampling field with do_sample unset samples; temperature 0 is
+    greedy; nothing set leaves it to the model's generation_config.json."""
+    gen = ["task.kind=generate"]
+    assert _load(tmp_path, GOOD, [*gen, "task.temperature=0.7"]).task.samples is True
+    assert _load(tmp_path, GOOD, [*gen, "task.top_p=0.9"]).task.samples is True
+    assert _load(tmp_path, GOOD, [*gen, "task.top_k=5"]).task.samples is True
+    assert _load(tmp_path, GOOD, [*gen, "task.temperature=0"]).task.samples is False
+    assert _load(tmp_path, GOOD, [*gen, "task.do_sample=false"]).task.samples is False
+    assert _load(tmp_path, GOOD, gen).task.samples is None
+
+
+def test_new_task_fields_keep_existing_fingerprints(tmp_path):
+    """A job that leaves the zero-shot fields unset keeps the fingerprint it had before they
+    existed (figure computed with main's spec.py at ea65fac), so outputs do not recompute."""
+    job = _load(tmp_path, GOOD, ["task.kind=classify", "task.labels=[a, b]", "task.top_k=2"])
+    resolved = Settings(max_length=256, normalize=True)
+    assert job.fingerprint("rev", resolved) == "fd8cf42bc38076ac"
+    templated = _load(tmp_path, GOOD, ["task.kind=classify", "task.labels=[a, b]",
+                                       "task.label_template=About {}."])
+    assert templated.fingerprint("rev", resolved) != "fd8cf42bc38076ac"

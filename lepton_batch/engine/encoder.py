@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lepton_batch.engine.batching import Batch, BatchStats, Tokenized, collate, plan_batches
+from lepton_batch.engine.calibration import GateSample
 from lepton_batch.engine.load import (
     EngineConfig,
     load_model,
@@ -50,16 +51,20 @@ def is_oom(exc: BaseException) -> bool:
 class Engine:
     """A tokenizer and a model loaded from a local directory, ready for batched inference.
 
-    ``sample``: some of the job's own texts (prompt applied). With a precision other than
-    fp32 (bf16, fp16, int8) they calibrate int8 and feed the quality gate, which compares
-    the model with its fp32 self before any row is written (``self.quality``).
+    ``sample``: some of the job's own texts (prompt applied), or a :class:`GateSample`
+    that adds rows of lepton-batch's calibration sample to them. With a precision other
+    than fp32 (bf16, fp16, int8) they calibrate int8 and feed the quality gate, which
+    compares the model with its fp32 self before any row is written (``self.quality``).
     """
 
-    def __init__(self, config: EngineConfig, sample: list[str] | None = None) -> None:
+    def __init__(self, config: EngineConfig,
+                 sample: list[str] | GateSample | None = None) -> None:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bars in worker logs
+        if not isinstance(sample, GateSample):
+            sample = GateSample(list(sample or []))
 
         self.config = config
         self.device = resolve_device(config.device)
@@ -85,7 +90,7 @@ class Engine:
         elif config.quantization == "int8":
             from lepton_batch.kernels.int8 import quantize_linears
 
-            calib = self.tokenize(sample or [])
+            calib = self.tokenize(sample.texts)
 
             def calibrate() -> None:
                 # Through the Hugging Face forward: the packed one fuses q/k/v into one
@@ -101,8 +106,8 @@ class Engine:
             self.quantization = "int8"
             self.setup(self.dtype, self.model)  # rebuild the packed view over the swapped layers
         self.quality: QualityCheck | None = None
-        if (self.dtype != torch.float32 or self.quantization != "none") and sample:
-            self.quality = check_quality(self, sample)
+        if (self.dtype != torch.float32 or self.quantization != "none") and sample.texts:
+            self.quality = check_quality(self, sample.texts, sample.calibration_rows)
 
     def setup(self, dtype: torch.dtype, model: torch.nn.Module | None = None) -> None:
         """Load the model in ``dtype`` (or adopt ``model``) and choose how it runs."""
@@ -138,7 +143,7 @@ class Engine:
         if self.quality is not None:
             q = self.quality
             line += (f"; quality gate: {q.candidate} {q.metric.replace('_', ' ')} "
-                     f"{q.value:.4f} vs float32 on {q.sample_rows} rows, "
+                     f"{q.value:.4f} vs float32 on {q.rows_used()}, "
                      + ("passed" if q.passed else f"below {q.threshold}, fell back to float32"))
         return line
 

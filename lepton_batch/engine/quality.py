@@ -1,11 +1,13 @@
 """The quality gate: a precision other than fp32 must agree with fp32 on the job's rows.
 
 Before an engine in bf16, fp16 or int8 writes a row, it runs a sample of the job's own
-texts through itself and through the same model loaded in fp32 (Hugging Face's padded
-forward, the reference). Embedding heads are compared by the cosine of their mean-pooled
-last hidden states (the worst row counts), classifier heads by how often the top label
-agrees. Below the threshold the engine falls back to the fp32 reference (or, with
-``on_fail: error``, refuses to run); either way the figure goes into the file metadata.
+texts (topped up from lepton-batch's calibration sample when the job has fewer rows than
+``quality.sample_rows``; see calibration.py) through itself and through the same model
+loaded in fp32 (Hugging Face's padded forward, the reference). Embedding heads are
+compared by the cosine of their mean-pooled last hidden states (the worst row counts),
+classifier heads by how often the top label agrees. Below the threshold the engine falls
+back to the fp32 reference (or, with ``on_fail: error``, refuses to run); either way the
+figure goes into the file metadata.
 """
 
 from __future__ import annotations
@@ -44,16 +46,25 @@ class QualityCheck:
     threshold: float
     passed: bool
     used: str
-    sample_rows: int
+    sample_rows: int  # all rows it ran on: the job's, then calibration_rows
     seconds: float
+    calibration_rows: int = 0  # of lepton-batch's calibration sample (calibration.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def rows_used(self) -> str:
+        """"64 rows of the job", or "8 rows of the job + 56 of lepton-batch's calibration
+        sample"."""
+        job = f"{self.sample_rows - self.calibration_rows} rows of the job"
+        if not self.calibration_rows:
+            return job
+        return f"{job} + {self.calibration_rows} of lepton-batch's calibration sample"
+
     def summary(self) -> str:
         verdict = "kept" if self.passed else f"below {self.threshold}: using {self.used}"
-        return (f"quality gate: {self.candidate} vs float32 on {self.sample_rows} rows of "
-                f"the job, {self.metric} {self.value:.4f} (mean {self.mean:.4f}); {verdict}")
+        return (f"quality gate: {self.candidate} vs float32 on {self.rows_used()}, "
+                f"{self.metric} {self.value:.4f} (mean {self.mean:.4f}); {verdict}")
 
 
 @torch.inference_mode()
@@ -76,9 +87,10 @@ def _reference(engine: Engine, model: torch.nn.Module, tok) -> torch.Tensor:
     return outs
 
 
-def check_quality(engine: Engine, sample: list[str]) -> QualityCheck:
-    """Compare ``engine`` with its fp32 self on ``sample``; fall back or raise when the
-    agreement is below the configured threshold. Returns what was measured."""
+def check_quality(engine: Engine, sample: list[str], calibration_rows: int = 0) -> QualityCheck:
+    """Compare ``engine`` with its fp32 self on ``sample`` (whose last ``calibration_rows``
+    come from lepton-batch's calibration sample); fall back or raise when the agreement is
+    below the configured threshold. Returns what was measured."""
     cfg, start = engine.config, time.perf_counter()
     candidate = str(engine.dtype).removeprefix("torch.")
     if engine.quantization != "none":
@@ -102,7 +114,7 @@ def check_quality(engine: Engine, sample: list[str]) -> QualityCheck:
         if cfg.on_fail == "error":
             field = "min_label_agreement" if cfg.head == "classifier" else "min_cosine"
             raise QualityError(
-                f"{candidate} disagrees with float32 on the job's rows: {metric} {value:.4f} "
+                f"{candidate} disagrees with float32 on {len(sample)} rows: {metric} {value:.4f} "
                 f"< quality.{field} {threshold}; use model.dtype: float32 and "
                 "model.quantization: none, or lower the threshold")
         engine.quantization = "none"
@@ -111,6 +123,7 @@ def check_quality(engine: Engine, sample: list[str]) -> QualityCheck:
     else:
         del reference
     check = QualityCheck(candidate, metric, round(value, 6), round(mean, 6), threshold, passed,
-                         used, len(sample), round(time.perf_counter() - start, 3))
+                         used, len(sample), round(time.perf_counter() - start, 3),
+                         calibration_rows)
     (log.info if passed else log.warning)("%s", check.summary())
     return check
