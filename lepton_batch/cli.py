@@ -129,6 +129,8 @@ def _fail(exc: Exception) -> None:
 
 
 def _plan_table(plan) -> Table:
+    from lepton_batch.shards import describe_shards
+
     table = Table(title=f"plan for job '{plan.job.name}'", show_header=False)
     job = plan.job
     table.add_row("model", f"{plan.model.path} ({plan.model.model_type}, "
@@ -148,8 +150,7 @@ def _plan_table(plan) -> Table:
     table.add_row("max_length", f"{plan.settings.max_length} tokens, from the "
                   f"{escape(plan.settings.sources['max_length'])}")
     table.add_row("input", f"{len(plan.files)} file(s), {plan.rows:,} rows")
-    table.add_row("shards", f"{len(plan.shards)} (≤ {job.input.rows_per_shard:,} rows each, "
-                  "whole row groups)")
+    table.add_row("shards", describe_shards(plan.shards, job.input.rows_per_shard))
     table.add_row("output", f"{plan.output_root} (mode {job.output.mode}, partition "
                   f"run_date={plan.run_date})")
     table.add_row("job fingerprint", plan.job_fingerprint)

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lepton_batch.shards import InputReadError, Shard, read_shard
+from lepton_batch.shards import InputReadError, Shard, read_shards
 from lepton_batch.store import OutputPath
 
 log = logging.getLogger(__name__)
@@ -246,13 +246,12 @@ def plan_rows(shards: list[Shard], id_field: pa.Field, columns: list[str], job_f
 
     idc = id_field.name
     frames, unreadable = [], {}
-    for shard in shards:
-        try:
-            table = read_shard(shard, list(dict.fromkeys([idc, *columns])))
-        except InputReadError as exc:
+    # the row ranges of one large row group: that group is read once
+    for shard, table in read_shards(shards, list(dict.fromkeys([idc, *columns]))):
+        if isinstance(table, InputReadError):
             # Computed as a whole: its worker fails it with this error, so the run reports
             # the file and row group and does not publish.
-            log.warning("%s", exc)
+            log.warning("%s", table)
             unreadable[shard.fingerprint] = np.arange(shard.num_rows, dtype=np.int64)
             continue
         frames.append(pl.from_arrow(pa.table({

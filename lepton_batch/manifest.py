@@ -58,6 +58,8 @@ class ShardRecord:
     errors_by_message: dict[str, int] = field(default_factory=dict)
     # wall-clock time (epoch seconds, the worker's clock) its first batch was launched
     first_batch_at: float | None = None
+    # the shard's first row in ``source``; row ranges of one row group share ``row_groups``
+    first_row: int = 0
 
 
 def write_atomic(path: OutputPath, write: Callable[[BinaryIO], object]) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -163,6 +164,24 @@ def published_records(root: OutputPath, shard_fps: set[str], job_fp: str,
                 and part.is_file() and rec.part.startswith("run_date=")):
             keep[fp] = rec
     return keep
+
+
+def computed_before(root: OutputPath, job_fp: str, mode: str) -> Callable[[str], bool]:
+    """``computed(shard fingerprint)``: True when this job staged that shard, or (mode
+    resume) published it with its part in place; the plan then keeps the shard as it was
+    cut (``plan_shards``'s ``keep_whole``). Reads one record per question, not them all."""
+    staged = root / STAGING / job_fp / MANIFEST_DIR
+
+    def computed(fp: str) -> bool:
+        name = f"{fp}.json"
+        if (staged / name).is_file() and (rec := read_record(staged / name)) is not None:
+            return rec.job_fingerprint == job_fp  # its part: prepare_staging checks it
+        if mode != "resume" or not (root / MANIFEST_DIR / name).is_file():
+            return False
+        rec = read_record(root / MANIFEST_DIR / name)
+        return rec is not None and bool(published_records(root, {fp}, job_fp, {fp: rec}))
+
+    return computed
 
 
 def prepare_staging(root: OutputPath, mode: str, job_fp: str, shard_fps: set[str], run_id: str,

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from lepton_batch.contract import contract_document, output_schema
 from lepton_batch.modeldir import ModelInfo, inspect_model_dir, resolve_model_dir
-from lepton_batch.output import check_output_dir, output_problem
+from lepton_batch.output import check_output_dir, computed_before, output_problem
 from lepton_batch.settings import Settings, SettingsError, resolve_settings
 from lepton_batch.shards import (
     BadFile,
@@ -185,12 +185,15 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
         raise JobSpecError(problems, source)
     assert model is not None and settings is not None and output_root is not None
     assert pipeline is not None and schema is not None
+    job_fp = job.fingerprint(model.revision, settings)
+    # a large row group an earlier version computed as one shard stays one (resume)
+    keep = computed_before(output_root, job_fp, job.output.mode) if output_root.exists() else None
     return Plan(
         job=job,
         model=model,
         files=files,
-        shards=plan_shards(files, inp.rows_per_shard),
-        job_fingerprint=job.fingerprint(model.revision, settings),
+        shards=plan_shards(files, inp.rows_per_shard, keep_whole=keep),
+        job_fingerprint=job_fp,
         output_root=output_root,
         settings=settings,
         schema=schema,
@@ -234,25 +237,33 @@ def estimate_tokens(plan: Plan, sample_rows: int = 2000) -> tuple[int, float]:
     Loads the tokenizer only, never the model. Returns ``(total_estimate, mean_per_row)``.
     """
     from lepton_batch.pipelines import prepare_text
-    from lepton_batch.shards import read_shard
+    from lepton_batch.shards import InputReadError, read_shards
 
     tok = _sample_tokenizer(plan)
     sampled = plan.shards[:: max(1, len(plan.shards) // 20)][:20]
     per_shard = max(1, sample_rows // max(1, len(sampled)))
+    # a sample: one row group, or the first rows of a row range (the row ranges of one
+    # large row group are then read in one pass, up to the last sample)
+    sampled = [replace(s, num_rows=min(s.num_rows, per_shard)) if s.is_range
+               else replace(s, row_groups=s.row_groups[:1]) for s in sampled]
     lengths: list[int] = []
     task = plan.job.task
-    for shard in sampled:
-        shard = replace(shard, row_groups=shard.row_groups[:1])  # a sample: read one group
-        if task.uses_template:  # causal LMs: the rendered prompts
-            from lepton_batch.pipelines.prompts import render, template
-            from lepton_batch.spec import template_fields
+    if task.uses_template:  # causal LMs: the rendered prompts
+        from lepton_batch.pipelines.prompts import render, template
+        from lepton_batch.spec import template_fields
 
-            tmpl = template(task, plan.job.input.text_column)
-            rows = read_shard(shard, template_fields(tmpl)).slice(0, per_shard)
+        tmpl = template(task, plan.job.input.text_column)
+        columns = template_fields(tmpl)
+    else:
+        columns = [plan.job.input.text_column]
+    for _, table in read_shards(sampled, columns):
+        if isinstance(table, InputReadError):
+            raise table
+        rows = table.slice(0, per_shard)
+        if task.uses_template:
             texts = [p for p in render(rows, tmpl)[0] if p is not None]
         else:
-            column = read_shard(shard, [plan.job.input.text_column]).column(0)
-            texts = plan.settings.apply(prepare_text(column.slice(0, per_shard)).texts)
+            texts = plan.settings.apply(prepare_text(rows.column(0)).texts)
         if texts:
             lengths += tok(texts)
     mean = float(np.mean(lengths)) if lengths else 0.0

@@ -296,6 +296,7 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
 
     meta = {**ctx.file_metadata, "shard": shard.fingerprint, "source": redact(shard.path),
             "row_groups": ",".join(map(str, shard.row_groups)),
+            "first_row": shard.first_row,  # the shard's first row in the source file
             "dtype": str(engine.dtype).removeprefix("torch."),
             "quantization": engine.quantization,
             "attention": engine.attn_implementation, "forward": engine.forward_reason}
@@ -329,6 +330,7 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
         run_id=ctx.run_id,
         source=redact(shard.path),
         row_groups=list(shard.row_groups),
+        first_row=shard.first_row,
         part=str(rel),
         rows=n,
         error_rows=n - out["error"].null_count,

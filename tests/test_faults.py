@@ -141,6 +141,39 @@ def test_driver_killed_then_same_command_finishes(point, tmp_path, tiny_bert, co
     _assert_same(_dataset(root), reference)
 
 
+@pytest.fixture(scope="module")
+def one_group_dir(tmp_path_factory, corpus_dir) -> Path:
+    """The same 135 rows as ONE file of ONE row group (as pandas and pyarrow write)."""
+    def build(folder: Path) -> None:
+        table = pa.concat_tables(pq.read_table(f) for f in sorted(corpus_dir.glob("*.parquet")))
+        (folder / "in").mkdir()
+        pq.write_table(table, folder / "in" / "one-group.parquet", row_group_size=ROWS)
+
+    return built_once(tmp_path_factory, "fault-one-group", build) / "in"
+
+
+def test_driver_killed_inside_one_large_row_group_resumes_by_row_range(
+        tmp_path, tiny_bert, one_group_dir, reference):
+    job = str(_job(tmp_path, tiny_bert, one_group_dir))
+    line = "7 (≤ 20 rows each; 1 row group of 135 rows cut into row ranges)"
+    plan = _here("validate", job, "--no-estimate")
+    assert line in " ".join(plan.stdout.split()), plan.stdout
+    killed = _cli("submit", job, env={FAULT_ENV: "shard-recorded@3"})
+    assert killed.returncode == KILLED, killed.stdout + killed.stderr
+    assert line in " ".join(killed.stdout.split())
+    staged = list((tmp_path / "out" / "_staging").glob("*/_manifest/*.json"))
+    assert len(staged) >= 3
+
+    again = _here("submit", job)
+    out = " ".join(again.stdout.split())
+    assert again.returncode == 0, out
+    assert f"shards: {7 - len(staged)} run, {len(staged)} skipped, 0 failed" in out
+    _assert_same(_dataset(tmp_path / "out"), reference)  # 0 rows lost, 0 twice
+    firsts = sorted(json.loads(pq.read_schema(p).metadata[b"lepton_batch"])["first_row"]
+                    for p in (tmp_path / "out").glob("run_date=*/*.parquet"))
+    assert firsts == [0, 20, 40, 60, 80, 100, 120]
+
+
 def test_killed_overwrite_leaves_the_old_dataset_readable(tmp_path, tiny_bert, corpus_dir,
                                                           reference):
     job = str(_job(tmp_path, tiny_bert, corpus_dir))
