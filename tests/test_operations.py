@@ -60,6 +60,13 @@ def _env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
+def _default_sigint() -> None:
+    """The child starts as from a terminal: pytest-xdist's workers ignore SIGINT, and an
+    ignored SIGINT is inherited (Python then installs no KeyboardInterrupt handler), as for a
+    background job of a non-interactive shell."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stop_mid_run(job: Path, sig: signal.Signals, group: bool) -> tuple[int, list[str], float]:
     """Start ``submit`` in its own session; once its first shard is done, send ``sig`` to
     it (``group``: to its whole process group, as a terminal's Ctrl-C or systemd does).
@@ -68,7 +75,7 @@ def _stop_mid_run(job: Path, sig: signal.Signals, group: bool) -> tuple[int, lis
     proc = subprocess.Popen(
         [sys.executable, "-m", "lepton_batch", "submit", str(job), "--progress", "plain"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env=_env(**{DELAY_ENV: "shard-computed:2"}))
+        env=_env(**{DELAY_ENV: "shard-computed:2"}), preexec_fn=_default_sigint)
     lines, sent = [], None
     try:
         for line in proc.stdout:
