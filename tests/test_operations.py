@@ -60,11 +60,23 @@ def _env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
-def _default_sigint() -> None:
-    """The child starts as from a terminal: pytest-xdist's workers ignore SIGINT, and an
-    ignored SIGINT is inherited (Python then installs no KeyboardInterrupt handler), as for a
-    background job of a non-interactive shell."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _as_from_a_terminal() -> None:
+    """The child starts as a terminal starts it: both stop signals at their default and
+    unblocked. A process inherits an ignored or blocked signal from its parent (a background
+    job of a non-interactive shell ignores SIGINT), and a full ``make test`` run once saw a
+    Ctrl-C child finish its run as if it never got the signal."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
+
+
+def _signal_state(pid: int) -> str:
+    """The kernel's view of a process's signals (masks in hex), for a failure message."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "(no /proc)"
+    return " ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
 def _stop_mid_run(job: Path, sig: signal.Signals, group: bool) -> tuple[int, list[str], float]:
@@ -75,12 +87,13 @@ def _stop_mid_run(job: Path, sig: signal.Signals, group: bool) -> tuple[int, lis
     proc = subprocess.Popen(
         [sys.executable, "-m", "lepton_batch", "submit", str(job), "--progress", "plain"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env=_env(**{DELAY_ENV: "shard-computed:2"}), preexec_fn=_default_sigint)
+        env=_env(**{DELAY_ENV: "shard-computed:2"}), preexec_fn=_as_from_a_terminal)
     lines, sent = [], None
     try:
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
             if sent is None and line.startswith("progress: shards 1/9"):
+                lines.append(f"(test: sending {sig.name}; the driver's {_signal_state(proc.pid)})")
                 (os.killpg if group else os.kill)(proc.pid, sig)
                 sent = time.monotonic()
         code = proc.wait(timeout=120)
