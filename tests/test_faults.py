@@ -391,16 +391,20 @@ INCREMENTAL_KILL_POINTS += [("delta", p) for p in ("part-written@2", "delta-comm
 
 @pytest.fixture(scope="module")
 def first_night(request, tmp_path_factory, tiny_bert, corpus_dir) -> tuple[str, Path]:
-    """An incremental output (Parquet or Delta) after one uninterrupted night."""
+    """An incremental output (Parquet or Delta) after one uninterrupted night, built once
+    per test run (``built_once``: a module fixture would be built again each time an xdist
+    worker comes back to this module from another one)."""
     fmt = request.param
     if fmt == "delta":
         pytest.importorskip("deltalake")
-    base = tmp_path_factory.mktemp(f"first-night-{fmt}")
-    shutil.copytree(corpus_dir, base / "in")
-    job = _job(base, tiny_bert, base / "in", mode="incremental", format=fmt)
-    res = _cli("submit", str(job), "--run-date", "2026-03-01")
-    assert res.returncode == 0, res.stdout + res.stderr
-    return fmt, base
+
+    def night(base: Path) -> None:
+        shutil.copytree(corpus_dir, base / "in")
+        job = _job(base, tiny_bert, base / "in", mode="incremental", format=fmt)
+        res = _cli("submit", str(job), "--run-date", "2026-03-01")
+        assert res.returncode == 0, res.stdout + res.stderr
+
+    return fmt, built_once(tmp_path_factory, f"first-night-{fmt}", night)
 
 
 def _visible(root: Path, fmt: str) -> pl.DataFrame:
@@ -412,9 +416,8 @@ def _visible(root: Path, fmt: str) -> pl.DataFrame:
 
 
 @pytest.mark.parametrize(("first_night", "point"), [
-    # one worker per format builds its first night once (make test: xdist --dist loadgroup)
-    pytest.param(fmt, point, id=f"{fmt}-{point}", marks=pytest.mark.xdist_group(f"night-{fmt}"))
-    for fmt, point in INCREMENTAL_KILL_POINTS], indirect=["first_night"])
+    pytest.param(fmt, point, id=f"{fmt}-{point}") for fmt, point in INCREMENTAL_KILL_POINTS],
+    indirect=["first_night"])
 def test_killed_incremental_night_resumes_without_loss_or_duplicates(first_night, point,
                                                                      tmp_path, tiny_bert):
     fmt = first_night[0]
