@@ -195,3 +195,27 @@ def tiny_gpt2(tmp_path_factory) -> Path:
         _save_causal(path, GPT2LMHeadModel(config), bos=False)
 
     return built_once(tmp_path_factory, "tiny-gpt2", build)
+
+
+def invoke_cli(*args: object) -> tuple[int, str]:
+    """The CLI in this process (typer's CliRunner) at 250 columns: exit code and output."""
+    from typer.testing import CliRunner
+
+    from lepton_batch.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
+    return res.exit_code, res.output
+
+
+def table_rows(out: str, header: str) -> list[dict[str, str]]:
+    """The rows of the rich table whose header line holds ``header``, as column -> cell."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if header in line and "┃" in line)
+    names = [c.strip() for c in lines[start].strip().strip("┃").split("┃")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.strip().startswith("│"):
+            break
+        rows.append(dict(zip(names, (c.strip() for c in line.strip().strip("│").split("│")),
+                             strict=True)))
+    return rows

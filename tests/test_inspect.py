@@ -15,10 +15,10 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from conftest import invoke_cli as _cli
+from conftest import table_rows as _rows
 from conftest import write_corpus, write_job
-from typer.testing import CliRunner
 
-from lepton_batch.cli import app
 from lepton_batch.plan import make_plan
 from lepton_batch.run import RunResult, run_job
 from lepton_batch.spec import load_job
@@ -65,25 +65,6 @@ def outputs(tmp_path_factory, tiny_bert) -> Outputs:
     classify = _job(base, "classify", tiny_bert, {"kind": "classify", "labels": LABELS})
     assert run_job(make_plan(load_job(classify))).published
     return Outputs(base / "embed", base / "classify", nights)
-
-
-def _cli(*args: str) -> tuple[int, str]:
-    res = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
-    return res.exit_code, res.output
-
-
-def _rows(out: str, header: str) -> list[dict[str, str]]:
-    """The rows of the table whose header line holds ``header``, as column -> cell."""
-    lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if header in line and "┃" in line)
-    names = [c.strip() for c in lines[start].strip().strip("┃").split("┃")]
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.strip().startswith("│"):
-            break
-        rows.append(dict(zip(names, (c.strip() for c in line.strip().strip("│").split("│")),
-                             strict=True)))
-    return rows
 
 
 def _value(out: str, key: str) -> str:

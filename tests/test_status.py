@@ -16,10 +16,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import invoke_cli as _cli
 from conftest import sample_texts, write_job
-from typer.testing import CliRunner
+from conftest import table_rows as _rows
 
-from lepton_batch.cli import app
 from lepton_batch.plan import make_plan
 from lepton_batch.run import run_job
 from lepton_batch.spec import load_job
@@ -56,25 +56,6 @@ def _job(base: Path, input_path: str | None = None) -> Path:
         output={"path": str(base / "out"), "mode": "incremental"},
         cluster={"processes": False, "dashboard_address": "127.0.0.1:0"},
     )
-
-
-def _cli(*args: object) -> tuple[int, str]:
-    res = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
-    return res.exit_code, res.output
-
-
-def _rows(out: str, header: str) -> list[dict[str, str]]:
-    """The rows of the table whose header line holds ``header``, as column -> cell."""
-    lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if header in line and "┃" in line)
-    names = [c.strip() for c in lines[start].strip().strip("┃").split("┃")]
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.strip().startswith("│"):
-            break
-        rows.append(dict(zip(names, (c.strip() for c in line.strip().strip("│").split("│")),
-                             strict=True)))
-    return rows
 
 
 def _value(out: str, key: str) -> str:
