@@ -30,7 +30,7 @@ import torch
 
 
 def check_embed(model: str, device: str, rows: int) -> dict:
-    from lepton_batch.bench import BenchConfig, run_bench
+    from lepton_batch.bench.embed import BenchConfig, run_bench
 
     res = run_bench(BenchConfig(model=model, rows=rows, repeats=1, device=device,
                                 methods=("st-default", "engine", "engine-int8"), tune_rows=256))
@@ -48,7 +48,7 @@ def _llama(path: Path, texts: list[str], layers: int, hidden: int) -> Path:
     that rounding could flip."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lepton_batch.bench_generate import train_bpe_tokenizer
+    from lepton_batch.bench.generate import train_bpe_tokenizer
 
     train_bpe_tokenizer(path, texts, bos=True, vocab=2000, context=1024)
     config = LlamaConfig(vocab_size=2000, hidden_size=hidden, intermediate_size=4 * hidden,
@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--checks", default="embed,generate,score")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    from lepton_batch.bench import _load_rows
+    from lepton_batch.bench.embed import _load_rows
 
     results: dict = {"device": args.device, "torch": torch.__version__}
     if args.device == "cuda":

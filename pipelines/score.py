@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 
 from lepton_batch.engine import BatchStats, Tokenized
-from lepton_batch.modeldir import ModelInfo
+from lepton_batch.job.modeldir import ModelInfo
+from lepton_batch.job.spec import EngineSpec, InputSpec, TaskSpec, template_fields
 from lepton_batch.pipelines.prompts import prepared, render, template
 from lepton_batch.pipelines.text import PreparedText, check_value
-from lepton_batch.spec import EngineSpec, InputSpec, TaskSpec, template_fields
 
 if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
     from lepton_batch.engine.decoder import Decoder

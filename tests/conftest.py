@@ -152,7 +152,7 @@ CHAT_TEMPLATE = (
 def _save_causal(path: Path, model, bos: bool) -> Path:
     """A byte-level BPE tokenizer (``<s>`` first when ``bos``; a small chat template) and
     ``model``, saved with ``save_pretrained``."""
-    from lepton_batch.bench_generate import train_bpe_tokenizer
+    from lepton_batch.bench.generate import train_bpe_tokenizer
 
     train_bpe_tokenizer(path, sample_texts(400), bos, chat_template=CHAT_TEMPLATE)
     model.eval().save_pretrained(path)
@@ -201,7 +201,7 @@ def invoke_cli(*args: object) -> tuple[int, str]:
     """The CLI in this process (typer's CliRunner) at 250 columns: exit code and output."""
     from typer.testing import CliRunner
 
-    from lepton_batch.cli import app
+    from lepton_batch.cli.app import app
 
     res = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
     return res.exit_code, res.output

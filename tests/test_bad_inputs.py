@@ -23,10 +23,10 @@ from conftest import sample_texts, write_job
 from transformers import AutoModel, AutoTokenizer
 
 from lepton_batch.engine import Engine, EngineConfig
-from lepton_batch.plan import make_plan
-from lepton_batch.run import run_job
-from lepton_batch.shards import count_duplicate_ids
-from lepton_batch.spec import JobSpecError, load_job
+from lepton_batch.job.shards import count_duplicate_ids
+from lepton_batch.job.spec import JobSpecError, load_job
+from lepton_batch.plan.build import make_plan
+from lepton_batch.run.lifecycle import run_job
 
 MAX_LEN = 48
 CONTROL_ONLY = "empty text (only whitespace or control characters)"
@@ -344,7 +344,7 @@ def test_model_types_known_without_importing_transformers():
     only CONFIG_MAPPING has (registered at run time, or a special case) still counts."""
     from transformers import CONFIG_MAPPING, AutoConfig, BertConfig
 
-    from lepton_batch.modeldir import _generated_model_types, _known_model_type
+    from lepton_batch.job.modeldir import _generated_model_types, _known_model_type
 
     table = _generated_model_types()
     assert {"bert", "llama", "gpt2", "qwen2"} <= table <= set(CONFIG_MAPPING.keys())

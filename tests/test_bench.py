@@ -14,7 +14,7 @@ import torch
 from conftest import sample_texts
 from transformers import BertConfig
 
-from lepton_batch.bench import BenchConfig, encoder_flops, run_bench
+from lepton_batch.bench.embed import BenchConfig, encoder_flops, run_bench
 
 
 def test_encoder_flops_formula():
@@ -97,7 +97,7 @@ def test_a_repeated_corpus_has_no_identical_rows(tmp_path):
     copy is marked, or submit would skip the work the other methods do."""
     from conftest import write_corpus
 
-    from lepton_batch.bench import _load_rows
+    from lepton_batch.bench.embed import _load_rows
 
     write_corpus(tmp_path, n_files=1, rows=30, bad=False)
     texts, note = _load_rows(str(tmp_path), 100)
@@ -109,7 +109,7 @@ def test_a_repeated_corpus_has_no_identical_rows(tmp_path):
 def test_generate_bench_on_a_tiny_llama(tmp_path):
     """``bench --task generate`` end to end: both methods on the same prompts and planned
     lengths, greedy tokens compared, useful rates over the planned tokens."""
-    from lepton_batch.bench_generate import GenConfig, planned_lengths, run_generate_bench
+    from lepton_batch.bench.generate import GenConfig, planned_lengths, run_generate_bench
 
     cfg = GenConfig(corpus=str(_corpus(tmp_path)), rows=12, batch=4, max_new=16,
                     max_prompt=24, min_prompt=8, repeats=2, device="cpu", dtype="float32",
@@ -130,7 +130,7 @@ def test_generate_bench_on_a_tiny_llama(tmp_path):
 
 
 def test_spread_prompts_cover_the_range():
-    from lepton_batch.bench_generate import spread_prompts
+    from lepton_batch.bench.generate import spread_prompts
 
     rows = [[1, *range(10 + i, 20 + i)] for i in range(5)]  # BOS 1, ten tokens each
     out = spread_prompts(rows * 20, 8, 40, bos=1)

@@ -12,8 +12,8 @@ from conftest import sample_texts
 from rich.console import Console
 from test_job import _direct, _job, _read
 
-from lepton_batch.run import run_job
-from lepton_batch.spec import TaskSpec
+from lepton_batch.job.spec import TaskSpec
+from lepton_batch.run.lifecycle import run_job
 
 LABELS = {"files": "files and directories", "net": "network sockets", "math": "numbers"}
 
@@ -60,7 +60,7 @@ def test_softmax_scores_template_and_min_score(tmp_path, tiny_bert, corpus):
     assert good.filter(pl.col("label").is_null())["labels"].list.len().to_list() == [3] * below
 
     # The submit summary counts them apart from errors.
-    from lepton_batch.cli import _label_counts
+    from lepton_batch.cli.app import _label_counts
 
     out = io.StringIO()
     Console(file=out, width=200).print(_label_counts(plan))

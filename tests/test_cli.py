@@ -55,14 +55,15 @@ def test_planning_imports_no_model_stack(tmp_path, tiny_bert, corpus, task):
     Nor what an encoder task does on a worker before its warm-up ends: build the
     pipeline, read and prepare the shard, tokenize it (``EngineCache.pretokenize``)."""
     job = _job(tmp_path, tiny_bert, **task)
-    code = ("import sys; from pathlib import Path; from lepton_batch.spec import load_job; "
-            "from lepton_batch.plan import make_plan, estimate_work; import lepton_batch.run; "
+    code = ("import sys; from pathlib import Path; from lepton_batch.job.spec import load_job; "
+            "from lepton_batch.plan.build import make_plan, estimate_work; "
+            "import lepton_batch.run.lifecycle; "
             f"plan = make_plan(load_job(Path({str(job)!r}))); "
             "assert sum(n for n, _ in estimate_work(plan).values()) == plan.rows; "
-            "from typer.testing import CliRunner; from lepton_batch.cli import app; "
+            "from typer.testing import CliRunner; from lepton_batch.cli.app import app; "
             f"r = CliRunner().invoke(app, ['validate', {str(job)!r}]); "
             "assert r.exit_code == 0, r.output; "
-            "import lepton_batch.cluster; from lepton_batch.shards import read_shard; "
+            "import lepton_batch.run.cluster; from lepton_batch.job.shards import read_shard; "
             "from lepton_batch.engine import EngineCache, EngineConfig; "
             "from lepton_batch.pipelines import encoder_task, make_pipeline; "
             "job = plan.job; assert encoder_task(job.task); "
@@ -128,8 +129,8 @@ def test_submit_then_resume_then_status(tmp_path, tiny_bert, corpus):
 def test_example_jobs_validate(job_file, monkeypatch, request):
     """Every example validates as written; the causal-LM ones name a model directory the
     user downloads (models/…), pointed here at the tiny random Llama."""
-    from lepton_batch.plan import make_plan
-    from lepton_batch.spec import load_job
+    from lepton_batch.job.spec import load_job
+    from lepton_batch.plan.build import make_plan
 
     monkeypatch.chdir(REPO)
     job = load_job(job_file)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from lepton_batch.cluster import open_client
-from lepton_batch.spec import ClusterSpec
+from lepton_batch.job.spec import ClusterSpec
+from lepton_batch.run.cluster import open_client
 
 
 def _env(name: str) -> str | None:
@@ -37,7 +37,7 @@ def test_embedded_workers_drop_the_shutdown_heartbeat_error(caplog):
     with a traceback under the run's summary. Embedded workers drop that one line only."""
     import logging
 
-    from lepton_batch.cluster import _quiet_worker_logs, _ShutdownRace
+    from lepton_batch.run.cluster import _quiet_worker_logs, _ShutdownRace
 
     log = logging.getLogger("distributed.worker")
     _quiet_worker_logs()
@@ -65,7 +65,7 @@ def _warm_state() -> tuple[bool, bool]:
     """In a worker: every warm-up ended, and it got as far as importing transformers."""
     import sys
 
-    from lepton_batch.cluster import _WARMING
+    from lepton_batch.run.cluster import _WARMING
 
     return all(done.is_set() for done in _WARMING), "transformers" in sys.modules
 
@@ -73,8 +73,8 @@ def _warm_state() -> tuple[bool, bool]:
 def test_early_cluster_warms_workers_and_closes(tiny_bert):
     """submit starts the cluster while it plans; its workers import the model's stack at
     once, and a task waits for that before it starts (see cluster.warm_up)."""
-    from lepton_batch.cluster import _after_warm_up
-    from lepton_batch.early import EarlyCluster
+    from lepton_batch.run.cluster import _after_warm_up
+    from lepton_batch.run.startup import EarlyCluster
 
     early = EarlyCluster(ClusterSpec(n_workers=1, dashboard_address="127.0.0.1:0"),
                          str(tiny_bert))
@@ -96,7 +96,7 @@ def test_early_cluster_warms_workers_and_closes(tiny_bert):
 def test_early_cluster_release_then_close(tiny_bert):
     """release() starts the shutdown without waiting (run_shards calls it once the tasks
     are done); close() waits for it, and both may be called again."""
-    from lepton_batch.early import EarlyCluster
+    from lepton_batch.run.startup import EarlyCluster
 
     early = EarlyCluster(ClusterSpec(n_workers=1, dashboard_address="127.0.0.1:0"),
                          str(tiny_bert))
@@ -113,7 +113,7 @@ def test_early_cluster_release_then_close(tiny_bert):
 
 
 def _tokenizer_env() -> tuple[str | None, str | None]:
-    from lepton_batch.cluster import _ONE_THREAD
+    from lepton_batch.run.cluster import _ONE_THREAD
 
     return os.environ.get("TOKENIZERS_PARALLELISM"), os.environ.get(_ONE_THREAD)
 
@@ -124,7 +124,7 @@ def test_warm_up_tokenizer_thread(monkeypatch, tiny_bert):
     user set is theirs: it is neither replaced nor removed."""
     import dask
 
-    from lepton_batch.cluster import _ONE_THREAD, _after_warm_up
+    from lepton_batch.run.cluster import _ONE_THREAD, _after_warm_up
 
     spec = ClusterSpec(n_workers=1, dashboard_address="127.0.0.1:0")
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
@@ -147,7 +147,7 @@ def test_warm_up_tokenizer_thread(monkeypatch, tiny_bert):
 
 
 def test_a_failed_warm_up_never_blocks_a_task(tmp_path):
-    from lepton_batch.cluster import _WARMING, _after_warm_up, warm_up
+    from lepton_batch.run.cluster import _WARMING, _after_warm_up, warm_up
 
     warm_up(str(tmp_path / "no-such-model"))
     _after_warm_up(timeout=120)

@@ -15,7 +15,7 @@ import pytest
 
 deltalake = pytest.importorskip("deltalake")
 
-from lepton_batch.delta import (  # noqa: E402  (after the importorskip on purpose)
+from lepton_batch.output.delta import (  # noqa: E402  (after the importorskip on purpose)
     commit_file,
     committed_files,
     ensure_table,
@@ -110,7 +110,7 @@ _CHILD = textwrap.dedent("""
     import os, signal, sys
     import pyarrow as pa, pyarrow.parquet as pq
     from pathlib import Path
-    from lepton_batch.delta import commit_file
+    from lepton_batch.output.delta import commit_file
     uri, name, commit = sys.argv[1], sys.argv[2], sys.argv[3] == "commit"
     rel = f"run_date=2026-03-01/{name}"
     (Path(uri) / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +148,7 @@ def test_rerun_after_killed_drivers_commits_each_file_once(table):
     assert len(deltalake.DeltaTable(table).file_uris()) == 2
 
 
-_RACER = ("import sys; from lepton_batch.delta import commit_file; "
+_RACER = ("import sys; from lepton_batch.output.delta import commit_file; "
           "print(commit_file(sys.argv[1], sys.argv[2], {'run_date': '2026-03-01'}, 5))")
 
 
@@ -225,7 +225,7 @@ def test_rewriting_a_committed_file_is_caught(table):
 
 
 def test_missing_deltalake_gives_the_install_hint(monkeypatch):
-    from lepton_batch import delta
+    from lepton_batch.output import delta
 
     monkeypatch.setitem(sys.modules, "deltalake", None)  # makes `import deltalake` fail
     with pytest.raises(ImportError, match=r"pip install 'lepton-batch\[delta\]'"):

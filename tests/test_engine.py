@@ -160,7 +160,7 @@ def test_cache_loads_once_and_cpu_defaults(tiny_bert):
 
 
 def test_chunk_bounds_cover_every_row_once_in_order():
-    from lepton_batch.runner import FIRST_CHUNK_ROWS, chunk_bounds
+    from lepton_batch.run.worker import FIRST_CHUNK_ROWS, chunk_bounds
 
     assert chunk_bounds(0, None) == [(0, 0)] and chunk_bounds(0, 8) == [(0, 0)]
     assert chunk_bounds(5000, None) == [(0, 5000)] and chunk_bounds(10, 10) == [(0, 10)]

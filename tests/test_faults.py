@@ -29,11 +29,11 @@ from conftest import built_once, write_corpus, write_job
 from typer.testing import CliRunner
 
 from lepton_batch.faults import FAULT_ENV, ONCE_ENV
-from lepton_batch.lock import output_lock
-from lepton_batch.output import init_output
-from lepton_batch.plan import make_plan
-from lepton_batch.run import run_job
-from lepton_batch.spec import JobSpecError, load_job
+from lepton_batch.job.spec import JobSpecError, load_job
+from lepton_batch.output.dataset import init_output
+from lepton_batch.output.lock import output_lock
+from lepton_batch.plan.build import make_plan
+from lepton_batch.run.lifecycle import run_job
 
 pytestmark = pytest.mark.slow
 ROWS = 135  # write_corpus: 3 files x 45 rows, 9 of them bad on purpose
@@ -67,7 +67,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 def _here(*args: str) -> subprocess.CompletedProcess:
     """The CLI in this process, for the step after a kill: the same command and output, without
     a second interpreter importing torch (seconds of CPU per call, ~40 calls here)."""
-    from lepton_batch.cli import app
+    from lepton_batch.cli.app import app
 
     res = CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
     if res.exception is not None and not isinstance(res.exception, SystemExit):
@@ -329,9 +329,9 @@ OPTIONAL_STEPS = ["preview", "polars-missing", "report-json", "report-html",
 @pytest.mark.parametrize("step", OPTIONAL_STEPS)
 def test_failing_optional_step_never_fails_a_finished_run(step, tmp_path, tiny_bert,
                                                           corpus_dir, monkeypatch):
-    import lepton_batch.cli as cli
-    import lepton_batch.cluster as cluster
-    import lepton_batch.run as run
+    import lepton_batch.cli.app as cli
+    import lepton_batch.run.cluster as cluster
+    import lepton_batch.run.lifecycle as run
 
     def boom(*args, **kwargs):
         raise RuntimeError(f"injected failure in {step}")
@@ -351,19 +351,19 @@ def test_failing_optional_step_never_fails_a_finished_run(step, tmp_path, tiny_b
     elif step == "report-json":
         monkeypatch.setattr(run, "write_report", boom)
     elif step == "report-html":
-        import lepton_batch.report as report
+        import lepton_batch.run.report as report
 
         monkeypatch.setattr(report, "render_html", boom)
     elif step == "metrics-plugin":
-        import lepton_batch.monitor as monitor
+        import lepton_batch.run.monitor as monitor
 
         monkeypatch.setattr(monitor.MetricsPlugin, "start", boom)
     elif step == "token-estimate":
-        import lepton_batch.plan as plan
+        import lepton_batch.plan.build as plan
 
         monkeypatch.setattr(plan, "estimate_tokens", boom)
     elif step == "progress-display":
-        import lepton_batch.progress as progress
+        import lepton_batch.run.progress as progress
 
         monkeypatch.setattr(progress, "describe", boom)
         overrides = ["--progress", "plain"]

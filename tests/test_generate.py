@@ -25,9 +25,9 @@ from lepton_batch.engine.generate import (
     uniforms,
 )
 from lepton_batch.engine.graphs import MIN_SPAN, bucket, replay_agrees
-from lepton_batch.plan import make_plan
-from lepton_batch.run import run_job
-from lepton_batch.spec import JobSpecError, load_job
+from lepton_batch.job.spec import JobSpecError, load_job
+from lepton_batch.plan.build import make_plan
+from lepton_batch.run.lifecycle import run_job
 
 
 def _decoder(model_dir, dtype="float32") -> Decoder:
@@ -360,8 +360,8 @@ def test_sliding_window_longer_than_the_context_is_fine():
 
 
 def test_model_generation_config_sets_the_sampling_defaults(tmp_path):
-    from lepton_batch.generation import resolve_generation
-    from lepton_batch.spec import TaskSpec
+    from lepton_batch.job.generation import resolve_generation
+    from lepton_batch.job.spec import TaskSpec
 
     (tmp_path / "generation_config.json").write_text(json.dumps(
         {"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
@@ -480,7 +480,7 @@ def test_validate_shows_the_generation_settings(tmp_path, tiny_llama):
 
     from rich.console import Console
 
-    from lepton_batch.cli import _settings_table
+    from lepton_batch.cli.app import _settings_table
 
     write_corpus(tmp_path / "in", n_files=1, rows=15)
     plan = _causal_job(tmp_path, tiny_llama, {

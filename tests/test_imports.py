@@ -103,7 +103,7 @@ def test_wheel_and_its_install_hold_the_folders_inside_lepton_batch(tmp_path):
     site = tmp_path / "site"  # a regular install of the wheel, imported from elsewhere
     _lines(_python(*pip, "install", "-q", "--no-deps", "--target", str(site), str(wheel),
                    cwd=tmp_path))
-    code = ("import kernels, transformers, lepton_batch.kernels.int8, lepton_batch.runner\n"
+    code = ("import kernels, transformers, lepton_batch.kernels.int8, lepton_batch.run.worker\n"
             "import lepton_batch.kernels as k, lepton_batch.pipelines as p\n"
             "print(kernels.__file__, *k.__path__, *p.__path__, p.make_pipeline.__module__)")
     hf, kernels, pipelines, pmod = _lines(_python("-c", code, cwd=tmp_path,

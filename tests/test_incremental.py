@@ -15,13 +15,13 @@ import pytest
 from conftest import REPO, sample_texts, write_job
 from typer.testing import CliRunner
 
-from lepton_batch.cli import app
-from lepton_batch.contract import SCHEMA_FILE
-from lepton_batch.incremental import content_hashes, first_occurrences
-from lepton_batch.output import OutputError
-from lepton_batch.plan import make_plan
-from lepton_batch.run import run_job
-from lepton_batch.spec import JobSpecError, fill_path, load_job
+from lepton_batch.cli.app import app
+from lepton_batch.job.spec import JobSpecError, fill_path, load_job
+from lepton_batch.output.contract import SCHEMA_FILE
+from lepton_batch.output.dataset import OutputError
+from lepton_batch.plan.build import make_plan
+from lepton_batch.plan.incremental import content_hashes, first_occurrences
+from lepton_batch.run.lifecycle import run_job
 
 NIGHTS = [date(2026, 3, 1), date(2026, 3, 2), date(2026, 3, 3)]
 TEXTS = sample_texts(120)

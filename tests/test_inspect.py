@@ -19,9 +19,9 @@ from conftest import invoke_cli as _cli
 from conftest import table_rows as _rows
 from conftest import write_corpus, write_job
 
-from lepton_batch.plan import make_plan
-from lepton_batch.run import RunResult, run_job
-from lepton_batch.spec import load_job
+from lepton_batch.job.spec import load_job
+from lepton_batch.plan.build import make_plan
+from lepton_batch.run.lifecycle import RunResult, run_job
 
 # One worker builds the module's outputs once (make test runs xdist with --dist loadgroup).
 pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("inspect")]
@@ -202,7 +202,8 @@ def test_status_of_a_killed_run(outputs, tmp_path):
 
 def test_inspect_loads_no_model_stack(outputs):
     """inspect reads Parquet only: torch, transformers and Dask stay unimported."""
-    code = ("import sys; from typer.testing import CliRunner; from lepton_batch.cli import app; "
+    code = ("import sys; from typer.testing import CliRunner; "
+            "from lepton_batch.cli.app import app; "
             f"r = CliRunner().invoke(app, ['inspect', {str(outputs.embed)!r}]); "
             "assert r.exit_code == 0, r.output; "
             "print(sorted(m for m in ('torch', 'transformers', 'dask', 'distributed') "

@@ -186,7 +186,7 @@ def test_int8_is_refused_on_cuda_before_any_model_loads(tmp_path, tiny_bert):
     so it is not offered on CUDA; the job file names the field."""
     from conftest import write_job
 
-    from lepton_batch.spec import JobSpecError, load_job
+    from lepton_batch.job.spec import JobSpecError, load_job
 
     (tmp_path / "in").mkdir()
     path = write_job(tmp_path / "job.yaml", name="int8-on-gpu",

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from conftest import LABELS, write_corpus, write_job
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from lepton_batch.output import OutputError
-from lepton_batch.plan import make_plan
-from lepton_batch.run import run_job
-from lepton_batch.spec import JobSpecError, load_job
+from lepton_batch.job.spec import JobSpecError, load_job
+from lepton_batch.output.dataset import OutputError
+from lepton_batch.plan.build import make_plan
+from lepton_batch.run.lifecycle import run_job
 
 MAX_LEN = 48
 
@@ -115,7 +115,7 @@ def test_embed_job_matches_direct_forward(tmp_path, tiny_bert, corpus, chunk):
 def test_token_estimate_counts_as_the_model_tokenizer(tmp_path, tiny_bert, corpus):
     """The ETA's sample is tokenized from tokenizer.json without transformers; its counts
     (special tokens included, truncated at max_length) are AutoTokenizer's."""
-    from lepton_batch.plan import _sample_tokenizer
+    from lepton_batch.plan.build import _sample_tokenizer
 
     plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
     texts = [r["text"] for r in corpus[1] if r["text"] and r["text"].strip()]
@@ -147,9 +147,9 @@ def test_first_shard_tokenized_while_the_worker_warms_up(tmp_path, tiny_bert, co
     the model stack (here: 2 slices of 4 rows, then the warm-up ends); the engine takes
     those ids and tokenizes only the rest. Same values, token counts, flags and errors as
     a run that tokenized every row itself."""
-    from lepton_batch import cluster
     from lepton_batch.engine import tokens
     from lepton_batch.engine.encoder import Engine
+    from lepton_batch.run import cluster
 
     monkeypatch.setattr(tokens, "PRETOKENIZE_ROWS", 4)
     adopted: list = []

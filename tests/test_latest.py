@@ -23,10 +23,10 @@ from test_incremental import (
 )
 from typer.testing import CliRunner
 
-from lepton_batch.cli import app
-from lepton_batch.incremental import content_hashes
-from lepton_batch.run import run_job
-from lepton_batch.spec import JobSpecError
+from lepton_batch.cli.app import app
+from lepton_batch.job.spec import JobSpecError
+from lepton_batch.plan.incremental import content_hashes
+from lepton_batch.run.lifecycle import run_job
 
 
 def test_repeated_ids_keep_one_latest_row_per_input_row(tmp_path, tiny_bert):

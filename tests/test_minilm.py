@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
 
-from lepton_batch.modeldir import resolve_model_dir
-from lepton_batch.plan import make_plan
-from lepton_batch.spec import load_job
+from lepton_batch.job.modeldir import resolve_model_dir
+from lepton_batch.job.spec import load_job
+from lepton_batch.plan.build import make_plan
 
 pytestmark = pytest.mark.slow
 

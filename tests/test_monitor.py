@@ -14,10 +14,10 @@ import pytest
 from conftest import write_corpus, write_job
 from typer.testing import CliRunner
 
-from lepton_batch.cli import app
-from lepton_batch.monitor import MetricTotals, PrometheusCollector
-from lepton_batch.progress import PADDING_MIN_ROWS, RunProgress, describe, padding_headline
-from lepton_batch.status import latest_report
+from lepton_batch.cli.app import app
+from lepton_batch.cli.status import latest_report
+from lepton_batch.run.monitor import MetricTotals, PrometheusCollector
+from lepton_batch.run.progress import PADDING_MIN_ROWS, RunProgress, describe, padding_headline
 
 STAGES = {"read", "prepare", "warm_up", "load", "tokenize", "compute", "write"}
 
@@ -206,7 +206,7 @@ def test_prometheus_rates_early_in_a_run_divide_by_the_time_it_ran():
 
 
 def test_progress_eta_counts_live_rows_and_records():
-    from lepton_batch.manifest import ShardRecord
+    from lepton_batch.output.manifest import ShardRecord
 
     progress = RunProgress({0: (10, 100), 1: (10, 300)}, shards_total=3, skipped=1)
     progress.event({"kind": "shard", "shard": 1, "rows": 5, "tokens": 150, "padded": 160})
@@ -248,10 +248,10 @@ def test_bad_progress_mode_is_refused_before_anything_runs(tmp_path, tiny_bert):
 def test_dashboard_server_tracebacks_stay_out_of_the_console():
     import logging
 
-    from lepton_batch.cli import _setup_logging
+    from lepton_batch.cli.app import _setup_logging
 
     _setup_logging(verbose=False)
     # Dask sets tornado.application to ERROR; a tab closed mid-load logs a traceback there
     for name in ("tornado.application", "tornado.access", "bokeh.server.views.ws"):
         assert logging.getLogger(name).getEffectiveLevel() > logging.ERROR, name
-    assert logging.getLogger("lepton_batch.run").getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger("lepton_batch.run.lifecycle").getEffectiveLevel() == logging.WARNING

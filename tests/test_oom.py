@@ -13,10 +13,10 @@ from conftest import sample_texts, write_job
 from transformers import AutoModel, AutoTokenizer
 
 from lepton_batch.engine import BatchStats, Engine, EngineConfig, is_oom
-from lepton_batch.output import PARTS_GLOB
-from lepton_batch.plan import make_plan
-from lepton_batch.run import run_job
-from lepton_batch.spec import load_job
+from lepton_batch.job.spec import load_job
+from lepton_batch.output.dataset import PARTS_GLOB
+from lepton_batch.plan.build import make_plan
+from lepton_batch.run.lifecycle import run_job
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -24,11 +24,11 @@ import pytest
 from conftest import built_once, write_corpus, write_job
 from typer.testing import CliRunner
 
-from lepton_batch.cli import app
+from lepton_batch.cli.app import app
 from lepton_batch.faults import DELAY_ENV
-from lepton_batch.lock import OutputLocked, check_free, output_lock
-from lepton_batch.output import init_output
-from lepton_batch.stopping import Terminated, deferred, held, sigterm_as_interrupt
+from lepton_batch.output.dataset import init_output
+from lepton_batch.output.lock import OutputLocked, check_free, output_lock
+from lepton_batch.run.stopping import Terminated, deferred, held, sigterm_as_interrupt
 
 ROWS = 135  # write_corpus: 3 files x 45 rows
 KEPT = ("finished shards are kept (staged, not yet published); run the same command again "

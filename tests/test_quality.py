@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 from conftest import sample_texts, write_job
 
 from lepton_batch.engine.calibration import calibration_texts, gate_sample
-from lepton_batch.plan import make_plan
-from lepton_batch.run import run_job
-from lepton_batch.spec import load_job
+from lepton_batch.job.spec import load_job
+from lepton_batch.plan.build import make_plan
+from lepton_batch.run.lifecycle import run_job
 
 
 def test_gate_sample_tops_up_from_the_calibration_sample():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lepton_batch.report import render_html, write_html
+from lepton_batch.run.report import render_html, write_html
 
 TITLES = [
     "Throughput over time",
@@ -113,7 +113,7 @@ def test_error_note_follows_the_row_count():
 
 def test_import_is_cheap():
     # bokeh costs about a second to import; only rendering may pay it
-    code = "import sys, lepton_batch.report; assert 'bokeh' not in sys.modules"
+    code = "import sys, lepton_batch.run.report; assert 'bokeh' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

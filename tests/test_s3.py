@@ -12,8 +12,8 @@ import pytest
 from conftest import write_corpus, write_job
 from typer.testing import CliRunner
 
-from lepton_batch.cli import app
-from lepton_batch.manifest import write_atomic
+from lepton_batch.cli.app import app
+from lepton_batch.output.manifest import write_atomic
 from lepton_batch.store import remote_root
 
 moto_server = pytest.importorskip("moto.server")

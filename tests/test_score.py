@@ -14,9 +14,9 @@ import torch
 from conftest import sample_texts, write_job
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lepton_batch.plan import make_plan
-from lepton_batch.run import run_job
-from lepton_batch.spec import load_job
+from lepton_batch.job.spec import load_job
+from lepton_batch.plan.build import make_plan
+from lepton_batch.run.lifecycle import run_job
 
 
 def _direct(model_dir, ids: list[int], first: int) -> float:
@@ -133,7 +133,7 @@ def test_likelihood_classify_picks_the_most_likely_label(tmp_path, tiny_llama):
 
 
 def test_causal_lm_with_labels_asks_for_a_method(tmp_path, tiny_llama):
-    from lepton_batch.spec import JobSpecError
+    from lepton_batch.job.spec import JobSpecError
 
     table = pa.table({"id": pa.array(range(3), pa.int64()), "text": ["a b", "c d", "e f"]})
     with pytest.raises(JobSpecError, match="set method: likelihood"):

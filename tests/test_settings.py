@@ -16,11 +16,11 @@ import pytest
 from conftest import sample_texts, write_corpus, write_job
 
 from lepton_batch.engine import BatchStats, Engine, EngineConfig
-from lepton_batch.modeldir import inspect_model_dir
+from lepton_batch.job.modeldir import inspect_model_dir
+from lepton_batch.job.settings import DEFAULT, Settings, SettingsError, resolve_settings
+from lepton_batch.job.spec import EngineSpec, InputSpec, JobSpecError, ModelSpec, TaskSpec, load_job
 from lepton_batch.pipelines import make_pipeline
-from lepton_batch.plan import make_plan
-from lepton_batch.settings import DEFAULT, Settings, SettingsError, resolve_settings
-from lepton_batch.spec import EngineSpec, InputSpec, JobSpecError, ModelSpec, TaskSpec, load_job
+from lepton_batch.plan.build import make_plan
 
 ST_MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -75,7 +75,7 @@ def test_model_settings_are_the_defaults(tmp_path, tiny_bert):
 
 def test_job_values_win_with_a_warning(tmp_path, tiny_bert, caplog):
     d = st_dir(tmp_path, tiny_bert)
-    with caplog.at_level(logging.WARNING, logger="lepton_batch.settings"):
+    with caplog.at_level(logging.WARNING, logger="lepton_batch.job.settings"):
         s = _resolve(d, {"max_length": 32}, pooling="max", normalize=False, prompt="")
     assert (s.max_length, s.pooling, s.normalize, s.prompt) == (32, "max", False, "")
     assert {s.sources[k] for k in ("max_length", "pooling", "normalize", "prompt")} == {"job"}
@@ -232,7 +232,7 @@ def test_plain_model_matches_sentence_transformers(tiny_bert):
 def test_validate_shows_each_setting_and_its_source(tmp_path, tiny_bert):
     from typer.testing import CliRunner
 
-    from lepton_batch.cli import app
+    from lepton_batch.cli.app import app
 
     d = st_dir(tmp_path, tiny_bert)
     write_corpus(tmp_path / "in", n_files=1, rows=20, bad=False)

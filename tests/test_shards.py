@@ -9,7 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lepton_batch.shards import check_columns, describe_files, find_files, plan_shards, read_shard
+from lepton_batch.job.shards import (
+    check_columns,
+    describe_files,
+    find_files,
+    plan_shards,
+    read_shard,
+)
 
 
 def test_shards_cover_every_row_once(corpus):
@@ -47,7 +53,7 @@ def _one_group_file(path, n: int) -> pa.Table:
 
 
 def test_one_large_row_group_becomes_many_shards(tmp_path):
-    from lepton_batch.shards import describe_shards, read_shards
+    from lepton_batch.job.shards import describe_shards, read_shards
 
     table = _one_group_file(tmp_path / "big.parquet", 2000)
     shards = plan_shards(describe_files(str(tmp_path))[0], rows_per_shard=200)
@@ -68,7 +74,7 @@ def test_one_large_row_group_becomes_many_shards(tmp_path):
 def test_row_range_read_across_batches(tmp_path, monkeypatch):
     """Batches that do not line up with the ranges (ranges over 65,536 rows, or here a
     batch of 7 rows) still give each range exactly its rows."""
-    import lepton_batch.shards as shards_module
+    import lepton_batch.job.shards as shards_module
 
     table = _one_group_file(tmp_path / "big.parquet", 2000)
     monkeypatch.setattr(shards_module, "BATCH_ROWS", 7)
@@ -157,7 +163,7 @@ def test_column_checks_name_the_field(corpus, tmp_path):
 
 
 def test_credentials_in_urls_are_redacted():
-    from lepton_batch.shards import redact
+    from lepton_batch.job.shards import redact
 
     assert redact("https://alice:s3cr3t@example.com/x.parquet") == "https://***@example.com/x.parquet"
     assert redact("s3://bucket/key.parquet") == "s3://bucket/key.parquet"
@@ -167,8 +173,8 @@ def test_credentials_in_urls_are_redacted():
 def _big_group_job(tmp_path, model, rows_per_shard: int, mode: str = "resume"):
     from conftest import write_job
 
-    from lepton_batch.plan import make_plan
-    from lepton_batch.spec import load_job
+    from lepton_batch.job.spec import load_job
+    from lepton_batch.plan.build import make_plan
 
     job = write_job(
         tmp_path / "job.yaml", name="big-group",
@@ -190,8 +196,8 @@ def test_resume_keeps_a_large_group_computed_whole_earlier(tmp_path, tiny_bert):
     planned, same fingerprint) resumes without computing it again; overwrite cuts it."""
     import numpy as np
 
-    from lepton_batch.run import run_job
-    from lepton_batch.shards import describe_shards
+    from lepton_batch.job.shards import describe_shards
+    from lepton_batch.run.lifecycle import run_job
 
     (tmp_path / "in").mkdir()
     _one_group_file(tmp_path / "in" / "big.parquet", 200)
@@ -221,7 +227,7 @@ def test_resume_keeps_a_large_group_computed_whole_earlier(tmp_path, tiny_bert):
 
 
 def test_incremental_night_over_row_ranges_computes_only_the_changed_row(tmp_path, tiny_bert):
-    from lepton_batch.run import run_job
+    from lepton_batch.run.lifecycle import run_job
 
     (tmp_path / "in").mkdir()
     table = _one_group_file(tmp_path / "in" / "big.parquet", 200)
@@ -246,8 +252,8 @@ def test_incremental_night_over_row_ranges_computes_only_the_changed_row(tmp_pat
 def test_a_large_group_staged_whole_by_a_failed_run_is_kept(tmp_path, tiny_bert):
     """An unfinished run of an earlier version staged the group as one shard: the rerun
     (rows_per_shard unchanged, so the same job) publishes it instead of cutting it."""
-    from lepton_batch.run import run_job
-    from lepton_batch.shards import describe_shards
+    from lepton_batch.job.shards import describe_shards
+    from lepton_batch.run.lifecycle import run_job
 
     (tmp_path / "in").mkdir()
     _one_group_file(tmp_path / "in" / "a.parquet", 120)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lepton_batch.settings import Settings
-from lepton_batch.spec import JobSpecError, load_job
+from lepton_batch.job.settings import Settings
+from lepton_batch.job.spec import JobSpecError, load_job
 
 GOOD = """
 name: t

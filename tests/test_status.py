@@ -20,9 +20,9 @@ from conftest import invoke_cli as _cli
 from conftest import sample_texts, write_job
 from conftest import table_rows as _rows
 
-from lepton_batch.plan import make_plan
-from lepton_batch.run import run_job
-from lepton_batch.spec import load_job
+from lepton_batch.job.spec import load_job
+from lepton_batch.plan.build import make_plan
+from lepton_batch.run.lifecycle import run_job
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("status")]
 

@@ -31,9 +31,9 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lepton_batch.contract import SCHEMA_FILE, contract_problem, read_contract, schema_of
 from lepton_batch.faults import checkpoint
-from lepton_batch.manifest import (
+from lepton_batch.output.contract import SCHEMA_FILE, contract_problem, read_contract, schema_of
+from lepton_batch.output.manifest import (
     MANIFEST_DIR,
     ShardRecord,
     read_record,
@@ -112,7 +112,7 @@ def published_parts(root: OutputPath) -> list[OutputPath]:
     """The part files readers see: a Delta table's committed files, else every
     ``run_date=*/*.parquet``."""
     if is_delta(root):
-        from lepton_batch.delta import committed_files
+        from lepton_batch.output.delta import committed_files
 
         return [root / rel for rel in sorted(committed_files(str(root)))]
     return sorted(root.glob(PARTS_GLOB))
@@ -246,7 +246,7 @@ def prepare_output(root: OutputPath, mode: str, shard_fps: set[str], job_fp: str
         raise OutputError(problem)
     delta = contract.get("output_format") == "delta"
     if delta:
-        from lepton_batch.delta import ensure_table
+        from lepton_batch.output.delta import ensure_table
 
         try:
             ensure_table(str(root), schema_of(contract), [PARTITION_COLUMN])
@@ -296,7 +296,7 @@ def commit_delta(root: OutputPath, staging: str, run_id: str, summary: dict,
 def commit_shard(root: OutputPath, record: ShardRecord, run_id: str) -> bool:
     """Delta: add one finished shard's file (``run_date=<date>/part-….parquet``) to the
     table as one transaction; False when it was committed already."""
-    from lepton_batch.delta import commit_file
+    from lepton_batch.output.delta import commit_file
 
     partition = {PARTITION_COLUMN: Path(record.part).parent.name.partition("=")[2]}
     done = commit_file(str(root), record.part, partition, record.rows, app_id=run_id)

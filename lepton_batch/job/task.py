@@ -1,6 +1,6 @@
 """The job file's ``task`` section: what to compute for every row, and its checks.
 
-Re-exported by :mod:`lepton_batch.spec`, where the rest of the job file lives.
+Re-exported by :mod:`lepton_batch.job.spec`, where the rest of the job file lives.
 """
 
 from __future__ import annotations

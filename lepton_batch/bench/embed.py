@@ -33,9 +33,9 @@ import psutil  # a dependency of dask.distributed
 import torch
 import torch.nn.functional as F
 
-from lepton_batch.modeldir import inspect_model_dir, resolve_model_dir
-from lepton_batch.settings import Settings, resolve_settings
-from lepton_batch.spec import ModelSpec, TaskSpec
+from lepton_batch.job.modeldir import inspect_model_dir, resolve_model_dir
+from lepton_batch.job.settings import Settings, resolve_settings
+from lepton_batch.job.spec import ModelSpec, TaskSpec
 
 METHODS = ("hf-pipeline", "st-default", "st-best", "engine", "engine-fp32", "engine-bf16",
            "engine-int8", "submit")
@@ -402,10 +402,10 @@ def _submit(ctx: _Ctx, tmp: Path, dtype: str, forced: str | None = None) -> Meth
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lepton_batch.early import EarlyCluster
-    from lepton_batch.plan import make_plan
-    from lepton_batch.run import run_job
-    from lepton_batch.spec import JobSpec
+    from lepton_batch.job.spec import JobSpec
+    from lepton_batch.plan.build import make_plan
+    from lepton_batch.run.lifecycle import run_job
+    from lepton_batch.run.startup import EarlyCluster
 
     tmp = tmp / f"submit-{forced or 'auto'}"
     (tmp / "in").mkdir(parents=True)
@@ -490,8 +490,8 @@ def _load_rows(corpus: str, rows: int) -> tuple[list[str], str]:
     a note saying where they came from."""
     import pyarrow.parquet as pq
 
+    from lepton_batch.job.shards import find_files
     from lepton_batch.pipelines import prepare_text
-    from lepton_batch.shards import find_files
 
     fs, files = find_files(corpus)
     texts: list[str] = []

@@ -21,10 +21,7 @@ import polars as pl
 from rich.markup import escape
 from rich.table import Table
 
-from lepton_batch.incremental import latest_rows, scan_output
-from lepton_batch.inspect import check_output
-from lepton_batch.manifest import MANIFEST_DIR, read_records
-from lepton_batch.output import (
+from lepton_batch.output.dataset import (
     LOCK,
     RUNS_DIR,
     SUCCESS,
@@ -32,10 +29,13 @@ from lepton_batch.output import (
     published_records,
     staged_count,
 )
+from lepton_batch.output.manifest import MANIFEST_DIR, read_records
+from lepton_batch.output.readers import check_output
+from lepton_batch.plan.incremental import latest_rows, scan_output
 from lepton_batch.store import OutputPath
 
 if TYPE_CHECKING:
-    from lepton_batch.plan import Plan
+    from lepton_batch.plan.build import Plan
 
 PREVIEW_ROWS = 5  # rows submit's summary shows
 
@@ -141,7 +141,7 @@ def status_tables(root: Path) -> list[Table]:
     """What ``lepton-batch status OUTPUT`` prints: the output at a glance, one row per run
     (shards, rows, errors, tokens, throughput, wall time, rows skipped as unchanged), and the
     failures of the last run if it had any."""
-    from lepton_batch.contract import read_contract
+    from lepton_batch.output.contract import read_contract
 
     check_output(root)
     contract = read_contract(root) or {}
@@ -235,7 +235,7 @@ def job_status_table(plan: Plan) -> Table:
     so are shards staged by an unfinished run, the run writing the output now and the last
     run (interrupted, failed or published).
     """
-    from lepton_batch.shards import redact
+    from lepton_batch.job.shards import redact
 
     root = plan.output_root
     table = Table(title=f"status of job '{plan.job.name}'", show_header=False)

@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lepton_batch.incremental import RowPlan, as_of, latest_rows, scan_output
-from lepton_batch.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
-from lepton_batch.runner import RunContext
+from lepton_batch.output.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
+from lepton_batch.plan.incremental import RowPlan, as_of, latest_rows, scan_output
+from lepton_batch.run.worker import RunContext
 from lepton_batch.store import OutputPath
 
 # Their parts' names in place of a shard fingerprint: run_date=D/part-deleted-<run id>.parquet

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lepton_batch.manifest import ShardRecord
-from lepton_batch.monitor import INTERVAL
-from lepton_batch.stopping import deferred
+from lepton_batch.output.manifest import ShardRecord
+from lepton_batch.run.monitor import INTERVAL
+from lepton_batch.run.stopping import deferred
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 0.5  # the throughput timeline keeps at most one point per this interval

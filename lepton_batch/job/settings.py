@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lepton_batch.generation import GenerationSettings, resolve_generation
-from lepton_batch.modeldir import ModelInfo
-from lepton_batch.spec import ModelSpec, TaskSpec
+from lepton_batch.job.generation import GenerationSettings, resolve_generation
+from lepton_batch.job.modeldir import ModelInfo
+from lepton_batch.job.spec import ModelSpec, TaskSpec
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A fresh ``submit`` used to plan first (read footers, load a tokenizer, estimate 
 then start the cluster, and only then did the worker import torch and transformers and
 load the model: several seconds in series before the first batch. Here the cluster starts
 on a helper thread as soon as the job file is valid, and its workers begin their imports
-at once (:func:`lepton_batch.cluster.warm_up`), so both overlap the planning.
+at once (:func:`lepton_batch.run.cluster.warm_up`), so both overlap the planning.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from dask.distributed import Client
 
-    from lepton_batch.spec import ClusterSpec, JobSpec
+    from lepton_batch.job.spec import ClusterSpec, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class EarlyCluster:
         """The job's embedded cluster, being started, once no other run holds the output's
         lock (raises OutputLocked): a second submit is refused at once, not after starting
         a cluster that then meets the first one's dashboard port."""
-        from lepton_batch.lock import check_free
-        from lepton_batch.plan import resolve_output_root
+        from lepton_batch.output.lock import check_free
+        from lepton_batch.plan.build import resolve_output_root
 
         try:
             root = resolve_output_root(job.output.path, job.output.storage_options)
@@ -55,8 +55,8 @@ class EarlyCluster:
         return cls(job.cluster, job.model.path)
 
     def _start(self, spec: ClusterSpec, model_dir: str) -> Client:
-        from lepton_batch.cluster import open_client
-        from lepton_batch.stopping import block_in_this_thread
+        from lepton_batch.run.cluster import open_client
+        from lepton_batch.run.stopping import block_in_this_thread
 
         block_in_this_thread()  # its workers must not see a Ctrl-C before their preload
 

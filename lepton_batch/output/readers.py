@@ -15,14 +15,14 @@ import pyarrow as pa
 from rich.markup import escape
 from rich.table import Table
 
-from lepton_batch.contract import SCHEMA_FILE, read_contract, schema_of
-from lepton_batch.incremental import latest_rows, scan_output
-from lepton_batch.output import (
+from lepton_batch.output.contract import SCHEMA_FILE, read_contract, schema_of
+from lepton_batch.output.dataset import (
     MARKER,
     is_ours,
     published_parts,
     staged_count,
 )
+from lepton_batch.plan.incremental import latest_rows, scan_output
 
 SAMPLE_ROWS = 5  # sample rows shown by inspect when --rows is not given
 SQL_ROWS = 100  # result rows shown for --sql when --rows is not given

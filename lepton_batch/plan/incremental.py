@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lepton_batch.shards import InputReadError, Shard, read_shards
+from lepton_batch.job.shards import InputReadError, Shard, read_shards
 from lepton_batch.store import OutputPath
 
 log = logging.getLogger(__name__)

@@ -29,13 +29,13 @@ import pyarrow.parquet as pq
 from lepton_batch.engine import BatchStats, EngineCache, EngineConfig, Tokenized
 from lepton_batch.engine.calibration import gate_sample
 from lepton_batch.faults import checkpoint
-from lepton_batch.incremental import content_hashes, first_occurrences
-from lepton_batch.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
-from lepton_batch.modeldir import ModelInfo
+from lepton_batch.job.modeldir import ModelInfo
+from lepton_batch.job.settings import Settings
+from lepton_batch.job.shards import Shard, read_shard, redact
+from lepton_batch.job.spec import EngineSpec, JobSpec
+from lepton_batch.output.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
 from lepton_batch.pipelines import Pipeline, encoder_task, make_pipeline
-from lepton_batch.settings import Settings
-from lepton_batch.shards import Shard, read_shard, redact
-from lepton_batch.spec import EngineSpec, JobSpec
+from lepton_batch.plan.incremental import content_hashes, first_occurrences
 from lepton_batch.store import OutputPath
 
 if TYPE_CHECKING:

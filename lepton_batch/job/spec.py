@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from lepton_batch.task import (  # re-exported: the task section lives in task.py
+from lepton_batch.job.task import (  # re-exported: the task section lives in task.py
     CAUSAL_KINDS,
     GENERATE_FIELDS,
     LATER_FIELDS,
@@ -36,7 +36,7 @@ from lepton_batch.task import (  # re-exported: the task section lives in task.p
 )
 
 if TYPE_CHECKING:
-    from lepton_batch.settings import Settings
+    from lepton_batch.job.settings import Settings
 
 
 class JobSpecError(ValueError):

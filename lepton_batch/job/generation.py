@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lepton_batch.task import TaskSpec
+from lepton_batch.job.task import TaskSpec
 
 JOB = "job"
 DEFAULT = "lepton-batch default (as model.generate)"

@@ -2,7 +2,7 @@
 lifecycle around it (lock, staging, publish, report) is in ``run.py``.
 
 Workers read their own shard and write their own part file; only a
-:class:`~lepton_batch.manifest.ShardRecord` travels back to the driver. The engine is
+:class:`~lepton_batch.output.manifest.ShardRecord` travels back to the driver. The engine is
 cached on the worker object, so a model loads once per worker and later shards reuse it.
 """
 
@@ -22,17 +22,17 @@ from dask.distributed import Client, LocalCluster, as_completed, get_worker, per
 from distributed import span
 from distributed.metrics import context_meter
 
-from lepton_batch import stopping
 from lepton_batch.engine import BatchStats, EngineCache
 from lepton_batch.faults import checkpoint
-from lepton_batch.manifest import ShardRecord
-from lepton_batch.monitor import TOPIC, MetricsPlugin, ShardWatch
-from lepton_batch.runner import RunContext, process_shard
-from lepton_batch.shards import Shard
-from lepton_batch.spec import ClusterSpec, JobSpec
+from lepton_batch.job.shards import Shard
+from lepton_batch.job.spec import ClusterSpec, JobSpec
+from lepton_batch.output.manifest import ShardRecord
+from lepton_batch.run import stopping
+from lepton_batch.run.monitor import TOPIC, MetricsPlugin, ShardWatch
+from lepton_batch.run.worker import RunContext, process_shard
 
 if TYPE_CHECKING:
-    from lepton_batch.early import EarlyCluster
+    from lepton_batch.run.startup import EarlyCluster
 
 log = logging.getLogger(__name__)
 _CACHE_ATTR = "_lepton_batch_engines"
@@ -168,7 +168,7 @@ def _warm_imports(model_dir: str, done: threading.Event) -> None:
         import transformers
 
         import lepton_batch.engine.encoder  # noqa: F401  (and the kernels it imports)
-        from lepton_batch.modeldir import resolve_model_dir
+        from lepton_batch.job.modeldir import resolve_model_dir
 
         config = transformers.AutoConfig.from_pretrained(str(resolve_model_dir(model_dir)))
         for name in getattr(config, "architectures", None) or []:
@@ -196,7 +196,7 @@ def _worker_cache() -> EngineCache:
 def _run_shard(shard: Shard, job: JobSpec, ctx: RunContext, rows: np.ndarray | None
                ) -> ShardRecord:
     """The task: one shard, its stages timed by Dask's ``context_meter`` (the dashboard's
-    fine performance metrics) and its progress posted on :data:`~lepton_batch.monitor.TOPIC`."""
+    fine performance metrics) and its progress posted on :data:`~lepton_batch.run.monitor.TOPIC`."""
     worker = get_worker()
     stats = BatchStats()
     with ShardWatch(lambda event: worker.log_event(TOPIC, event), job.name, ctx.run_id,

@@ -1,0 +1,1 @@
+"""Throughput comparisons against the usual ways; imported only by the ``bench`` command."""

@@ -1,0 +1,1 @@
+"""The command line: one module per command. The only layer that prints; nothing imports it."""
