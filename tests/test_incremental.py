@@ -265,11 +265,11 @@ def test_delta_output_over_three_nights_reads_as_one_table(tmp_path, tiny_bert):
 
 RANK = "qualify rank() over (partition by id order by run_date desc, run_id desc) = 1"
 LATEST_SQL = ("select * from (select * from read_parquet('{glob}', hive_partitioning = true) "
-              f"{RANK}){{where}}")  # the README's DuckDB query
+              f"{RANK}){{where}}")  # docs/nightly-runs.md's DuckDB query
 
 
 def _duckdb_latest(root, tombstones: bool = False) -> pl.DataFrame:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "nightly-runs.md").read_text()
     assert RANK in readme and "where not deleted" in readme
     glob = str(root / "run_date=*" / "*.parquet")
     return duckdb.connect().sql(LATEST_SQL.format(
