@@ -1,4 +1,4 @@
-"""What happens when the input is bad: the matrix the README's "What happens when…" lists.
+"""What happens when the input is bad: the matrix docs/bad-input.md lists.
 
 Each case asserts the message a user sees (a validation problem, raised before any model
 loads) or the ``error`` value of the row (row-level problems never fail the job). Output
