@@ -60,7 +60,7 @@ def test_softmax_scores_template_and_min_score(tmp_path, tiny_bert, corpus):
     assert good.filter(pl.col("label").is_null())["labels"].list.len().to_list() == [3] * below
 
     # The submit summary counts them apart from errors.
-    from lepton_batch.cli.app import _label_counts
+    from lepton_batch.cli.submit import _label_counts
 
     out = io.StringIO()
     Console(file=out, width=200).print(_label_counts(plan))

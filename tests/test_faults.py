@@ -329,9 +329,10 @@ OPTIONAL_STEPS = ["preview", "polars-missing", "report-json", "report-html",
 @pytest.mark.parametrize("step", OPTIONAL_STEPS)
 def test_failing_optional_step_never_fails_a_finished_run(step, tmp_path, tiny_bert,
                                                           corpus_dir, monkeypatch):
-    import lepton_batch.cli.app as cli
+    import lepton_batch.cli.submit as cli
     import lepton_batch.run.cluster as cluster
     import lepton_batch.run.lifecycle as run
+    from lepton_batch.cli.app import app
 
     def boom(*args, **kwargs):
         raise RuntimeError(f"injected failure in {step}")
@@ -375,7 +376,7 @@ def test_failing_optional_step_never_fails_a_finished_run(step, tmp_path, tiny_b
         monkeypatch.setattr(cli, "_label_counts", boom)
         overrides = ["--set", "task={kind: classify, labels: [files, network, numbers]}"]
     job = _job(tmp_path, tiny_bert, corpus_dir)
-    res = CliRunner().invoke(cli.app, ["submit", str(job), *overrides])
+    res = CliRunner().invoke(app, ["submit", str(job), *overrides])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "out" / "_SUCCESS").is_file()
     assert len(list((tmp_path / "out").glob("run_date=*/*.parquet"))) == 9

@@ -480,7 +480,7 @@ def test_validate_shows_the_generation_settings(tmp_path, tiny_llama):
 
     from rich.console import Console
 
-    from lepton_batch.cli.app import _settings_table
+    from lepton_batch.cli.validate import settings_table as _settings_table
 
     write_corpus(tmp_path / "in", n_files=1, rows=15)
     plan = _causal_job(tmp_path, tiny_llama, {

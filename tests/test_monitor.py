@@ -15,7 +15,7 @@ from conftest import write_corpus, write_job
 from typer.testing import CliRunner
 
 from lepton_batch.cli.app import app
-from lepton_batch.cli.status import latest_report
+from lepton_batch.output.readers import latest_report
 from lepton_batch.run.monitor import MetricTotals, PrometheusCollector
 from lepton_batch.run.progress import PADDING_MIN_ROWS, RunProgress, describe, padding_headline
 
@@ -248,7 +248,7 @@ def test_bad_progress_mode_is_refused_before_anything_runs(tmp_path, tiny_bert):
 def test_dashboard_server_tracebacks_stay_out_of_the_console():
     import logging
 
-    from lepton_batch.cli.app import _setup_logging
+    from lepton_batch.cli.common import setup_logging as _setup_logging
 
     _setup_logging(verbose=False)
     # Dask sets tornado.application to ERROR; a tab closed mid-load logs a traceback there

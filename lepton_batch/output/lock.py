@@ -138,3 +138,14 @@ def _lease(root: RemotePath, run_id: str) -> Iterator[None]:
         stop.set()
         thread.join()
         path.unlink(missing_ok=True)
+
+
+def holder(root: OutputPath) -> dict:
+    """What ``root``'s ``_lock`` names as the run writing it now (host, pid, run_id, since,
+    command); empty when no run holds it (a run empties or removes the file when it stops,
+    even on Ctrl-C) or the file cannot be read. Only a look, as ``check_free``."""
+    try:
+        info = json.loads((root / LOCK).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}

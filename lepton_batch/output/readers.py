@@ -1,31 +1,45 @@
-"""Read an output directory's rows without a model (``inspect``): schema, partitions,
-labels or embedding norms, errors, sample rows, SQL. Its runs (``status``): status.py.
+"""Read an output directory without a model: its rows (what ``inspect`` shows: schema,
+partitions, labels or embedding norms, errors, sample rows, SQL) and its runs (what
+``status`` shows: run reports, the run writing it now, current rows).
 
-Everything is a lazy polars scan of the published parts plus ``_schema.json``. Nothing here
-imports torch, transformers or Dask, so it answers in a second on any machine that can
-read the files.
+Rows are lazy polars scans of the published parts plus ``_schema.json``. Everything here
+returns data (frames, dicts, numbers); the command line (``lepton_batch.cli``) turns it into
+tables. Nothing here imports torch, transformers or Dask, so it answers in a second on any
+machine that can read the files.
+
+"Current rows" are the output's newest row per id (``incremental.latest_rows``, the one
+definition ``inspect --latest`` and the incremental row plan use); in a snapshot output
+every row is current. A run is *interrupted* when its ``_runs/RUN_ID/`` holds no report and
+no live process holds the output's lock for it (Ctrl-C, SIGKILL, a lost machine).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
-from rich.markup import escape
-from rich.table import Table
 
+from lepton_batch.output import lock
 from lepton_batch.output.contract import SCHEMA_FILE, read_contract, schema_of
 from lepton_batch.output.dataset import (
     MARKER,
+    RUNS_DIR,
+    SUCCESS,
     is_ours,
     published_parts,
-    staged_count,
+    published_records,
 )
+from lepton_batch.output.manifest import MANIFEST_DIR, ShardRecord, read_records
 from lepton_batch.plan.incremental import latest_rows, scan_output
+from lepton_batch.store import OutputPath
 
-SAMPLE_ROWS = 5  # sample rows shown by inspect when --rows is not given
-SQL_ROWS = 100  # result rows shown for --sql when --rows is not given
+ERROR_VALUE = "(error)"  # a null value of a counted column: the row failed
+BELOW_MIN_SCORE = "(below task.min_score)"  # a null label on a row without an error
 
 
 class InspectError(ValueError):
@@ -70,16 +84,20 @@ def id_column(root: Path, frame: pl.LazyFrame) -> str:
     return contract.get("id_column") or fields[0]["name"]
 
 
-def inspect_tables(root: Path, latest: bool = False, sql: str | None = None,
-                   rows: int | None = None) -> list[Table]:
-    """What ``lepton-batch inspect OUTPUT`` prints.
+@dataclass(frozen=True)
+class OutputRows:
+    """An output's rows, lazily: ``every`` published row, and ``newest``, the newest row per
+    id (the same frame in a snapshot, whose rows are all current)."""
 
-    Without ``sql``: an overview, the schema, rows per partition, the label distribution
-    (classify), embedding L2 norms (embed) or finish reasons (generate), errors by message
-    and ``rows`` sample rows (default 5). With ``sql``: only its result, at most ``rows``
-    rows (default 100); table ``output`` is every row, ``latest`` the newest row per id.
-    ``latest``: every figure (and table ``output``) counts only the newest row per id.
-    """
+    root: Path
+    every: pl.LazyFrame
+    newest: pl.LazyFrame
+    id_column: str
+
+
+def read_rows(root: Path) -> OutputRows:
+    """The rows of output ``root``; InspectError when it is not one, or holds no rows and no
+    schema yet."""
     check_output(root)
     frame = scan(root)
     if frame is None:
@@ -91,132 +109,62 @@ def inspect_tables(root: Path, latest: bool = False, sql: str | None = None,
     layout = (read_contract(root) or {}).get("layout")
     history = layout == "incremental" or (layout is None and "run_id" in
                                           frame.collect_schema().names())
-    newest = latest_rows(frame, idc) if history else frame
-    if sql is not None:
-        return [sql_table(newest if latest else frame, newest, sql,
-                          SQL_ROWS if rows is None else rows)]
-    view = newest if latest else frame
-    tables = [_overview(root, view, idc, latest), _schema_table(root, view),
-              _partitions_table(root, view, latest)]
-    names = view.collect_schema().names()
-    if "label" in names:
-        tables.append(_counts_table(view, "label", "score"))
-    if "finish_reason" in names:
-        tables.append(_counts_table(view, "finish_reason"))
-    if "embedding" in names:
-        tables.append(_norms_table(view))
-    tables += [_errors_table(view, idc), _sample_table(view, SAMPLE_ROWS if rows is None
-                                                       else rows)]
-    return tables
+    return OutputRows(root, frame, latest_rows(frame, idc) if history else frame, idc)
 
 
-def _overview(root: Path, view: pl.LazyFrame, idc: str, latest: bool) -> Table:
-    contract = read_contract(root) or {}
-    table = Table(title=f"output {escape(str(root))}" + (" (newest row per id)" if latest
-                                                         else ""), show_header=False)
-    for key in ("job", "task", "layout", "output_format"):
-        if key in contract:
-            table.add_row(key, escape(str(contract[key])))
-    n, ids = view.select(pl.len(), pl.col(idc).n_unique()).collect().row(0)
-    table.add_row("rows", f"{n:,}")
-    table.add_row(f"distinct ids ({escape(idc)})", f"{ids:,}")
-    if latest and n > ids:
-        table.add_row("repeated ids", f"{n - ids:,} more row(s) than ids: an id that repeats in "
-                      "the input has one row per input row")
-    if not published_parts(root):
-        table.add_row("published", f"nothing yet ({staged_count(root)} shard(s) staged by an "
-                      "unfinished run)")
-    return table
+def row_count(view: pl.LazyFrame, idc: str) -> tuple[int, int]:
+    """Rows, and distinct values of the id column."""
+    return view.select(pl.len(), pl.col(idc).n_unique()).collect().row(0)
 
 
-def _schema_table(root: Path, view: pl.LazyFrame) -> Table:
-    stated = {f["name"]: f["type"] for f in (read_contract(root) or {}).get("fields", [])}
-    table = Table(title="schema (run_date: the partition)", caption=None if stated else
-                  f"no {SCHEMA_FILE}: written by a lepton-batch from before schema contracts")
-    for column in ("column", *(["type"] if stated else []), "polars type"):
-        table.add_column(column)
-    for name, dtype in view.collect_schema().items():
-        table.add_row(escape(name), *([escape(stated.get(name, ""))] if stated else []),
-                      escape(str(dtype)))
-    return table
-
-
-def _partitions_table(root: Path, view: pl.LazyFrame, latest: bool) -> Table:
+def partitions(view: pl.LazyFrame) -> pl.DataFrame:
+    """One row per ``run_date``: rows, errors and (with a run_id column) runs."""
     has_runs = "run_id" in view.collect_schema().names()
-    df = (view.group_by("run_date")
-          .agg(pl.len().alias("rows"), pl.col("error").is_not_null().sum().alias("errors"),
-               *([pl.col("run_id").n_unique().alias("runs")] if has_runs else []))
-          .sort("run_date").collect())
-    table = Table(title="rows per partition" + (" (newest row per id)" if latest else ""))
-    columns = ["run_date", "rows", "errors"] + ["runs"] * has_runs + ["part files"] * (not latest)
-    for column in columns:
-        table.add_column(column, justify="left" if column == "run_date" else "right")
-    for row in df.iter_rows(named=True):
-        cells = [str(row["run_date"]), f"{row['rows']:,}", f"{row['errors']:,}"]
-        if has_runs:
-            cells.append(f"{row['runs']:,}")
-        if not latest:
-            cells.append(str(len(list(root.glob(f"run_date={row['run_date']}/*.parquet")))))
-        table.add_row(*cells)
-    return table
+    return (view.group_by("run_date")
+            .agg(pl.len().alias("rows"), pl.col("error").is_not_null().sum().alias("errors"),
+                 *([pl.col("run_id").n_unique().alias("runs")] if has_runs else []))
+            .sort("run_date").collect())
 
 
-def _counts_table(view: pl.LazyFrame, column: str, score: str | None = None) -> Table:
-    """Rows per value of ``column`` (null: the row's error), with the mean of ``score``."""
+def part_files(root: Path, run_date: object) -> int:
+    """Part files in partition ``run_date=...``."""
+    return len(list(root.glob(f"run_date={run_date}/*.parquet")))
+
+
+def value_counts(view: pl.LazyFrame, column: str, score: str | None = None) -> pl.DataFrame:
+    """Rows per value of ``column`` (most first), with the mean of ``score`` as ``mean``.
+    A null value is named: ``(error)``, or for a label on a row without an error ``(below
+    task.min_score)`` (its top score was below the threshold; not an error)."""
+    null = pl.lit(ERROR_VALUE)
+    if column == "label" and "error" in view.collect_schema().names():
+        null = pl.when(pl.col("error").is_null()).then(pl.lit(BELOW_MIN_SCORE)).otherwise(null)
     aggs = [pl.len().alias("rows")] + ([pl.col(score).mean().alias("mean")] if score else [])
-    df = view.group_by(column).agg(*aggs).sort("rows", column, descending=[True, False]
-                                                ).collect()
-    total = max(int(df["rows"].sum()), 1)
-    table = Table(title=f"rows per {column}")
-    for c in (column, "rows", "share") + ((f"mean {score}",) if score else ()):
-        table.add_column(c, justify="left" if c == column else "right")
-    for row in df.iter_rows(named=True):
-        mean = [] if not score else ["-" if row["mean"] is None else f"{row['mean']:.3f}"]
-        table.add_row("(error)" if row[column] is None else escape(str(row[column])),
-                      f"{row['rows']:,}", f"{row['rows'] / total:.1%}", *mean)
-    return table
+    return (view.with_columns(pl.col(column).cast(pl.String).fill_null(null))
+            .group_by(column).agg(*aggs).sort("rows", column, descending=[True, False])
+            .collect())
 
 
-def _norms_table(view: pl.LazyFrame) -> Table:
-    """L2 norms of the embeddings (1.0 when the job normalizes), over rows that have one."""
+def embedding_norms(view: pl.LazyFrame) -> dict:
+    """L2 norms of the embeddings (1.0 when the job normalizes), over rows that have one:
+    ``n``, ``dim``, ``min``, ``mean``, ``max`` (None where no row has one)."""
     e = pl.col("embedding")
     norm = e.arr.to_list().list.eval(pl.element().cast(pl.Float64) ** 2).list.sum().sqrt()
-    stats = view.select(e.is_not_null().sum().alias("n"), e.arr.len().max().alias("dim"),
-                        norm.min().alias("min"), norm.mean().alias("mean"),
-                        norm.max().alias("max")).collect().row(0, named=True)
-    table = Table(title="embedding L2 norms")
-    for column in ("rows with an embedding", "dim", "min", "mean", "max"):
-        table.add_column(column, justify="right")
-    table.add_row(f"{stats['n']:,}", str(stats["dim"] or "-"),
-                  *("-" if stats[k] is None else f"{stats[k]:.4f}" for k in ("min", "mean",
-                                                                              "max")))
-    return table
+    return view.select(e.is_not_null().sum().alias("n"), e.arr.len().max().alias("dim"),
+                       norm.min().alias("min"), norm.mean().alias("mean"),
+                       norm.max().alias("max")).collect().row(0, named=True)
 
 
-def _errors_table(view: pl.LazyFrame, idc: str, top: int = 10) -> Table:
-    df = (view.filter(pl.col("error").is_not_null()).group_by("error")
-          .agg(pl.len().alias("rows"), pl.col(idc).sort().head(3).alias("ids"))
-          .sort("rows", "error", descending=[True, False]).collect())
-    table = Table(title="rows with an error, by message", caption=(
-        f"{df.height - top} more message(s) not shown" if df.height > top else None))
-    for column in ("error", "rows", f"e.g. {idc}"):
-        table.add_column(column, overflow="fold", justify="right" if column == "rows" else
-                         "left")
-    for row in df.head(top).iter_rows(named=True):
-        table.add_row(escape(row["error"]), f"{row['rows']:,}",
-                      escape(", ".join(str(i) for i in row["ids"])))
-    if df.is_empty():
-        table.add_row("(none)", "0", "")
-    return table
+def errors_by_message(view: pl.LazyFrame, idc: str) -> pl.DataFrame:
+    """One row per error message (most first): ``error``, ``rows`` and three example ids."""
+    return (view.filter(pl.col("error").is_not_null()).group_by("error")
+            .agg(pl.len().alias("rows"), pl.col(idc).sort().head(3).alias("ids"))
+            .sort("rows", "error", descending=[True, False]).collect())
 
 
-def _sample_table(view: pl.LazyFrame, n: int) -> Table:
-    return _frame_table(view.head(n).collect(), f"sample rows (first {n})")
-
-
-def sql_table(output: pl.LazyFrame, latest: pl.LazyFrame, sql: str, rows: int) -> Table:
-    """The result of ``sql`` (polars SQL) over tables ``output`` and ``latest``, at most
-    ``rows`` rows; InspectError with polars' message when the query cannot run."""
+def run_sql(output: pl.LazyFrame, latest: pl.LazyFrame, sql: str, rows: int
+            ) -> tuple[pl.DataFrame, bool]:
+    """The first ``rows`` rows of ``sql`` (polars SQL) over tables ``output`` and ``latest``,
+    and whether it has more; InspectError with polars' message when the query cannot run."""
     context = pl.SQLContext(frames={"output": output, "latest": latest})
     try:
         df = context.execute(sql, eager=False).head(rows + 1).collect()
@@ -224,28 +172,137 @@ def sql_table(output: pl.LazyFrame, latest: pl.LazyFrame, sql: str, rows: int) -
         # polars appends the plan it resolved; the first paragraph is the message
         message = str(exc).split("\n\nResolved plan")[0].strip()
         raise InspectError(f"--sql: {message}") from None
-    more = df.height > rows
-    return _frame_table(df.head(rows), "--sql result" + (
-        f" (first {rows} rows; --rows N shows more)" if more else f" ({df.height} row(s))"))
+    return df.head(rows), df.height > rows
 
 
-def _frame_table(df: pl.DataFrame, title: str) -> Table:
-    table = Table(title=escape(title))
-    for name in df.columns:
-        table.add_column(escape(name), overflow="fold", max_width=48)
-    for row in df.iter_rows():
-        table.add_row(*(escape(_cell(v)) for v in row))
-    return table
+def read_json(path: OutputPath) -> dict | None:
+    """A JSON object file (``_SUCCESS``, a report), or None when absent or unreadable."""
+    try:
+        blob = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return blob if isinstance(blob, dict) else None
 
 
-def _cell(value: object) -> str:
-    """A value, short: lists as their first three items and length, floats to 4 places."""
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        head = ", ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in value[:3])
-        return f"[{head}{', …' if len(value) > 3 else ''}] ({len(value)})"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    text = str(value)
-    return text[:60].replace("\n", " ") + "…" if len(text) > 60 else text
+def last_published(root: OutputPath) -> dict | None:
+    """``_SUCCESS`` (run_id, run_date of the last published run), or None."""
+    return read_json(root / SUCCESS)
+
+
+def run_reports(root: Path) -> list[dict]:
+    """One dict per run under ``_runs/``, oldest first: its ``report.json`` as written (an
+    older version lacks some keys), or ``{"run_id": ...}`` alone for a run that wrote none
+    (interrupted, or running now)."""
+    folders = sorted(p for p in (root / RUNS_DIR).glob("*") if p.is_dir())
+    return [{"run_id": f.name, **(read_json(f / "report.json") or {})} for f in folders]
+
+
+def latest_report(root: Path) -> Path | None:
+    """The newest run's ``report.html`` (else its ``report.json``), if one was written."""
+    for folder in sorted((p for p in (root / RUNS_DIR).glob("*") if p.is_dir()), reverse=True):
+        for name in ("report.html", "report.json"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def lock_holder(root: OutputPath) -> tuple[dict, bool] | None:
+    """What ``_lock`` says of the run writing the output now, and whether its process is
+    known to be gone (on this host only; the kernel released the lock when it died). None
+    when no run holds it."""
+    info = lock.holder(root)
+    if not info:
+        return None
+    pid = info.get("pid")
+    if info.get("host") == socket.gethostname() and isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return info, True
+        except PermissionError:
+            pass  # alive, another user's
+    return info, False
+
+
+def run_state(report: dict, root: Path) -> str:
+    """published, failed, running (its process holds the lock) or interrupted."""
+    if len(report) > 1:
+        return "published" if report.get("published") else "failed, not published"
+    held = lock_holder(root)
+    running = held is not None and held[0].get("run_id") == report["run_id"] and not held[1]
+    return "running" if running else "interrupted"
+
+
+def fingerprint_change(reports: list[dict]) -> tuple[str, str | None, str | None] | None:
+    """The newest job fingerprint, the run that changed it and the fingerprint before (both
+    None when no run changed it); None when no report names one."""
+    seen = [(r["run_id"], r["job_fingerprint"]) for r in reports if r.get("job_fingerprint")]
+    if not seen:
+        return None
+    newest = seen[-1][1]
+    for (_, before), (run, fp) in reversed(list(zip(seen, seen[1:], strict=False))):
+        if before != fp:
+            return newest, run, before
+    return newest, None, None
+
+
+def published_rows(root: Path) -> tuple[int, int, list[str]]:
+    """Published rows, part files, and the partition dates (sorted)."""
+    parts = published_parts(root)
+    if not parts:
+        return 0, 0, []
+    rows = scan_output(parts).select(pl.len()).collect().item()
+    return rows, len(parts), sorted({p.parent.name.removeprefix("run_date=") for p in parts})
+
+
+def current_rows(root: OutputPath, id_column: str, columns: list[str] | None = None
+                 ) -> pl.LazyFrame:
+    """The output's current rows (newest per id) over its published parts; ``columns``:
+    what an object-store read fetches besides the id and run id (None: every column)."""
+    read = None if columns is None else list(dict.fromkeys([id_column, "run_id", "deleted",
+                                                            *columns]))
+    return latest_rows(scan_output(published_parts(root), read), id_column)
+
+
+def current_counts(root: OutputPath, id_column: str, fingerprint: str, truncated: bool
+                   ) -> tuple[int, int, int]:
+    """Of the current rows that job ``fingerprint`` made: rows, rows with an error, and
+    truncated rows (0 when the output has no ``truncated`` column)."""
+    current = current_rows(root, id_column, ["job_fingerprint", "error"]
+                           + ["truncated"] * truncated)
+    return current.filter(pl.col("job_fingerprint") == fingerprint).select(
+        pl.len(), pl.col("error").is_not_null().sum(),
+        pl.col("truncated").sum() if truncated else pl.lit(0)).collect().row(0)
+
+
+def published_shards(root: OutputPath, shards: set[str], fingerprint: str
+                     ) -> tuple[list[ShardRecord], list[str]]:
+    """The published records of ``shards`` (fingerprints) under job ``fingerprint``, and the
+    other job fingerprints the manifest holds records of (sorted)."""
+    every = read_records(root / MANIFEST_DIR)
+    records = list(published_records(root, shards, fingerprint, every).values())
+    return records, sorted({r.job_fingerprint for r in every.values()} - {fingerprint})
+
+
+def first_rows(root: OutputPath, id_column: str, current: bool, n: int) -> pl.DataFrame:
+    """The output's first ``n`` rows. ``current``: the first current rows by id (the keys are
+    found on three columns, then only those rows are read whole); else the first rows of
+    the first part file."""
+    if not current:
+        return scan_output(published_parts(root)[:1]).head(n).collect()
+    keys = (current_rows(root, id_column, []).select(id_column, "run_id")
+            .sort(id_column, nulls_last=True).head(n).collect())
+    # is_in first: a predicate the Parquet scan can use; the join then pairs id and run
+    return (scan_output(published_parts(root))
+            .filter(pl.col(id_column).is_in(keys[id_column].implode()))
+            .join(keys.lazy(), on=[id_column, "run_id"], how="semi")
+            .sort(id_column, nulls_last=True).head(n).collect())
+
+
+def label_rows(root: OutputPath, id_column: str, current: bool) -> pl.LazyFrame:
+    """The label, score and error of every published row, or (``current``) of the current
+    rows only."""
+    columns = ["label", "score", "error"]
+    if current:
+        return current_rows(root, id_column, columns)
+    return scan_output(published_parts(root), columns)
