@@ -229,3 +229,27 @@ def test_help_names_values_not_python_types(command):
 def test_top_level_help_lists_version():
     res = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and "--version" in res.output and "<bool>" not in res.output
+
+
+def test_top_level_help_is_a_short_front_door():
+    """What it is, the five commands with a line each and one example; the rest is in each
+    command's own --help and in docs/."""
+    res = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "100"})
+    assert res.exit_code == 0, res.output
+    lines = res.output.rstrip().splitlines()
+    assert len(lines) <= 25, res.output
+    listed = [line.strip("│ ").split()[0] for line in lines
+              if line.startswith("│ ") and not line.startswith("│ --")]
+    assert listed == ["submit", "validate", "inspect", "status", "bench"], res.output
+    assert "lepton-batch submit jobs/quickstart.yaml" in res.output
+    assert (Path(__file__).parents[1] / "jobs" / "quickstart.yaml").is_file()
+    assert "oneDNN" not in res.output and "README.md" not in res.output
+
+
+def test_only_the_command_line_prints_tables():
+    """The readers return data; cli/ lays it out (rich)."""
+    code = ("import sys; import lepton_batch.output.readers, lepton_batch.output.lock; "
+            "print('rich' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stdout + res.stderr
