@@ -48,6 +48,8 @@ def status(job_or_output: StatusArg, set_: SetOpt = None, run_date: RunDateOpt =
     or "running" while its process holds the lock), the job fingerprint and the run that
     changed it, the last published run, shards staged by an unfinished run and the run
     writing it now. Exit code 2 for a directory that is not a lepton-batch output.
+
+    More: docs/nightly-runs.md (where a night stands), docs/monitoring.md (run reports).
     """
     setup_light_logging()
     if job_or_output.is_dir():
