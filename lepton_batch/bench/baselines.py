@@ -17,7 +17,6 @@ from lepton_batch.bench.measure import batch_pad
 from lepton_batch.bench.methods import Inputs, Method, Pass
 
 
-
 def st_model(ctx: Inputs, dtype: torch.dtype) -> Any:
     """A SentenceTransformer of the model directory in ``dtype``, cut at the resolved
     max_length; raises ImportError without sentence-transformers."""
