@@ -178,8 +178,9 @@ def test_step_runner_matches_a_plain_forward(llama, graphs, common):
     prefix = shared_prefix(tok)
     assert prefix == common
     stats = GenerateStats()
-    cache = KVCache(dec.stack, 3, 32, dec.dtype, dec.device)
-    run = StepRunner(dec, tok, cache, prefix, stats, graphs=graphs)
+    with torch.inference_mode():  # as generate runs (the prefix is computed here)
+        cache = KVCache(dec.stack, 3, 32, dec.dtype, dec.device)
+        run = StepRunner(dec, tok, cache, prefix, stats, graphs=graphs)
 
     def check(logits: torch.Tensor, seqs: list[list[int]]) -> None:
         assert logits.shape == (len(seqs), 800) and logits.dtype == torch.float32

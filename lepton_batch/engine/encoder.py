@@ -125,7 +125,6 @@ class Engine:
             self.quantization = "none"
             self.setup(torch.float32, reference)
             used = "float32"
-        del reference  # kept only as the fallback
         check = verdict.record(used, round(time.perf_counter() - start, 3))
         (log.info if check.passed else log.warning)("%s", check.summary())
         return check
