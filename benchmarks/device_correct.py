@@ -65,8 +65,8 @@ def _llama(path: Path, texts: list[str], layers: int, hidden: int) -> Path:
 def check_generate(model_dir: Path, device: str, dtype: str, ids: list[list[int]],
                    max_new: np.ndarray) -> dict:
     from lepton_batch.engine import EngineConfig, Tokenized
+    from lepton_batch.engine.continuous import GenerateStats, Sampling, generate
     from lepton_batch.engine.decoder import Decoder
-    from lepton_batch.engine.generate import GenerateStats, Sampling, generate
 
     dec = Decoder(EngineConfig(str(model_dir), "causal_lm", dtype=dtype, device=device,
                                max_length=1024))

@@ -169,8 +169,8 @@ class GenResult:
 def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) -> GenResult:
     """Both methods, ``cfg.repeats`` rounds each, on the same prompts and planned lengths."""
     from lepton_batch.engine import EngineConfig, Tokenized
+    from lepton_batch.engine.continuous import GenerateStats, Sampling, generate
     from lepton_batch.engine.decoder import Decoder
-    from lepton_batch.engine.generate import GenerateStats, Sampling, generate
     from lepton_batch.job.modeldir import resolve_model_dir
 
     cfg.check()
