@@ -93,7 +93,7 @@ class GeneratePipeline:
                         prompts[i] = None
                     continue
                 limits[i] = int(value)
-        from lepton_batch.engine.generate import row_seed
+        from lepton_batch.engine.continuous import row_seed
 
         prep = prepared(prompts, errors)
         ids = table[self.id_column].to_pylist()
@@ -115,7 +115,7 @@ class GeneratePipeline:
     def run(self, engine: Decoder, tok: Tokenized, spec: EngineSpec,
             stats: BatchStats) -> dict[str, pa.Array]:
         """Generations for the tokenized prompts, in their order."""
-        from lepton_batch.engine.generate import GenerateStats, Sampling, generate
+        from lepton_batch.engine.continuous import GenerateStats, Sampling, generate
 
         gstats = GenerateStats()
         stats.started()  # the first step follows at once

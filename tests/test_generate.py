@@ -15,8 +15,7 @@ from conftest import sample_texts, write_corpus, write_job
 from transformers import AutoModelForCausalLM
 
 from lepton_batch.engine import EngineConfig, Tokenized
-from lepton_batch.engine.decoder import Decoder
-from lepton_batch.engine.generate import (
+from lepton_batch.engine.continuous import (
     GenerateStats,
     Sampling,
     generate,
@@ -24,6 +23,7 @@ from lepton_batch.engine.generate import (
     shared_prefix,
     uniforms,
 )
+from lepton_batch.engine.decoder import Decoder
 from lepton_batch.engine.graphs import MIN_SPAN, bucket, replay_agrees
 from lepton_batch.job.spec import JobSpecError, load_job
 from lepton_batch.plan.build import make_plan

@@ -1,9 +1,12 @@
 """The throughput engine: a model loaded once per worker, fed token-budget batches.
 
 ``batching``: plans and collation (padded or packed); ``load``: device, dtype, weights;
-``packed``: the BERT family without padding; ``encoder``: the engine itself (embed,
-logits); ``quality``: the gate any precision but fp32 passes before it writes a row;
-``tokens``: the model's tokenizer without transformers.
+``packed``: the BERT family without padding; ``encoder``: the encoder engine (embed,
+logits) and ``pooling``; ``quality``: the gate any precision but fp32 passes before it
+writes a row (it returns a verdict; the engine acts on it); ``tokens``: the model's
+tokenizer without transformers. Causal LMs: ``decoder`` (the model, our forward, score),
+``kvcache``, and ``generate``, which wires ``scheduler`` (slots, admission, finishing),
+``steps`` (one forward per step; ``graphs``: static shapes, CUDA graphs) and ``sampler``.
 
 The names below load their module on first use: the driver plans a job with
 ``EngineConfig``, ``Tokenized`` and ``BatchStats`` without importing torch (seconds on a
@@ -24,12 +27,13 @@ from lepton_batch.engine.config import EngineConfig
 
 if TYPE_CHECKING:
     from lepton_batch.engine.decoder import Decoder
-    from lepton_batch.engine.encoder import Engine, is_oom, pool
+    from lepton_batch.engine.encoder import Engine, is_oom
     from lepton_batch.engine.load import resolve_device, resolve_dtype
+    from lepton_batch.engine.pooling import pool
     from lepton_batch.engine.quality import QualityCheck, QualityError
     from lepton_batch.engine.tokens import Pretokenized
 
-_LAZY = {"Engine": "encoder", "is_oom": "encoder", "pool": "encoder",
+_LAZY = {"Engine": "encoder", "is_oom": "encoder", "pool": "pooling",
          "resolve_device": "load", "resolve_dtype": "load",
          "QualityCheck": "quality", "QualityError": "quality"}
 

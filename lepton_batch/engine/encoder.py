@@ -10,6 +10,7 @@ the whole call is done: no host sync per batch.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +30,8 @@ from lepton_batch.engine.load import (
     set_cpu_threads,
 )
 from lepton_batch.engine.packed import PackedEncoder, dense_rows, packable
-from lepton_batch.engine.quality import QualityCheck, check_quality
+from lepton_batch.engine.pooling import pool
+from lepton_batch.engine.quality import QualityCheck, QualityError, judge
 from lepton_batch.engine.tokens import Pretokenized, truncating
 from lepton_batch.kernels import avoid_cudnn_sdpa, pick_attention, pick_varlen
 
@@ -107,7 +109,25 @@ class Engine:
             self.setup(self.dtype, self.model)  # rebuild the packed view over the swapped layers
         self.quality: QualityCheck | None = None
         if (self.dtype != torch.float32 or self.quantization != "none") and sample.texts:
-            self.quality = check_quality(self, sample.texts, sample.calibration_rows)
+            self.quality = self._gate(sample)
+
+    def _gate(self, sample: GateSample) -> QualityCheck:
+        """Run the quality gate (``quality.py``) on ``sample`` and act on its verdict: keep
+        this precision, fall back to the fp32 reference it was judged against, or (with
+        ``quality.on_fail: error``) refuse to run. Returns what goes into the metadata."""
+        start = time.perf_counter()
+        reference = load_model(self.config, torch.float32, self.device, "sdpa")
+        verdict = judge(self, reference, sample.texts, sample.calibration_rows)
+        used = verdict.candidate
+        if not verdict.passed:
+            if self.config.on_fail == "error":
+                raise QualityError(verdict.reason)
+            self.quantization = "none"
+            self.setup(torch.float32, reference)
+            used = "float32"
+        check = verdict.record(used, round(time.perf_counter() - start, 3))
+        (log.info if check.passed else log.warning)("%s", check.summary())
+        return check
 
     def setup(self, dtype: torch.dtype, model: torch.nn.Module | None = None) -> None:
         """Load the model in ``dtype`` (or adopt ``model``) and choose how it runs."""
@@ -318,28 +338,3 @@ def truncating_backend(tokenizer: Any, max_length: int) -> Any | None:
     # A copy, the engine's alone: never reconfigured by a caller of the HF tokenizer.
     return truncating(Tokenizer.from_str(backend.to_str()), max_length,
                       getattr(tokenizer, "truncation_side", "right"))
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, skip: int = 0) -> torch.Tensor:
-    """hidden (b, L, d) float, mask (b, L) int, right-padded -> (b, d) float, as
-    sentence-transformers' Pooling computes it.
-
-    pooling: ``mean`` (masked mean), ``cls`` (first unmasked token), ``max`` (masked
-    element-wise max), ``lasttoken`` (last non-pad token). skip: the first ``skip`` positions
-    are masked out, as sentence-transformers does for a prompt with ``include_prompt: false``.
-    """
-    if skip:
-        mask = mask.clone()
-        mask[:, :skip] = 0
-    rows = torch.arange(len(hidden), device=hidden.device)
-    if pooling == "cls":
-        return hidden[rows, mask.argmax(1)] if skip else hidden[:, 0]
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    if pooling == "max":
-        return hidden.masked_fill(m == 0, float("-inf")).max(1).values
-    if pooling == "lasttoken":
-        # Right padding: the last 1 in the mask. A row with no unmasked token pools to zeros.
-        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
-        return hidden[rows, last] * m[rows, last]
-    assert pooling == "mean", f"unknown pooling {pooling!r}"
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lepton_batch.engine.decoder import DecoderStack, KVCache
+from lepton_batch.engine.decoder import DecoderStack
+from lepton_batch.engine.kvcache import KVCache
 
 log = logging.getLogger(__name__)
 

@@ -5,32 +5,46 @@ texts (topped up from lepton-batch's calibration sample when the job has fewer r
 ``quality.sample_rows``; see calibration.py) through itself and through the same model
 loaded in fp32 (Hugging Face's padded forward, the reference). Embedding heads are
 compared by the cosine of their mean-pooled last hidden states (the worst row counts),
-classifier heads by how often the top label agrees. Below the threshold the engine falls
-back to the fp32 reference (or, with ``on_fail: error``, refuses to run); either way the
-figure goes into the file metadata.
+classifier heads by how often the top label agrees.
+
+The gate only measures: :func:`judge` returns a :class:`Verdict` and changes nothing.
+The engine acts on it (``Engine._gate`` in encoder.py): below the threshold it falls back
+to the fp32 reference (or, with ``on_fail: error``, refuses to run); either way the figure
+goes into the file metadata as a :class:`QualityCheck`.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from lepton_batch.engine.batching import collate, plan_batches
-from lepton_batch.engine.load import load_model
-
-if TYPE_CHECKING:
-    from lepton_batch.engine.encoder import Engine
-
-log = logging.getLogger(__name__)
+from lepton_batch.engine.batching import Tokenized, collate, plan_batches
+from lepton_batch.engine.config import EngineConfig
+from lepton_batch.engine.pooling import pool
 
 
 class QualityError(RuntimeError):
     """The requested precision disagrees with fp32 beyond the job's threshold."""
+
+
+class Gated(Protocol):
+    """What the gate reads of an engine (``encoder.Engine``); it calls, never sets."""
+
+    config: EngineConfig
+    device: str
+    pad_id: int
+    dtype: torch.dtype
+    quantization: str
+
+    def tokenize(self, texts: list[str]) -> Tokenized: ...
+
+    def embed(self, tok: Tokenized, pooling: str, normalize: bool, max_tokens: int,
+              max_rows: int) -> torch.Tensor: ...
+
+    def logits(self, tok: Tokenized, max_tokens: int, max_rows: int) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -67,11 +81,39 @@ class QualityCheck:
                 f"{self.metric} {self.value:.4f} (mean {self.mean:.4f}); {verdict}")
 
 
-@torch.inference_mode()
-def _reference(engine: Engine, model: torch.nn.Module, tok) -> torch.Tensor:
-    """fp32 outputs of ``model`` over ``tok`` with the padded HF forward, input order."""
-    from lepton_batch.engine.encoder import pool  # encoder imports this module
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's judgement of one precision (``candidate``) against fp32: ``passed``
+    when the measured agreement ``value`` (``metric``: the worst row's cosine, or the
+    share of top labels that agree; ``mean`` beside it) reaches ``threshold``. ``reason``
+    says why in one line, naming the job's setting."""
 
+    passed: bool
+    candidate: str
+    metric: str
+    value: float
+    mean: float
+    threshold: float
+    reason: str
+    sample_rows: int
+    calibration_rows: int = 0
+
+    def record(self, used: str, seconds: float) -> QualityCheck:
+        """The check for the file metadata, once the engine runs with ``used``."""
+        return QualityCheck(self.candidate, self.metric, round(self.value, 6),
+                            round(self.mean, 6), self.threshold, self.passed, used,
+                            self.sample_rows, seconds, self.calibration_rows)
+
+
+def precision(engine: Gated) -> str:
+    """The engine's precision as the gate names it: ``bfloat16``, ``float32+int8`` …"""
+    name = str(engine.dtype).removeprefix("torch.")
+    return name + (f"+{engine.quantization}" if engine.quantization != "none" else "")
+
+
+@torch.inference_mode()
+def _reference(engine: Gated, model: torch.nn.Module, tok: Tokenized) -> torch.Tensor:
+    """fp32 outputs of ``model`` over ``tok`` with the padded HF forward, input order."""
     parts = []
     for idx in plan_batches(tok.lengths, 4096, 64):
         batch = collate(tok, idx, engine.pad_id, False, engine.device)
@@ -87,43 +129,33 @@ def _reference(engine: Engine, model: torch.nn.Module, tok) -> torch.Tensor:
     return outs
 
 
-def check_quality(engine: Engine, sample: list[str], calibration_rows: int = 0) -> QualityCheck:
-    """Compare ``engine`` with its fp32 self on ``sample`` (whose last ``calibration_rows``
-    come from lepton-batch's calibration sample); fall back or raise when the agreement is
-    below the configured threshold. Returns what was measured."""
-    cfg, start = engine.config, time.perf_counter()
-    candidate = str(engine.dtype).removeprefix("torch.")
-    if engine.quantization != "none":
-        candidate += f"+{engine.quantization}"
+def judge(engine: Gated, reference: torch.nn.Module, sample: list[str],
+          calibration_rows: int = 0) -> Verdict:
+    """Compare ``engine`` with ``reference`` (the same model in fp32) on ``sample`` (whose
+    last ``calibration_rows`` come from lepton-batch's calibration sample) against the
+    job's threshold. Changes neither; the engine acts on the verdict."""
+    cfg = engine.config
+    candidate = precision(engine)
     tok = engine.tokenize(sample)
-    reference = load_model(cfg, torch.float32, engine.device, "sdpa")
     want = _reference(engine, reference, tok)
     if cfg.head == "classifier":
         got = engine.logits(tok, 4096, 64)
         agree = (got.argmax(-1) == want.argmax(-1)).float()
         metric, value, mean, threshold = ("label_agreement", float(agree.mean()),
                                           float(agree.mean()), cfg.min_label_agreement)
+        field = "min_label_agreement"
     else:
         got = engine.embed(tok, "mean", False, 4096, 64)
         cos = F.cosine_similarity(got, want, dim=-1)
         metric, value, mean, threshold = ("min_cosine", float(cos.min()), float(cos.mean()),
                                           cfg.min_cosine)
+        field = "min_cosine"
     passed = value >= threshold
-    used = candidate
-    if not passed:
-        if cfg.on_fail == "error":
-            field = "min_label_agreement" if cfg.head == "classifier" else "min_cosine"
-            raise QualityError(
-                f"{candidate} disagrees with float32 on {len(sample)} rows: {metric} {value:.4f} "
-                f"< quality.{field} {threshold}; use model.dtype: float32 and "
-                "model.quantization: none, or lower the threshold")
-        engine.quantization = "none"
-        engine.setup(torch.float32, reference)
-        used = "float32"
+    if passed:
+        reason = f"{metric} {value:.4f} >= quality.{field} {threshold}"
     else:
-        del reference
-    check = QualityCheck(candidate, metric, round(value, 6), round(mean, 6), threshold, passed,
-                         used, len(sample), round(time.perf_counter() - start, 3),
-                         calibration_rows)
-    (log.info if passed else log.warning)("%s", check.summary())
-    return check
+        reason = (f"{candidate} disagrees with float32 on {len(sample)} rows: {metric} "
+                  f"{value:.4f} < quality.{field} {threshold}; use model.dtype: float32 and "
+                  "model.quantization: none, or lower the threshold")
+    return Verdict(passed, candidate, metric, value, mean, threshold, reason, len(sample),
+                   calibration_rows)

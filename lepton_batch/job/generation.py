@@ -67,7 +67,7 @@ class GenerationSettings:
                  self.sources.get(name, "")) for name, v in self.values().items()]
 
     def sampling_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``engine.generate.Sampling``."""
+        """Keyword arguments of ``engine.continuous.Sampling``."""
         return {name: getattr(self, name) for name in GENERATE_DEFAULTS}
 
 
