@@ -1,6 +1,6 @@
 """What the commands share: the console they print to, the job-file options, logging,
 loading a job, and failing with exit code 2. Imports no Dask, torch or polars at import
-time (``lepton-batch --help`` and submit's driver stay light)."""
+time (``lepton-batch --help`` stays light; submit's driver never imports polars)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ def setup_light_logging(level: int = logging.WARNING) -> None:
 def setup_logging(verbose: bool) -> None:
     """Logging for the commands that start Dask workers (validate, submit, bench)."""
     setup_light_logging(logging.INFO if verbose else logging.WARNING)
-    import distributed  # noqa: F401  (configures its loggers on import; quiet them after)
+    # run/ is the layer that imports Dask, which sets its loggers' levels on import: import
+    # it first, quiet them after (only run/ imports distributed itself)
+    import lepton_batch.run.monitor  # noqa: F401
 
     if not verbose:
         # The dashboard's web server (bokeh on tornado) logs a traceback at ERROR when a
