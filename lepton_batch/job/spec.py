@@ -165,8 +165,8 @@ class OutputSpec(_Strict):
     # output under the job fingerprint and adds them as partition run_date=<run date>.
     mode: Literal["overwrite", "resume", "incremental", "error_if_exists"] = "resume"
     # parquet: a Hive-partitioned Parquet dataset. delta: a Delta Lake table (needs the
-    # `delta` extra) whose files the driver commits one shard per transaction; mode
-    # incremental only, since a Delta table is a history of commits.
+    # `delta` extra) whose files the driver commits: one shard per commit in modes
+    # incremental and resume, the whole run as one commit in overwrite / error_if_exists.
     format: Literal["parquet", "delta"] = "parquet"
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     # mode incremental: an id with output that the night's input lacks gets a row with
@@ -210,9 +210,6 @@ class JobSpec(_Strict):
         if self.output.format == "delta" and is_remote_url(self.output.path):
             raise ValueError("output.format delta writes to a local directory for now; an "
                              "object store needs a Delta locking provider")
-        if self.output.format == "delta" and self.output.mode != "incremental":
-            raise ValueError(f"output.format delta appends each shard as a Delta commit; set "
-                             f"output.mode: incremental (got {self.output.mode})")
         if self.output.tombstones and self.output.mode != "incremental":
             raise ValueError("output.tombstones marks ids deleted between nights; it needs "
                              f"output.mode: incremental (got {self.output.mode})")

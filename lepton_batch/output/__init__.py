@@ -1,2 +1,3 @@
-"""The dataset on disk: layout, staging and publish, manifest, lock, schema contract, Delta,
-readers. Imports only ``lepton_batch.job`` and the filesystem helpers."""
+"""The dataset on disk: layout, the sinks (Parquet, Delta) behind one protocol (sink.py),
+manifest, lock, schema contract, readers. Imports only ``lepton_batch.job`` and the
+filesystem helpers."""

@@ -1,9 +1,10 @@
-"""``output.format: delta``: a Delta Lake table whose files the driver commits one by one.
+"""``output.format: delta``: a Delta Lake table whose files the driver commits.
 
 Workers write plain Parquet files into the table directory, Hive style
 (``run_date=YYYY-MM-DD/part-<shard fp>-<run id>.parquet``, data columns only). A file that
 no log entry references is invisible to Delta readers. The driver then calls
-:func:`commit_file` once per finished shard; each call is ONE Delta transaction
+:func:`commit_file` once per finished shard, or :func:`replace_files` once for a whole
+snapshot (delta_sink.py says which mode does which); each call is ONE Delta transaction
 (``_delta_log/<version>.json``, written atomically), so a crash leaves a file either
 committed or invisible, never half-visible.
 
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 from urllib.parse import unquote
@@ -77,12 +79,15 @@ def _schema_problems(want: dict[str, tuple[Any, bool]], have: dict[str, tuple[An
 
 
 def ensure_table(uri: str, schema: pa.Schema, partition_by: list[str] | None = None,
-                 storage_options: dict[str, str] | None = None) -> None:
+                 storage_options: dict[str, str] | None = None,
+                 check_schema: bool = True) -> None:
     """Create the Delta table at ``uri`` if absent, else check it has this schema.
 
     ``schema`` holds the data columns only; each ``partition_by`` column (default
     ``["run_date"]``) is appended as a string column and partitions the table. Raises
-    ValueError naming every differing column when an existing table disagrees.
+    ValueError naming every differing column when an existing table disagrees
+    (``check_schema`` False: only its partition columns, for a commit that replaces the
+    schema).
     """
     dl = require_deltalake()
     partition_by = list(partition_by or [PARTITION_COLUMN])
@@ -98,7 +103,7 @@ def ensure_table(uri: str, schema: pa.Schema, partition_by: list[str] | None = N
                          storage_options=storage_options)
     dt = _table(uri, storage_options)
     problems = _schema_problems(_columns(dl.Schema.from_arrow(full)), _columns(dt.schema()),
-                                "the table")
+                                "the table") if check_schema else []
     have_parts = list(dt.metadata().partition_columns)
     if have_parts != partition_by:
         problems.append(f"table is partitioned by {have_parts}, expected {partition_by}")
@@ -166,44 +171,30 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-def commit_file(uri: str, rel_path: str, partition: dict[str, str], num_rows: int,
-                app_id: str | None = None,
-                storage_options: dict[str, str] | None = None) -> bool:
-    """Add the existing Parquet file ``rel_path`` to the table in one Delta transaction.
-
-    ``rel_path`` is relative to the table root, as on storage (not URL-encoded); the file
-    holds exactly the table's data columns, and ``partition`` (``{"run_date": "..."}``)
-    gives the partition values its directory encodes. ``num_rows`` must match the footer.
-    ``app_id`` (e.g. the job and run id) is recorded in the commit's ``commitInfo``.
-    Returns False and commits nothing when the path is already committed; raises
-    RuntimeError when it is committed with another size (the file was rewritten since),
-    ValueError when the file does not fit the table.
-    """
-    dl = require_deltalake()
-    from deltalake.exceptions import CommitFailedError
-    from deltalake.transaction import AddAction
-
+def _data_file(uri: str, rel_path: str) -> tuple[pafs.FileSystem, pafs.FileInfo]:
+    """The filesystem and file info of ``rel_path`` under the table root."""
     if rel_path.startswith("/") or ".." in rel_path.split("/") or "://" in rel_path:
         raise ValueError(f"commit_file: {rel_path!r} must be a path relative to the table root")
-    dt = _table(uri, storage_options)
     fs, root = _filesystem(uri)
     info = fs.get_file_info(f"{root.rstrip('/')}/{rel_path}")
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"commit_file: no data file {rel_path} under {uri}")
-    live = _live(dt)
-    if rel_path in live:
-        if live[rel_path][0] != info.size:
-            raise RuntimeError(
-                f"{rel_path} is committed to {uri} with {live[rel_path][0]} bytes but the file "
-                f"now has {info.size}: it was rewritten after its commit, which corrupts the "
-                "table; never rewrite a committed path")
-        return False
+    return fs, info
 
+
+def _add_action(dt: Any, uri: str, rel_path: str, partition: dict[str, str], num_rows: int,
+                table_cols: dict[str, tuple[Any, bool]] | None = None) -> Any:
+    """The ``AddAction`` of the existing Parquet file ``rel_path``, checked against the table
+    (``table_cols``: the table's ``_columns`` after the commit; default: as it is now)."""
+    dl = require_deltalake()
+    from deltalake.transaction import AddAction
+
+    fs, info = _data_file(uri, rel_path)
     meta = pq.read_metadata(info.path, filesystem=fs)
     file_schema = meta.schema.to_arrow_schema()
     parts = list(dt.metadata().partition_columns)
-    table_cols = _columns(dt.schema())
-    data_cols = {k: v for k, v in table_cols.items() if k not in parts}
+    data_cols = {k: v for k, v in (table_cols or _columns(dt.schema())).items()
+                 if k not in parts}
     problems = _schema_problems(data_cols, _columns(dl.Schema.from_arrow(file_schema)),
                                 "the file", strict=False)
     if sorted(partition) != sorted(parts):
@@ -213,9 +204,8 @@ def commit_file(uri: str, rel_path: str, partition: dict[str, str], num_rows: in
         problems.append(f"footer says {meta.num_rows} rows, the driver expected {num_rows}")
     if problems:
         raise ValueError(f"cannot commit {rel_path} to {uri}: " + "; ".join(problems))
-
     mtime_ms = info.mtime_ns // 1_000_000 if info.mtime_ns else int(time.time() * 1000)
-    add = AddAction(
+    return AddAction(
         path=rel_path,  # delta-rs percent-encodes it for the log
         size=info.size,
         partition_values=dict(partition),
@@ -223,17 +213,59 @@ def commit_file(uri: str, rel_path: str, partition: dict[str, str], num_rows: in
         data_change=True,
         stats=json.dumps(_file_stats(meta, file_schema)),
     )
+
+
+def _removes(live: dict[str, tuple[int, dict[str, str | None]]], paths: set[str]) -> list[Any]:
+    """``RemoveAction``s of those ``paths`` that are live (the files stay on storage)."""
+    from deltalake.transaction import RemoveAction
+
+    now = int(time.time() * 1000)
+    return [RemoveAction(p, True, now, live[p][0], live[p][1]) for p in sorted(paths) if p in live]
+
+
+def commit_file(uri: str, rel_path: str, partition: dict[str, str], num_rows: int,
+                app_id: str | None = None,
+                storage_options: dict[str, str] | None = None,
+                replaces: set[str] | None = None) -> bool:
+    """Add the existing Parquet file ``rel_path`` to the table in one Delta transaction.
+
+    ``rel_path`` is relative to the table root, as on storage (not URL-encoded); the file
+    holds exactly the table's data columns, and ``partition`` (``{"run_date": "..."}``)
+    gives the partition values its directory encodes. ``num_rows`` must match the footer.
+    ``app_id`` (e.g. the job and run id) is recorded in the commit's ``commitInfo``.
+    ``replaces``: committed paths the same transaction removes (a shard computed again).
+    Returns False and commits nothing when the path is already committed; raises
+    RuntimeError when it is committed with another size (the file was rewritten since),
+    ValueError when the file does not fit the table.
+    """
+    dl = require_deltalake()
+    from deltalake.exceptions import CommitFailedError
+
+    _, info = _data_file(uri, rel_path)
+    dt = _table(uri, storage_options)
+    live = _live(dt)
+    if rel_path in live:
+        if live[rel_path][0] != info.size:
+            raise RuntimeError(
+                f"{rel_path} is committed to {uri} with {live[rel_path][0]} bytes but the file "
+                f"now has {info.size}: it was rewritten after its commit, which corrupts the "
+                "table; never rewrite a committed path")
+        return False
+    add = _add_action(dt, uri, rel_path, partition, num_rows)
+    removes = _removes(live, (replaces or set()) - {rel_path})
     txn_id = _TXN_PREFIX + rel_path
     # A path removed earlier and added again needs a higher txn version.
     last = dt.transaction_version(txn_id)
     txn_version = 0 if last is None else last + 1
     props = dl.CommitProperties(
         custom_metadata={"lepton_batch.file": rel_path, "lepton_batch.num_rows": num_rows,
-                         **({"lepton_batch.app_id": app_id} if app_id else {})},
+                         **({"lepton_batch.app_id": app_id} if app_id else {}),
+                         **({"lepton_batch.removed": len(removes)} if removes else {})},
         app_transactions=[dl.Transaction(txn_id, txn_version)],
     )
     try:
-        dt.create_write_transaction([add], "append", dt.schema(), partition_by=parts,
+        dt.create_write_transaction([add, *removes], "append", dt.schema(),
+                                    partition_by=list(dt.metadata().partition_columns),
                                     commit_properties=props)
     except CommitFailedError:
         # Another committer landed this same file since our snapshot (txn conflict).
@@ -245,6 +277,61 @@ def commit_file(uri: str, rel_path: str, partition: dict[str, str], num_rows: in
     return True
 
 
+def replace_files(uri: str, adds: list[tuple[str, dict[str, str], int]], keep: set[str],
+                  schema: pa.Schema, app_id: str | None = None,
+                  storage_options: dict[str, str] | None = None) -> bool:
+    """ONE transaction after which the table's files are exactly ``keep`` plus ``adds``.
+
+    ``adds``: ``(relative path, partition values, rows)`` of files on storage, as for
+    :func:`commit_file` (those committed already are kept as they are); every other live
+    file is removed (it stays on storage for older versions). ``schema``: the table's full
+    schema after the commit (data and partition columns); when it differs from the table's,
+    the commit also replaces the schema (a Delta ``overwrite``; ``keep`` must then be
+    empty). Readers see the old version or the new, never a mix. Returns False, committing
+    nothing, when the table already is that.
+    """
+    dl = require_deltalake()
+    dt = _table(uri, storage_options)
+    live = _live(dt)
+    want_cols = _columns(dl.Schema.from_arrow(schema))
+    same_schema = not _schema_problems(want_cols, _columns(dt.schema()), "the table")
+    new = [a for a in adds if a[0] not in live]
+    gone = set(live) - keep - {a[0] for a in adds}
+    if same_schema and not new and not gone:
+        return False
+    actions = [_add_action(dt, uri, path, part, rows, want_cols) for path, part, rows in new]
+    meta = {"lepton_batch.added": len(new), "lepton_batch.removed": len(gone),
+            **({"lepton_batch.app_id": app_id} if app_id else {})}
+    props = dl.CommitProperties(custom_metadata=meta)
+    parts = list(dt.metadata().partition_columns)
+    if same_schema:
+        dt.create_write_transaction([*actions, *_removes(live, gone)], "append", dt.schema(),
+                                    partition_by=parts, commit_properties=props)
+    else:  # overwrite removes every live file itself, and states the new schema
+        assert not keep & set(live), "a schema change replaces every file"
+        assert not set(live) & {a[0] for a in adds}, "a schema change replaces every file"
+        dt.create_write_transaction(actions, "overwrite", schema, partition_by=parts,
+                                    commit_properties=props)
+    log.info("delta: committed %d file(s), removed %d, in %s", len(new), len(gone), uri)
+    return True
+
+
+def logged_files(uri: str) -> set[str]:
+    """Relative paths of every data file the table's log names, live or removed: a file
+    outside this set was never committed (a killed writer's), one inside may still be read
+    by an older version. deltalake lists only live files, so this reads the JSON commits
+    (local tables only, as output.format delta is for now); what a checkpoint folded in and
+    log clean-up deleted is still live, or older than any version that can be read."""
+    names = set(committed_files(uri))
+    for commit in sorted(Path(uri, "_delta_log").glob("*.json")):
+        for line in commit.read_text().splitlines():
+            action = json.loads(line) if line.strip() else {}
+            for kind in ("add", "remove"):
+                if kind in action:
+                    names.add(unquote(action[kind]["path"]))
+    return names
+
+
 def remove_files(uri: str, rel_paths: list[str] | set[str], app_id: str | None = None,
                  storage_options: dict[str, str] | None = None) -> int:
     """Remove the given committed paths from the table in one transaction (for an overwrite).
@@ -253,13 +340,8 @@ def remove_files(uri: str, rel_paths: list[str] | set[str], app_id: str | None =
     on storage (older versions still read them) until ``DeltaTable.vacuum`` deletes them.
     """
     dl = require_deltalake()
-    from deltalake.transaction import RemoveAction
-
     dt = _table(uri, storage_options)
-    live = _live(dt)
-    now = int(time.time() * 1000)
-    removes = [RemoveAction(p, True, now, live[p][0], live[p][1])
-               for p in sorted(set(rel_paths)) if p in live]
+    removes = _removes(_live(dt), set(rel_paths))
     if not removes:
         return 0
     meta = {"lepton_batch.removed": len(removes),

@@ -30,6 +30,7 @@ from lepton_batch.job.shards import (
 from lepton_batch.job.spec import JobSpec, JobSpecError, fill_path, is_remote_url
 from lepton_batch.output.contract import contract_document, output_schema
 from lepton_batch.output.dataset import check_output_dir, computed_before, output_problem
+from lepton_batch.output.sink import format_problem
 from lepton_batch.store import OutputPath, RemotePath, remote_root
 
 if TYPE_CHECKING:
@@ -165,13 +166,8 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
         problems.append(problem)
     if output_root is not None and (problem := _overlap(inp.path, output_root, files)):
         problems.append(problem)
-    if job.output.format == "delta":
-        from lepton_batch.output.delta import require_deltalake
-
-        try:
-            require_deltalake()
-        except ImportError as exc:
-            problems.append(f"output.format: {exc}")
+    if problem := format_problem(job.output.format):  # a missing optional package
+        problems.append(problem)
     schema = None
     if pipeline is not None and not problems:
         try:

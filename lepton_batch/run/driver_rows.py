@@ -12,8 +12,8 @@ rows from its greatest run date). So the backfill also adds, at N, a copy of the
 as they stood before D's new rows (or, with tombstones, a tombstone for an id that had
 none): later nights keep saying what they said.
 
-Each set is one more part, staged (or written into its Delta partition) with a record like
-a shard's, and published or committed with the run's shards.
+Each set is one more part, written where the sink says with a record like a shard's, and
+published or committed with the run's shards.
 """
 
 from __future__ import annotations
@@ -96,10 +96,7 @@ def _write(ctx: RunContext, name: str, table: pa.Table, day: date, source: str,
     start = time.perf_counter()
     meta = {**ctx.file_metadata, "shard": name, "source": source}
     table = table.replace_schema_metadata({"lepton_batch": json.dumps(meta)})
-    if ctx.delta_partition:  # written straight into its partition; the driver commits it
-        rel = Path(f"run_date={day}") / f"part-{name}-{ctx.run_id}.parquet"
-    else:
-        rel = Path(ctx.staging) / f"part-{name}.parquet"
+    rel = Path(ctx.sink.part_path(name, day.isoformat()))
     codec = None if compression == "none" else compression
     write_atomic(ctx.output_root / rel, lambda fh: pq.write_table(table, fh, compression=codec))
     record = ShardRecord(

@@ -2,7 +2,7 @@
 
 The order is what makes a run safe to kill anywhere: the directory is marked as ours
 before anything else, one writer holds the lock, shards land in staging, and only a run
-whose every planned shard is done publishes (through a journal, see ``output.py``).
+whose every planned shard is done publishes (the sink's business: output/sink.py).
 Reporting comes after the publish and can only warn.
 """
 
@@ -22,18 +22,10 @@ from pathlib import Path
 
 from lepton_batch.faults import checkpoint
 from lepton_batch.job.spec import JobSpec
-from lepton_batch.output.dataset import (
-    PARTITION_COLUMN,
-    commit_delta,
-    commit_shard,
-    init_output,
-    prepare_output,
-    publish,
-    published_parts,
-    run_dir,
-)
+from lepton_batch.output.dataset import init_output, published_parts, run_dir
 from lepton_batch.output.lock import output_lock
 from lepton_batch.output.manifest import ShardRecord
+from lepton_batch.output.sink import make_sink
 from lepton_batch.plan.build import Plan, estimate_work
 from lepton_batch.plan.incremental import RowPlan
 from lepton_batch.run.cluster import run_shards
@@ -254,13 +246,13 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
     run_id = f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}-{uuid.uuid4().hex[:6]}"
     root = plan.output_root
     mode = job.output.mode
-    delta = job.output.format == "delta"
+    sink = make_sink(job.output.format, root, mode=mode, job_fingerprint=plan.job_fingerprint,
+                     run_id=run_id, run_date=plan.run_date.isoformat())
     shard_fps = {s.fingerprint for s in plan.shards}
     init_output(root)
     with output_lock(root, run_id):
         checkpoint("locked")
-        staging, done = prepare_output(root, mode, shard_fps, plan.job_fingerprint, run_id,
-                                       plan.contract)
+        done = sink.prepare(shard_fps, plan.contract)
         checkpoint("prepared")
         rows_plan = None
         if mode == "incremental":
@@ -281,10 +273,9 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
             engine = job.engine.model_copy(update={"threads": threads})
             job = job.model_copy(update={"engine": engine})
         ctx = RunContext(run_id=run_id, job_fingerprint=plan.job_fingerprint, output_root=root,
-                         staging=staging, model=plan.model, settings=plan.settings,
-                         schema=plan.schema, file_metadata=_file_metadata(plan, run_id),
-                         delta_partition=f"{PARTITION_COLUMN}={result.run_date}" if delta
-                         else None)
+                         staging=sink.staging, model=plan.model, settings=plan.settings,
+                         schema=plan.schema, sink=sink,
+                         file_metadata=_file_metadata(plan, run_id))
 
         def started_cluster(dashboard: str | None) -> None:
             result.dashboard = dashboard
@@ -292,8 +283,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
                 on_start(result)
 
         def finished(record: ShardRecord) -> None:
-            if delta:  # one Delta transaction per shard, as soon as it is done
-                commit_shard(root, record, run_id)
+            sink.shard_done(record)  # Delta commits it now in some modes
             result.records.append(record)
             result.progress.record(record)
             checkpoint("shard-recorded")
@@ -329,16 +319,11 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
                                                 job.output.compression):
                 shard_fps = shard_fps | {marks.shard_fingerprint}
                 partitions[marks.shard_fingerprint] = day
-                if delta:
-                    commit_shard(root, marks, run_id)
+                sink.shard_done(marks)
         result.seconds = time.perf_counter() - started
         if result.ok:
             result.published = True
-            if delta:
-                commit_delta(root, staging, run_id, result.summary(plan), plan.contract)
-            else:
-                publish(root, staging, shard_fps, plan.job_fingerprint, mode, result.run_date,
-                        run_id, result.summary(plan), plan.contract, partitions)
+            sink.publish(shard_fps, result.summary(plan), plan.contract, partitions)
     checkpoint("published")
     try:
         write_report(report, report_document(plan, result))

@@ -34,6 +34,7 @@ from lepton_batch.job.settings import Settings
 from lepton_batch.job.shards import Shard, read_shard, redact
 from lepton_batch.job.spec import EngineSpec, JobSpec
 from lepton_batch.output.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
+from lepton_batch.output.sink import Sink
 from lepton_batch.pipelines import Pipeline, encoder_task, make_pipeline
 from lepton_batch.plan.incremental import content_hashes, first_occurrences
 from lepton_batch.store import OutputPath
@@ -50,13 +51,11 @@ class RunContext:
     run_id: str
     job_fingerprint: str
     output_root: OutputPath  # a local directory or a RemotePath (picklable either way)
-    staging: str  # folder under output_root where this run's parts wait for publish
+    staging: str  # folder under output_root where this run's shard records wait
     model: ModelInfo
     settings: Settings  # resolved from the job and the model directory (plan.settings)
     schema: pa.Schema  # the output's columns, the same for every part (plan.schema)
-    # output.format delta: the partition (run_date=...) workers write into; the driver
-    # commits each file. None: parts wait in ``staging`` for the run's publish.
-    delta_partition: str | None = None
+    sink: Sink  # the output format's: where each part goes (output/sink.py)
     file_metadata: dict[str, str] = field(default_factory=dict)
 
     def engine_config(self, job: JobSpec, head: str) -> EngineConfig:
@@ -315,10 +314,7 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
     bin_width, length_counts = length_histogram(
         lengths, ctx.settings.max_length or int(lengths.max(initial=1)))
 
-    if ctx.delta_partition:  # invisible to Delta readers until the driver commits it
-        rel = Path(ctx.delta_partition) / f"part-{shard.fingerprint}-{ctx.run_id}.parquet"
-    else:  # published later, when the whole run is done
-        rel = Path(ctx.staging) / shard.part_name
+    rel = Path(ctx.sink.part_path(shard.fingerprint))  # readers see it once the sink says
     codec = None if job.output.compression == "none" else job.output.compression
     checkpoint("shard-computed")
     with stage("write"):
