@@ -115,7 +115,7 @@ def test_embed_job_matches_direct_forward(tmp_path, tiny_bert, corpus, chunk):
 def test_token_estimate_counts_as_the_model_tokenizer(tmp_path, tiny_bert, corpus):
     """The ETA's sample is tokenized from tokenizer.json without transformers; its counts
     (special tokens included, truncated at max_length) are AutoTokenizer's."""
-    from lepton_batch.plan.build import _sample_tokenizer
+    from lepton_batch.plan.estimate import _sample_tokenizer
 
     plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
     texts = [r["text"] for r in corpus[1] if r["text"] and r["text"].strip()]

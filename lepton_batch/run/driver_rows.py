@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from lepton_batch.output.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
 from lepton_batch.plan.incremental import RowPlan, as_of, latest_rows, scan_output
-from lepton_batch.run.worker import RunContext
+from lepton_batch.plan.work import ShardWork
 from lepton_batch.store import OutputPath
 
 # Their parts' names in place of a shard fingerprint: run_date=D/part-deleted-<run id>.parquet
@@ -63,7 +63,7 @@ def restated_table(parts: list[OutputPath], schema: pa.Schema, id_column: str, d
     return pa.table({f.name: rows[f.name].cast(f.type) for f in schema}, schema=schema)
 
 
-def write_driver_rows(ctx: RunContext, id_column: str, rows_plan: RowPlan, run_date: date,
+def write_driver_rows(ctx: ShardWork, id_column: str, rows_plan: RowPlan, run_date: date,
                       parts: list[OutputPath], compression: str
                       ) -> list[tuple[ShardRecord, str]]:
     """Write this run's tombstones and restated rows, each set as a part with its record;
@@ -91,7 +91,7 @@ def write_driver_rows(ctx: RunContext, id_column: str, rows_plan: RowPlan, run_d
     return out
 
 
-def _write(ctx: RunContext, name: str, table: pa.Table, day: date, source: str,
+def _write(ctx: ShardWork, name: str, table: pa.Table, day: date, source: str,
            compression: str) -> ShardRecord:
     start = time.perf_counter()
     meta = {**ctx.file_metadata, "shard": name, "source": source}
