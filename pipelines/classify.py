@@ -26,7 +26,7 @@ from lepton_batch.pipelines.embed import prompt_tokens
 from lepton_batch.pipelines.shape import TaskShape
 from lepton_batch.pipelines.text import PreparedText, encoder_texts
 
-if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
+if TYPE_CHECKING:  # built (and planned with) before torch is imported
     import torch
 
     from lepton_batch.engine.encoder import Engine

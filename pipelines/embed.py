@@ -17,7 +17,7 @@ from lepton_batch.job.spec import EngineSpec, InputSpec, TaskSpec
 from lepton_batch.pipelines.shape import TaskShape
 from lepton_batch.pipelines.text import PreparedText, encoder_texts
 
-if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
+if TYPE_CHECKING:  # built (and planned with) before torch is imported
     from lepton_batch.engine.encoder import Engine
 
 

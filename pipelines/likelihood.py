@@ -23,7 +23,7 @@ from lepton_batch.pipelines.prompts import prepared, render, template
 from lepton_batch.pipelines.shape import TaskShape
 from lepton_batch.pipelines.text import PreparedText
 
-if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
+if TYPE_CHECKING:  # built (and planned with) before torch is imported
     from lepton_batch.engine.decoder import Decoder
 
 

@@ -2,6 +2,8 @@
 
 read (only the needed columns) -> prepare text (bad rows recorded) -> tokenize -> token-
 budget batches -> pipeline -> Arrow table in input order -> part file (atomic) -> record.
+What to do comes in one :class:`~lepton_batch.plan.work.ShardWork`, planned on the driver;
+the worker keeps its engines and pipelines between shards.
 """
 
 from __future__ import annotations
