@@ -15,7 +15,7 @@ PIP := -m pip install --quiet --disable-pip-version-check
 # Tests mostly wait on subprocesses and Dask start-ups: more workers than cores pays.
 PYTEST_WORKERS ?= 3
 
-.PHONY: venv lock test-latest demo topics test test-quick lint bench bench-memory clean
+.PHONY: venv lock test-latest demo topics test test-quick lint import-graph bench bench-memory clean
 
 venv: $(STAMP)
 
@@ -71,6 +71,10 @@ demo: $(STAMP)
 
 topics: $(STAMP)
 	$(BIN)/lepton-batch submit jobs/topics.yaml
+
+# docs/import-graph.svg, from the code (tests/test_layers.py checks it is current)
+import-graph:
+	$(PYTHON) tools/import_graph.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

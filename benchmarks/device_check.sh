@@ -113,8 +113,8 @@ PYEOF
       mkdir -p /tmp/first/in
       "$PY" - <<PYEOF
 import pyarrow as pa, pyarrow.parquet as pq
-from lepton_batch.bench.embed import _load_rows
-raw, _ = _load_rows("data/samples/", 4000)
+from lepton_batch.bench.corpus import load_rows
+raw, _ = load_rows("data/samples/", 4000)
 pq.write_table(pa.table({"id": list(range(len(raw))), "text": raw}), "/tmp/first/in/rows.parquet")
 open("/tmp/first/job.yaml", "w").write(f"""name: first-batch
 input: {{path: /tmp/first/in}}

@@ -30,7 +30,8 @@ import torch
 
 
 def check_embed(model: str, device: str, rows: int) -> dict:
-    from lepton_batch.bench.embed import BenchConfig, run_bench
+    from lepton_batch.bench.embed import run_bench
+    from lepton_batch.bench.methods import BenchConfig
 
     res = run_bench(BenchConfig(model=model, rows=rows, repeats=1, device=device,
                                 methods=("st-default", "engine", "engine-int8"), tune_rows=256))
@@ -147,7 +148,7 @@ def main() -> None:
     ap.add_argument("--checks", default="embed,generate,score")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    from lepton_batch.bench.embed import _load_rows
+    from lepton_batch.bench.corpus import load_rows
 
     results: dict = {"device": args.device, "torch": torch.__version__}
     if args.device == "cuda":
@@ -162,7 +163,7 @@ def main() -> None:
     if "embed" in checks:
         results["embed"] = check_embed(args.model, args.device, args.rows)
         save()
-    texts, _ = _load_rows("data/samples/", 2000)
+    texts, _ = load_rows("data/samples/", 2000)
     with tempfile.TemporaryDirectory(prefix="lepton-correct-") as tmp:
         model_dir = _llama(Path(tmp) / "llama", texts, args.layers, args.hidden)
         from transformers import AutoTokenizer

@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
 
-from lepton_batch.job.shards import redact
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+
+
+def redact(path: str) -> str:
+    """``path`` with any ``user:secret@`` in a URL replaced, for messages, metadata and
+    reports (credentials are never written or logged)."""
+    return _USERINFO.sub(r"\1***@", path)
 
 
 class RemotePath:

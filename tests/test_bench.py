@@ -14,7 +14,9 @@ import torch
 from conftest import sample_texts
 from transformers import BertConfig
 
-from lepton_batch.bench.embed import BenchConfig, encoder_flops, run_bench
+from lepton_batch.bench.embed import run_bench
+from lepton_batch.bench.measure import encoder_flops
+from lepton_batch.bench.methods import BenchConfig
 
 
 def test_encoder_flops_formula():
@@ -97,10 +99,10 @@ def test_a_repeated_corpus_has_no_identical_rows(tmp_path):
     copy is marked, or submit would skip the work the other methods do."""
     from conftest import write_corpus
 
-    from lepton_batch.bench.embed import _load_rows
+    from lepton_batch.bench.corpus import load_rows
 
     write_corpus(tmp_path, n_files=1, rows=30, bad=False)
-    texts, note = _load_rows(str(tmp_path), 100)
+    texts, note = load_rows(str(tmp_path), 100)
     assert len(texts) == 100 and len(set(texts)) == 100
     assert texts[:30] == sample_texts(30) and texts[30] == f"{texts[0]} (1)"
     assert "repeated to 100" in note

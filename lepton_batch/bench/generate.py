@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lepton_batch.bench.common import dtype_name, pick_device, sync
+from lepton_batch.bench.corpus import load_rows
+
 log = logging.getLogger(__name__)
 
 LENGTHS = ("exp", "uniform", "fixed")
@@ -163,14 +166,8 @@ class GenResult:
         return asdict(self)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) -> GenResult:
     """Both methods, ``cfg.repeats`` rounds each, on the same prompts and planned lengths."""
-    from lepton_batch.bench.embed import _load_rows, pick_device
     from lepton_batch.engine import EngineConfig, Tokenized
     from lepton_batch.engine.decoder import Decoder
     from lepton_batch.engine.generate import GenerateStats, Sampling, generate
@@ -178,7 +175,7 @@ def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) ->
 
     cfg.check()
     device = pick_device(cfg.device)
-    texts, _ = _load_rows(cfg.corpus, cfg.rows)
+    texts, _ = load_rows(cfg.corpus, cfg.rows)
     with tempfile.TemporaryDirectory(prefix="lepton-bench-gen-") as tmp:
         if cfg.model is None:
             say(f"building a random Llama ({cfg.layers} layers x {cfg.hidden})")
@@ -215,7 +212,7 @@ def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) ->
             for method in (methods[1:] + methods[:1] if rnd % 2 == 0 else methods):
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 if method is hf:
                     hf.computed_tokens = _hf_generate(dec, ids, max_new, cfg.batch, hf_tokens)
@@ -227,7 +224,7 @@ def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) ->
                     method.computed_tokens = stats.slot_steps + len(ids)
                     if method is ours:
                         ours_tokens = out.tokens
-                _sync(device)
+                sync(device)
                 method.seconds.append(time.perf_counter() - start)
                 if device == "cuda":
                     method.peak_cuda_mib = torch.cuda.max_memory_allocated() / 2**20
@@ -235,7 +232,7 @@ def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) ->
         for method in methods:
             method.useful_tokens = int(max_new.sum())
         same = sum(a == b for a, b in zip(ours_tokens, hf_tokens, strict=True)) / len(ids)
-        return GenResult(config=cfg, device=device, dtype=str(dec.dtype).removeprefix("torch."),
+        return GenResult(config=cfg, device=device, dtype=dtype_name(dec.dtype),
                          model=model_name, prompts=len(ids),
                          prompt_tokens=int(tok.lengths.sum()),
                          planned_tokens=int(max_new.sum()), methods=methods,

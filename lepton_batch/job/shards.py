@@ -14,7 +14,6 @@ the range), which keeps shards small for parallelism and resume.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from itertools import groupby
@@ -23,6 +22,8 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from lepton_batch.store import redact  # re-exported: messages name input files redacted
 
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
 BATCH_ROWS = 65_536  # the most rows _read_range decodes at a time
@@ -61,15 +62,6 @@ class InputFile:
     num_rows: int
     row_group_rows: tuple[int, ...]
     identity: str  # size + mtime/etag: changes when the file's content changes
-
-
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
-
-
-def redact(path: str) -> str:
-    """``path`` with any ``user:secret@`` in a URL replaced, for messages, metadata and
-    reports (credentials are never written or logged)."""
-    return _USERINFO.sub(r"\1***@", path)
 
 
 def _protocol_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
