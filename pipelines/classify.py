@@ -23,9 +23,10 @@ from lepton_batch.job.settings import Settings
 from lepton_batch.job.spec import EngineSpec, InputSpec, TaskSpec
 from lepton_batch.job.task import DEFAULT_SOFTMAX_TEMPERATURE
 from lepton_batch.pipelines.embed import prompt_tokens
+from lepton_batch.pipelines.shape import TaskShape
 from lepton_batch.pipelines.text import PreparedText, encoder_texts
 
-if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
+if TYPE_CHECKING:  # built (and planned with) before torch is imported
     import torch
 
     from lepton_batch.engine.encoder import Engine
@@ -51,22 +52,25 @@ def top_labels(scores: torch.Tensor, names: list[str], k: int,
     }
 
 
+# label and score (top 1), labels and scores (top k): classify by a head, by embeddings or
+# by likelihood
+LABEL_FIELDS = (pa.field("label", pa.string()), pa.field("score", pa.float32()),
+                pa.field("labels", pa.list_(pa.string())),
+                pa.field("scores", pa.list_(pa.float32())))
+
+
 class ClassifyPipeline:
     """Output columns: ``label``, ``score`` (top 1) and ``labels``, ``scores`` (top k)."""
 
     row_keyed = False  # a row's result depends on its content only
     chunkable = True  # rows run independently: a shard may be tokenized and run in chunks
 
-    def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings,
-                 inp: InputSpec) -> None:
-        self.task = task
-        self.text_column = inp.text_column
-        self.columns = [inp.text_column]
-        self.settings = settings
-        self.zero_shot = task.labels is not None
-        self.head = "base" if self.zero_shot else "classifier"
-        if self.zero_shot:
-            self.names, self.label_texts = task.label_texts()
+    @staticmethod
+    def _names(task: TaskSpec, info: ModelInfo) -> list[str]:
+        """The labels: the job's (zero-shot) or the model head's; raises ValueError when the
+        model has no head and the job names no labels, or ``top_k`` exceeds them."""
+        if task.labels is not None:
+            names = task.label_texts()[0]
         elif not info.has_classifier_head:
             arch = ", ".join(info.architectures) or "no architecture"
             raise ValueError(
@@ -74,18 +78,34 @@ class ClassifyPipeline:
                 "head; give task.labels for zero-shot classification"
             )
         else:
-            self.names = [info.id2label.get(i, str(i)) for i in range(len(info.id2label) or 2)]
-        if task.labels_k > len(self.names):
-            raise ValueError(f"task.top_k: {task.top_k} > the model's {len(self.names)} labels")
+            names = [info.id2label.get(i, str(i)) for i in range(len(info.id2label) or 2)]
+        if task.labels_k > len(names):
+            raise ValueError(f"task.top_k: {task.top_k} > the model's {len(names)} labels")
+        return names
+
+    @classmethod
+    def shape(cls, task: TaskSpec, info: ModelInfo, settings: Settings,
+              inp: InputSpec) -> TaskShape:
+        cls._names(task, info)
+        return TaskShape("base" if task.labels is not None else "classifier",
+                         (inp.text_column,), LABEL_FIELDS)
+
+    def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings,
+                 inp: InputSpec) -> None:
+        shape = self.shape(task, info, settings, inp)
+        self.task = task
+        self.text_column = inp.text_column
+        self.columns = list(shape.columns)
+        self.settings = settings
+        self.zero_shot = task.labels is not None
+        self.head = shape.head
+        self.names = self._names(task, info)
+        if self.zero_shot:
+            self.label_texts = task.label_texts()[1]
         self.multi_label = info.problem_type == "multi_label_classification"
 
     def fields(self) -> list[pa.Field]:
-        return [
-            pa.field("label", pa.string()),
-            pa.field("score", pa.float32()),
-            pa.field("labels", pa.list_(pa.string())),
-            pa.field("scores", pa.list_(pa.float32())),
-        ]
+        return list(LABEL_FIELDS)
 
     def prepare(self, table: pa.Table) -> tuple[list[str], PreparedText]:
         """The texts to tokenize (prompt prepended, lowercased when the model says so) and

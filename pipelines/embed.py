@@ -14,9 +14,10 @@ from lepton_batch.engine import BatchStats, Tokenized
 from lepton_batch.job.modeldir import ModelInfo
 from lepton_batch.job.settings import Settings
 from lepton_batch.job.spec import EngineSpec, InputSpec, TaskSpec
+from lepton_batch.pipelines.shape import TaskShape
 from lepton_batch.pipelines.text import PreparedText, encoder_texts
 
-if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
+if TYPE_CHECKING:  # built (and planned with) before torch is imported
     from lepton_batch.engine.encoder import Engine
 
 
@@ -38,16 +39,23 @@ class EmbedPipeline:
 
     head = "base"
 
+    @classmethod
+    def shape(cls, task: TaskSpec, info: ModelInfo, settings: Settings,
+              inp: InputSpec) -> TaskShape:
+        return TaskShape(cls.head, (inp.text_column,),
+                         (pa.field("embedding", pa.list_(pa.float32(), info.hidden_size)),))
+
     def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings,
                  inp: InputSpec) -> None:
+        shape = self.shape(task, info, settings, inp)
         self.task = task
         self.text_column = inp.text_column
-        self.columns = [inp.text_column]
+        self.columns, self._fields = list(shape.columns), list(shape.fields)
         self.settings = settings
         self.dim = info.hidden_size
 
     def fields(self) -> list[pa.Field]:
-        return [pa.field("embedding", pa.list_(pa.float32(), self.dim))]
+        return self._fields
 
     def prepare(self, table: pa.Table) -> tuple[list[str], PreparedText]:
         """The texts to tokenize (prompt prepended, lowercased when the model says so) and

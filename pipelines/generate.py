@@ -14,13 +14,15 @@ import numpy as np
 import pyarrow as pa
 
 from lepton_batch.engine import BatchStats, Tokenized
-from lepton_batch.job.generation import GenerationSettings, resolve_generation
+from lepton_batch.job.generation import resolve_generation
 from lepton_batch.job.modeldir import ModelInfo
+from lepton_batch.job.settings import Settings
 from lepton_batch.job.spec import EngineSpec, InputSpec, TaskSpec, template_fields
 from lepton_batch.pipelines.prompts import chat_prompts, prepared, render, template
+from lepton_batch.pipelines.shape import TaskShape
 from lepton_batch.pipelines.text import PreparedText
 
-if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
+if TYPE_CHECKING:  # built (and planned with) before torch is imported
     from lepton_batch.engine.decoder import Decoder
 
 
@@ -43,29 +45,44 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:min(hits)], True) if hits else (text, False)
 
 
+OUTPUT_FIELDS = (pa.field("generation", pa.string()), pa.field("finish_reason", pa.string()),
+                   pa.field("prompt_tokens", pa.int32()), pa.field("generated_tokens", pa.int32()))
+
+
 class GeneratePipeline:
     """Prompt template (or chat template) -> continuous-batching generation."""
 
     head = "causal_lm"
 
-    def __init__(self, task: TaskSpec, info: ModelInfo, inp: InputSpec, context: int,
-                 generation: GenerationSettings | None = None) -> None:
+    @classmethod
+    def shape(cls, task: TaskSpec, info: ModelInfo, settings: Settings,
+              inp: InputSpec) -> TaskShape:
+        """Raises ValueError when the model's stack cannot generate within its context
+        (``settings.max_length``) or a chat prompt meets a tokenizer without a template."""
         from transformers import AutoConfig
 
         from lepton_batch.engine.decoder import stack_support
 
-        ok, why = stack_support(AutoConfig.from_pretrained(info.path), context)
+        ok, why = stack_support(AutoConfig.from_pretrained(info.path), settings.max_length)
         if not ok:
             raise ValueError(f"task.kind: generate cannot run {info.path.name}: {why}")
         if task.chat and not info.has_chat_template:
             raise ValueError(f"task.chat: the tokenizer in {info.path} has no chat template "
                              "(chat_template in tokenizer_config.json or chat_template.jinja);"
                              " write the prompt in task.prompt and set task.chat: false")
+        column = task.max_new_tokens_column
+        return TaskShape(
+            cls.head,
+            (*template_fields(template(task, inp.text_column)), *([column] if column else [])),
+            OUTPUT_FIELDS)
+
+    def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings,
+                 inp: InputSpec) -> None:
+        self.columns = list(self.shape(task, info, settings, inp).columns)
         self.task = task
-        self.generation = generation or resolve_generation(info.path, task, inp.text_column)
+        self.generation = settings.generation or resolve_generation(info.path, task,
+                                                                    inp.text_column)
         self.template = template(task, inp.text_column)
-        self.columns = template_fields(self.template) + (
-            [task.max_new_tokens_column] if task.max_new_tokens_column else [])
         self.max_new = np.zeros(0, dtype=np.int64)
         self.seeds = np.zeros(0, dtype=np.int64)
         self.id_column = inp.id_column
@@ -73,8 +90,7 @@ class GeneratePipeline:
         self.row_keyed = self.generation.do_sample
 
     def fields(self) -> list[pa.Field]:
-        return [pa.field("generation", pa.string()), pa.field("finish_reason", pa.string()),
-                pa.field("prompt_tokens", pa.int32()), pa.field("generated_tokens", pa.int32())]
+        return list(OUTPUT_FIELDS)
 
     def prepare(self, table: pa.Table) -> tuple[list[str], PreparedText]:
         """The prompts of the usable rows; per-row limits and seeds kept for ``run``."""

@@ -16,12 +16,14 @@ import pyarrow as pa
 
 from lepton_batch.engine import BatchStats, Tokenized
 from lepton_batch.job.modeldir import ModelInfo
+from lepton_batch.job.settings import Settings
 from lepton_batch.job.spec import EngineSpec, InputSpec, TaskSpec, template_fields
-from lepton_batch.pipelines.classify import top_labels
+from lepton_batch.pipelines.classify import LABEL_FIELDS, top_labels
 from lepton_batch.pipelines.prompts import prepared, render, template
+from lepton_batch.pipelines.shape import TaskShape
 from lepton_batch.pipelines.text import PreparedText
 
-if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
+if TYPE_CHECKING:  # built (and planned with) before torch is imported
     from lepton_batch.engine.decoder import Decoder
 
 
@@ -32,16 +34,21 @@ class LikelihoodPipeline:
 
     head = "causal_lm"
 
-    def __init__(self, task: TaskSpec, info: ModelInfo, inp: InputSpec) -> None:
+    @classmethod
+    def shape(cls, task: TaskSpec, info: ModelInfo, settings: Settings,
+              inp: InputSpec) -> TaskShape:
+        return TaskShape(cls.head, tuple(template_fields(template(task, inp.text_column))),
+                         LABEL_FIELDS)
+
+    def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings,
+                 inp: InputSpec) -> None:
         self.task = task
         self.template = template(task, inp.text_column)
-        self.columns = template_fields(self.template)
+        self.columns = list(self.shape(task, info, settings, inp).columns)
         self.names, self.label_texts = task.label_texts()
 
     def fields(self) -> list[pa.Field]:
-        return [pa.field("label", pa.string()), pa.field("score", pa.float32()),
-                pa.field("labels", pa.list_(pa.string())),
-                pa.field("scores", pa.list_(pa.float32()))]
+        return list(LABEL_FIELDS)
 
     def prepare(self, table: pa.Table) -> tuple[list[str], PreparedText]:
         prep = prepared(*render(table, self.template))

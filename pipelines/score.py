@@ -15,11 +15,13 @@ import pyarrow as pa
 
 from lepton_batch.engine import BatchStats, Tokenized
 from lepton_batch.job.modeldir import ModelInfo
+from lepton_batch.job.settings import Settings
 from lepton_batch.job.spec import EngineSpec, InputSpec, TaskSpec, template_fields
 from lepton_batch.pipelines.prompts import prepared, render, template
+from lepton_batch.pipelines.shape import TaskShape
 from lepton_batch.pipelines.text import PreparedText, check_value
 
-if TYPE_CHECKING:  # the driver builds pipelines to plan a job, without torch
+if TYPE_CHECKING:  # built (and planned with) before torch is imported
     from lepton_batch.engine.decoder import Decoder
 
 
@@ -30,18 +32,28 @@ class ScorePipeline:
 
     head = "causal_lm"
 
-    def __init__(self, task: TaskSpec, info: ModelInfo, inp: InputSpec) -> None:
+    @classmethod
+    def shape(cls, task: TaskSpec, info: ModelInfo, settings: Settings,
+              inp: InputSpec) -> TaskShape:
+        cont = task.continuation_column
+        return TaskShape(
+            cls.head,
+            (*template_fields(template(task, inp.text_column)), *([cont] if cont else [])),
+            (pa.field("logprob", pa.float64()), pa.field("mean_logprob", pa.float64()),
+             pa.field("perplexity", pa.float64()), pa.field("tokens", pa.int32())))
+
+    def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings,
+                 inp: InputSpec) -> None:
+        shape = self.shape(task, info, settings, inp)
         self.task = task
         self.template = template(task, inp.text_column)
         self.continuation = task.continuation_column
-        self.columns = template_fields(self.template) + (
-            [self.continuation] if self.continuation else [])
+        self.columns, self._fields = list(shape.columns), list(shape.fields)
         self.conts: list[str] = []
         self.first = np.zeros(0, dtype=np.int64)
 
     def fields(self) -> list[pa.Field]:
-        return [pa.field("logprob", pa.float64()), pa.field("mean_logprob", pa.float64()),
-                pa.field("perplexity", pa.float64()), pa.field("tokens", pa.int32())]
+        return self._fields
 
     def prepare(self, table: pa.Table) -> tuple[list[str], PreparedText]:
         prompts, errors = render(table, self.template)

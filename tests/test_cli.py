@@ -56,7 +56,8 @@ def test_planning_imports_no_model_stack(tmp_path, tiny_bert, corpus, task):
     pipeline, read and prepare the shard, tokenize it (``EngineCache.pretokenize``)."""
     job = _job(tmp_path, tiny_bert, **task)
     code = ("import sys; from pathlib import Path; from lepton_batch.job.spec import load_job; "
-            "from lepton_batch.plan.build import make_plan, estimate_work; "
+            "from lepton_batch.plan.build import make_plan; "
+            "from lepton_batch.plan.estimate import estimate_work; "
             "import lepton_batch.run.lifecycle; "
             f"plan = make_plan(load_job(Path({str(job)!r}))); "
             "assert sum(n for n, _ in estimate_work(plan).values()) == plan.rows; "

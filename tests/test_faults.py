@@ -360,7 +360,7 @@ def test_failing_optional_step_never_fails_a_finished_run(step, tmp_path, tiny_b
 
         monkeypatch.setattr(monitor.MetricsPlugin, "start", boom)
     elif step == "token-estimate":
-        import lepton_batch.plan.build as plan
+        import lepton_batch.plan.estimate as plan
 
         monkeypatch.setattr(plan, "estimate_tokens", boom)
     elif step == "progress-display":

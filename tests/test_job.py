@@ -115,7 +115,7 @@ def test_embed_job_matches_direct_forward(tmp_path, tiny_bert, corpus, chunk):
 def test_token_estimate_counts_as_the_model_tokenizer(tmp_path, tiny_bert, corpus):
     """The ETA's sample is tokenized from tokenizer.json without transformers; its counts
     (special tokens included, truncated at max_length) are AutoTokenizer's."""
-    from lepton_batch.plan.build import _sample_tokenizer
+    from lepton_batch.plan.estimate import _sample_tokenizer
 
     plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
     texts = [r["text"] for r in corpus[1] if r["text"] and r["text"].strip()]
@@ -124,6 +124,42 @@ def test_token_estimate_counts_as_the_model_tokenizer(tmp_path, tiny_bert, corpu
                                                    max_length=MAX_LEN)["input_ids"]
     counts = _sample_tokenizer(plan)(texts)
     assert counts == [len(x) for x in ids] and counts[-2] == MAX_LEN
+
+
+def test_shard_work_builds_one_pipeline_per_worker(tmp_path, tiny_bert, corpus):
+    """A run's shards share one ShardWork, planned on the driver with its engine config
+    (head, threads) resolved; a worker builds its pipeline once for it, one more only for
+    a shard running beside another (a pipeline holds one shard's state), and anew for
+    another run's work."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from lepton_batch.plan.work import shard_work
+    from lepton_batch.run.worker import PipelineCache
+
+    plan = _job(tmp_path, tiny_bert, {"kind": "embed"})
+    work = shard_work(plan, "run-1", "_staging/run-1")
+    assert pickle.loads(pickle.dumps(work)) == work
+    assert work.engine.head == "base" and work.engine.threads == work.batching.threads >= 1
+    assert work.columns == ("id", "lang", "text") and work.task_columns == ("text",)
+    cache = PipelineCache()
+    with cache.checkout(work) as first:
+        pass
+    with cache.checkout(work) as again:
+        assert again is first
+    meet = Barrier(2)
+
+    def side_by_side(_):
+        with cache.checkout(work) as pipeline:
+            meet.wait(timeout=10)
+            return pipeline
+
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(side_by_side, range(2)))
+    assert both[0] is not both[1] and cache.builds == 2
+    with cache.checkout(shard_work(plan, "run-2", "_staging/run-2")) as other:
+        assert other is not first and cache.builds == 3
 
 
 def test_classify_with_head_matches_softmax(tmp_path, tiny_bert_cls, corpus):

@@ -6,6 +6,7 @@ import pytest
 
 from lepton_batch.job.settings import Settings
 from lepton_batch.job.spec import JobSpecError, load_job
+from lepton_batch.plan.fingerprint import job_fingerprint
 
 GOOD = """
 name: t
@@ -128,17 +129,20 @@ def test_overrides_parse_yaml_values(tmp_path):
 
 def test_fingerprint_tracks_outputs_not_scheduling(tmp_path):
     resolved = Settings(max_length=256, normalize=True)
-    base = _load(tmp_path, GOOD).fingerprint("rev", resolved)
-    assert _load(tmp_path, GOOD, ["cluster.n_workers=4"]).fingerprint("rev", resolved) == base
-    assert _load(tmp_path, GOOD, ["engine.max_tokens_per_batch=999"]).fingerprint(
-        "rev", resolved) == base
+
+    def fingerprint(overrides: list[str], revision: str = "rev",
+                    settings: Settings = resolved) -> str:
+        return job_fingerprint(_load(tmp_path, GOOD, overrides), revision, settings)
+
+    base = fingerprint([])
+    assert fingerprint(["cluster.n_workers=4"]) == base
+    assert fingerprint(["engine.max_tokens_per_batch=999"]) == base
     # the resolved values count, not whether the job or the model directory gave them
-    assert _load(tmp_path, GOOD, ["model.max_length=256", "task.normalize=true"]).fingerprint(
-        "rev", resolved) == base
-    assert _load(tmp_path, GOOD).fingerprint("rev", Settings(max_length=64)) != base
-    assert _load(tmp_path, GOOD).fingerprint(
-        "rev", Settings(max_length=256, normalize=True, prompt="query: ")) != base
-    assert _load(tmp_path, GOOD).fingerprint("other-revision", resolved) != base
+    assert fingerprint(["model.max_length=256", "task.normalize=true"]) == base
+    assert fingerprint([], settings=Settings(max_length=64)) != base
+    assert fingerprint([], settings=Settings(max_length=256, normalize=True,
+                                             prompt="query: ")) != base
+    assert fingerprint([], "other-revision") != base
 
 
 def test_settings_default_to_the_model(tmp_path):
@@ -167,7 +171,7 @@ def test_new_task_fields_keep_existing_fingerprints(tmp_path):
     existed (figure computed with main's spec.py at ea65fac), so outputs do not recompute."""
     job = _load(tmp_path, GOOD, ["task.kind=classify", "task.labels=[a, b]", "task.top_k=2"])
     resolved = Settings(max_length=256, normalize=True)
-    assert job.fingerprint("rev", resolved) == "fd8cf42bc38076ac"
+    assert job_fingerprint(job, "rev", resolved) == "fd8cf42bc38076ac"
     templated = _load(tmp_path, GOOD, ["task.kind=classify", "task.labels=[a, b]",
                                        "task.label_template=About {}."])
-    assert templated.fingerprint("rev", resolved) != "fd8cf42bc38076ac"
+    assert job_fingerprint(templated, "rev", resolved) != "fd8cf42bc38076ac"

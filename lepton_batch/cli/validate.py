@@ -58,7 +58,7 @@ def validate(
         settings_log.setLevel(level)
     table = plan_table(plan)
     if estimate:
-        from lepton_batch.plan.build import estimate_tokens
+        from lepton_batch.plan.estimate import estimate_tokens
 
         total, mean = estimate_tokens(plan)
         table.add_row("tokens (estimate)", f"~{total:,} ({mean:.1f} per row, after truncation "

@@ -7,12 +7,10 @@ Every problem in a job file is reported in one :class:`JobSpecError` that names 
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import string
 from datetime import date, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -27,16 +25,12 @@ from pydantic import (
 from lepton_batch.job.task import (  # re-exported: the task section lives in task.py
     CAUSAL_KINDS,
     GENERATE_FIELDS,
-    LATER_FIELDS,
     RESOLVED_TASK_FIELDS,
     SAMPLING_FIELDS,
     TaskSpec,
     _Strict,
     template_fields,
 )
-
-if TYPE_CHECKING:
-    from lepton_batch.job.settings import Settings
 
 
 class JobSpecError(ValueError):
@@ -52,7 +46,8 @@ class JobSpecError(ValueError):
 # in UTC): "data/{run_date}/*.parquet", "exports/dt={yesterday:%Y%m%d}/".
 PATH_PLACEHOLDERS = ("run_date", "yesterday")
 # Bumped when lepton-batch changes the values it writes for the same job: part of the job
-# fingerprint, so an incremental output recomputes once instead of mixing old and new values.
+# fingerprint (plan/fingerprint.py), so an incremental output recomputes once instead of
+# mixing old and new values.
 RESULTS_VERSION = 1
 
 
@@ -224,32 +219,6 @@ class JobSpec(_Strict):
             raise ValueError("model.quantization int8 calibrates on quality.sample_rows rows "
                              "of the job; set quality.sample_rows above 0")
         return self
-
-    def _task_payload(self) -> dict[str, Any]:
-        task = self.task.model_dump(
-            exclude=set() if self.task.uses_template else RESOLVED_TASK_FIELDS)
-        for name in LATER_FIELDS:  # unset: the fingerprint jobs had before the field existed
-            if task.get(name) is None:
-                task.pop(name, None)
-        return task
-
-    def fingerprint(self, model_revision: str, settings: Settings) -> str:
-        """Hash of everything that changes the output values; engine and cluster excluded.
-
-        ``settings`` are the resolved values (job, else the model's own, else defaults), so
-        a change to the model's settings files changes the fingerprint too.
-        """
-        payload = {
-            "input": self.input.model_dump(exclude={"path", "rows_per_shard"}),
-            "model": self.model.model_dump(exclude={"device", "max_length"}),
-            "model_revision": model_revision,
-            # A causal LM's prompt is a template the job states; nothing resolves it.
-            "task": self._task_payload(),
-            "settings": settings.values(),
-            "results_version": RESULTS_VERSION,
-        }
-        blob = json.dumps(payload, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -7,7 +7,7 @@ returns data (frames, dicts, numbers); the command line (``lepton_batch.cli``) t
 tables. Nothing here imports torch, transformers or Dask, so it answers in a second on any
 machine that can read the files.
 
-"Current rows" are the output's newest row per id (``incremental.latest_rows``, the one
+"Current rows" are the output's newest row per id (``history.latest_rows``, the one
 definition ``inspect --latest`` and the incremental row plan use); in a snapshot output
 every row is current. A run is *interrupted* when its ``_runs/RUN_ID/`` holds no report and
 no live process holds the output's lock for it (Ctrl-C, SIGKILL, a lost machine).
@@ -34,8 +34,8 @@ from lepton_batch.output.dataset import (
     published_parts,
     published_records,
 )
+from lepton_batch.output.history import latest_rows, scan_output
 from lepton_batch.output.manifest import MANIFEST_DIR, ShardRecord, read_records
-from lepton_batch.plan.incremental import latest_rows, scan_output
 from lepton_batch.store import OutputPath
 
 ERROR_VALUE = "(error)"  # a null value of a counted column: the row failed

@@ -7,15 +7,14 @@ job file in one pass instead of one error per run.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pyarrow as pa
 
+from lepton_batch.engine.config import Head
 from lepton_batch.job.modeldir import ModelInfo, inspect_model_dir, resolve_model_dir
 from lepton_batch.job.settings import Settings, SettingsError, resolve_settings
 from lepton_batch.job.shards import (
@@ -31,6 +30,7 @@ from lepton_batch.job.spec import JobSpec, JobSpecError, fill_path, is_remote_ur
 from lepton_batch.output.contract import contract_document, output_schema
 from lepton_batch.output.dataset import check_output_dir, computed_before, output_problem
 from lepton_batch.output.sink import format_problem
+from lepton_batch.plan.fingerprint import job_fingerprint
 from lepton_batch.store import OutputPath, RemotePath, remote_root
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class Plan:
     schema: pa.Schema  # the output's columns (the schema contract, see contract.py)
     run_date: date  # the run's partition, and what {run_date} in input.path means
     task_columns: list[str]  # input columns the task reads: what content_hash covers
+    head: Head  # the engine the task runs on (its pipeline's head)
     bad_files: list[BadFile] = field(default_factory=list)  # unreadable; their rows not planned
 
     @property
@@ -106,7 +107,7 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
 
     ``run_date`` (default today, UTC) fills ``{run_date}`` / ``{yesterday}`` in input.path.
     """
-    from lepton_batch.pipelines import make_pipeline
+    from lepton_batch.pipelines import task_shape
 
     run_date = run_date or today()
     job = job.model_copy(update={"input": job.input.model_copy(
@@ -124,7 +125,7 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
             settings = resolve_settings(model, job.model, job.task, job.input.text_column)
         except SettingsError as exc:
             problems += exc.problems
-    pipeline = None
+    shape = None
     if model is not None and settings is not None:
         if model.max_positions and settings.max_length > model.max_positions:
             origin = settings.sources["max_length"]
@@ -135,7 +136,7 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
                 + ("" if origin == "job" else "; set model.max_length")
             )
         try:
-            pipeline = make_pipeline(job.task, model, settings, job.input)
+            shape = task_shape(job.task, model, settings, job.input)
         except ValueError as exc:
             problems.append(str(exc))
     files: list[InputFile] = []
@@ -153,7 +154,7 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
     if job.task.uses_template:
         # The prompt template names the columns; input.text_column is its default field.
         problems += check_columns(files, None, inp.id_column, inp.passthrough_columns,
-                                  task_columns=pipeline.columns if pipeline else [])
+                                  task_columns=list(shape.columns) if shape else [])
     else:
         problems += check_columns(files, inp.text_column, inp.id_column,
                                   inp.passthrough_columns)
@@ -169,9 +170,9 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
     if problem := format_problem(job.output.format):  # a missing optional package
         problems.append(problem)
     schema = None
-    if pipeline is not None and not problems:
+    if shape is not None and not problems:
         try:
-            schema = output_schema(job, files, pipeline.fields())
+            schema = output_schema(job, files, list(shape.fields))
         except ValueError as exc:
             problems.append(f"input: {exc}")
     if schema is not None and output_root is not None:
@@ -180,8 +181,8 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
     if problems:
         raise JobSpecError(problems, source)
     assert model is not None and settings is not None and output_root is not None
-    assert pipeline is not None and schema is not None
-    job_fp = job.fingerprint(model.revision, settings)
+    assert shape is not None and schema is not None
+    job_fp = job_fingerprint(job, model.revision, settings)
     # a large row group an earlier version computed as one shard stays one (resume)
     keep = computed_before(output_root, job_fp, job.output.mode) if output_root.exists() else None
     return Plan(
@@ -194,7 +195,8 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
         settings=settings,
         schema=schema,
         run_date=run_date,
-        task_columns=list(pipeline.columns),
+        task_columns=list(shape.columns),
+        head=shape.head,
         bad_files=bad,
     )
 
@@ -225,86 +227,3 @@ def _overlap(input_path: str, output_root: OutputPath, files: list[InputFile]) -
         return (f"output.path: {output_root} is inside the input directory {scanned}; the "
                 "next run would read this output as input. Choose an output outside it")
     return None
-
-
-def estimate_tokens(plan: Plan, sample_rows: int = 2000) -> tuple[int, float]:
-    """Estimate the tokens the job will run (after truncation), from a sample of rows.
-
-    Loads the tokenizer only, never the model. Returns ``(total_estimate, mean_per_row)``.
-    """
-    from lepton_batch.job.shards import InputReadError, read_shards
-    from lepton_batch.pipelines import prepare_text
-
-    tok = _sample_tokenizer(plan)
-    sampled = plan.shards[:: max(1, len(plan.shards) // 20)][:20]
-    per_shard = max(1, sample_rows // max(1, len(sampled)))
-    # a sample: one row group, or the first rows of a row range (the row ranges of one
-    # large row group are then read in one pass, up to the last sample)
-    sampled = [replace(s, num_rows=min(s.num_rows, per_shard)) if s.is_range
-               else replace(s, row_groups=s.row_groups[:1]) for s in sampled]
-    lengths: list[int] = []
-    task = plan.job.task
-    if task.uses_template:  # causal LMs: the rendered prompts
-        from lepton_batch.job.spec import template_fields
-        from lepton_batch.pipelines.prompts import render, template
-
-        tmpl = template(task, plan.job.input.text_column)
-        columns = template_fields(tmpl)
-    else:
-        columns = [plan.job.input.text_column]
-    for _, table in read_shards(sampled, columns):
-        if isinstance(table, InputReadError):
-            raise table
-        rows = table.slice(0, per_shard)
-        if task.uses_template:
-            texts = [p for p in render(rows, tmpl)[0] if p is not None]
-        else:
-            texts = plan.settings.apply(prepare_text(rows.column(0)).texts)
-        if texts:
-            lengths += tok(texts)
-    mean = float(np.mean(lengths)) if lengths else 0.0
-    return int(mean * plan.rows), mean
-
-
-def _sample_tokenizer(plan: Plan) -> Callable[[list[str]], list[int]]:
-    """texts -> token counts after truncation to ``max_length``, special tokens included.
-
-    The model's ``tokenizer.json`` through the tokenizers library when there is one (no
-    transformers import in the driver, which would pull in torch); else AutoTokenizer.
-    """
-    from lepton_batch.engine.tokens import file_tokenizer
-
-    limit = plan.settings.max_length
-    fast = file_tokenizer(plan.model.path, limit)
-    if fast is not None:
-        return lambda texts: [len(e.ids) for e in fast.encode_batch(texts)]
-    from transformers import AutoTokenizer
-
-    slow = AutoTokenizer.from_pretrained(
-        str(plan.model.path), trust_remote_code=plan.job.model.trust_remote_code)
-    return lambda texts: [len(x) for x in slow(texts, truncation=True,
-                                                max_length=limit)["input_ids"]]
-
-
-def estimate_work(plan: Plan, rows: dict[str, np.ndarray] | None = None
-                  ) -> dict[int, tuple[int, int]]:
-    """Shard index -> (rows to compute, estimated tokens), for the progress bar's ETA.
-
-    Row counts come from the Parquet footers (or ``rows``, an incremental run's positions
-    per shard fingerprint); tokens per row from a tokenized sample (:func:`estimate_tokens`),
-    plus ``max_new_tokens`` per row for generation. Without a usable tokenizer the estimate
-    is per row, and the ETA still holds for rows of similar length.
-    """
-    try:
-        _, mean = estimate_tokens(plan)
-    except Exception as exc:  # only the ETA depends on it
-        log.warning("no token estimate for the ETA (%s); counting rows instead", exc)
-        mean = 1.0
-    task = plan.job.task
-    per_row = max(mean, 1.0) + (task.max_new_tokens if task.kind == "generate" else 0)
-    out = {}
-    for shard in plan.shards:
-        n = shard.num_rows if rows is None else len(rows.get(shard.fingerprint, ()))
-        if rows is None or shard.fingerprint in rows:
-            out[shard.index] = (n, int(n * per_row))
-    return out

@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import dask
 import numpy as np
@@ -25,22 +25,30 @@ from distributed.metrics import context_meter
 from lepton_batch.engine import BatchStats, EngineCache
 from lepton_batch.faults import checkpoint
 from lepton_batch.job.shards import Shard
-from lepton_batch.job.spec import ClusterSpec, JobSpec
+from lepton_batch.job.spec import ClusterSpec
 from lepton_batch.output.manifest import ShardRecord
+from lepton_batch.plan.work import ShardWork
 from lepton_batch.run import stopping
 from lepton_batch.run.monitor import TOPIC, MetricsPlugin, ShardWatch
-from lepton_batch.run.worker import RunContext, process_shard
-
-if TYPE_CHECKING:
-    from lepton_batch.run.startup import EarlyCluster
+from lepton_batch.run.worker import PipelineCache, process_shard
 
 log = logging.getLogger(__name__)
-_CACHE_ATTR = "_lepton_batch_engines"
+_CACHE_ATTR = "_lepton_batch_caches"
 _CACHE_LOCK = threading.Lock()
 _WARMING: list[threading.Event] = []  # warm-ups started in this process (see warm_up)
 # Set in a worker's environment, beside TOKENIZERS_PARALLELISM=false, when open_client gave
 # it one tokenizer thread for the warm-up; both go when the warm-up ends.
 _ONE_THREAD = "LEPTON_BATCH_WARM_UP_TOKENIZER_THREAD"
+
+
+class StartedCluster(Protocol):
+    """A cluster started before the run needed it, by its owner (who also closes it), e.g.
+    :class:`~lepton_batch.run.startup.EarlyCluster`: ``client()`` waits for it to be up;
+    ``release()`` begins its shutdown once no more tasks will run on it."""
+
+    def client(self) -> Client: ...
+
+    def release(self) -> None: ...
 
 
 @contextlib.contextmanager
@@ -182,34 +190,35 @@ def _warm_imports(model_dir: str, done: threading.Event) -> None:
         done.set()
 
 
-def _worker_cache() -> EngineCache:
-    """The engine cache that lives on this Dask worker (created on first use)."""
+def _worker_cache() -> tuple[EngineCache, PipelineCache]:
+    """The engine and pipeline caches that live on this Dask worker (created on first
+    use): a model loads, and a pipeline is built, once per worker."""
     worker = get_worker()
     with _CACHE_LOCK:
-        cache = getattr(worker, _CACHE_ATTR, None)
-        if cache is None:
-            cache = EngineCache(warming=_warming, wait=_after_warm_up)
-            setattr(worker, _CACHE_ATTR, cache)
-    return cache
+        caches = getattr(worker, _CACHE_ATTR, None)
+        if caches is None:
+            caches = EngineCache(warming=_warming, wait=_after_warm_up), PipelineCache()
+            setattr(worker, _CACHE_ATTR, caches)
+    return caches
 
 
-def _run_shard(shard: Shard, job: JobSpec, ctx: RunContext, rows: np.ndarray | None
-               ) -> ShardRecord:
+def _run_shard(shard: Shard, work: ShardWork, rows: np.ndarray | None) -> ShardRecord:
     """The task: one shard, its stages timed by Dask's ``context_meter`` (the dashboard's
     fine performance metrics) and its progress posted on :data:`~lepton_batch.run.monitor.TOPIC`."""
     worker = get_worker()
     stats = BatchStats()
-    with ShardWatch(lambda event: worker.log_event(TOPIC, event), job.name, ctx.run_id,
+    engines, pipelines = _worker_cache()
+    with ShardWatch(lambda event: worker.log_event(TOPIC, event), work.job_name, work.run_id,
                     shard.index, stats) as watch:
-        record = process_shard(shard, job, ctx, _worker_cache(), rows,
+        record = process_shard(shard, work, engines, rows, pipelines=pipelines,
                                meter=context_meter.meter, stats=stats)
     watch.finish(record.rows, record.tokens, record.padded_tokens, record.error_rows)
     return record
 
 
-def task_key(job: JobSpec, shard: Shard) -> str:
+def task_key(work: ShardWork, shard: Shard) -> str:
     """``embed-<job>-shard-0042``: the dashboard groups tasks by the part before the number."""
-    return f"{job.task.kind}-{job.name}-shard-{shard.index:04d}"
+    return f"{work.task.kind}-{work.job_name}-shard-{shard.index:04d}"
 
 
 def _start_metrics(client: Client) -> None:
@@ -254,14 +263,15 @@ def _save_report(report, exc_info: tuple, filename: Path) -> None:
         log.warning("could not save the Dask performance report %s: %s", filename, exc)
 
 
-def run_shards(todo: list[Shard], job: JobSpec, ctx: RunContext, report_file: Path | None,
+def run_shards(todo: list[Shard], work: ShardWork, spec: ClusterSpec, report_file: Path | None,
                on_start: Callable[[str | None], None],
                on_record: Callable[[ShardRecord], None],
                on_failure: Callable[[str, str], None],
                rows: dict[str, np.ndarray] | None = None,
                on_progress: Callable[[dict], None] | None = None,
-               early: EarlyCluster | None = None) -> None:
-    """Submit one task per shard and report each record (or failure) as it finishes.
+               early: StartedCluster | None = None) -> None:
+    """Submit one task per shard, each with ``work``, on the cluster ``spec`` names, and
+    report each record (or failure) as it finishes.
 
     ``on_start(dashboard_link)`` is called once the cluster is up; ``report_file``: where
     Dask's performance report goes (a local path), or None. ``rows``: shard
@@ -269,31 +279,31 @@ def run_shards(todo: list[Shard], job: JobSpec, ctx: RunContext, report_file: Pa
     ``on_progress(event)``: this run's progress events (see monitor.py), called on the
     client's event-loop thread. All tasks run inside one Dask span named after the job.
     ``early``: an embedded cluster already started for this run; its shutdown begins here
-    once the tasks are done (``EarlyCluster.release``), and its owner closes it.
+    once the tasks are done (``early.release()``), and its owner closes it.
     """
     clients = contextlib.nullcontext(early.client()) if early else open_client(
-        job.cluster, warm=str(ctx.model.path))
+        spec, warm=str(work.model.path))
     with clients as client:
         checkpoint("cluster-started")
         _start_metrics(client)
         if on_progress is not None:
-            client.subscribe_topic(TOPIC, lambda event: _ours(event, ctx.run_id, on_progress))
-        client.log_event(TOPIC, {"kind": "run", "job": job.name, "run": ctx.run_id,
+            client.subscribe_topic(TOPIC, lambda event: _ours(event, work.run_id, on_progress))
+        client.log_event(TOPIC, {"kind": "run", "job": work.job_name, "run": work.run_id,
                                  "shards": len(todo), "rows": sum(
                                      s.num_rows if rows is None else len(rows[s.fingerprint])
                                      for s in todo)})
         on_start(client.dashboard_link)
-        with optional_performance_report(report_file), span(job.name):
+        with optional_performance_report(report_file), span(work.job_name):
             futures = [
-                client.submit(_run_shard, shard, job, ctx,
+                client.submit(_run_shard, shard, work,
                               None if rows is None else rows[shard.fingerprint],
-                              key=task_key(job, shard), retries=job.cluster.retries, pure=False)
+                              key=task_key(work, shard), retries=spec.retries, pure=False)
                 for shard in todo
             ]
             for future in as_completed(futures):
                 if future.status == "error":
-                    client.log_event(TOPIC, {"kind": "failed", "job": job.name,
-                                             "run": ctx.run_id, "shard": future.key})
+                    client.log_event(TOPIC, {"kind": "failed", "job": work.job_name,
+                                             "run": work.run_id, "shard": future.key})
                     on_failure(future.key, _describe_failure(future.exception()))
                     continue
                 on_record(future.result())

@@ -4,7 +4,7 @@ Tombstones (``output.tombstones``): an incremental output is a history, so an id
 disappears keeps its last row, and ``latest`` would show it for ever. With tombstones, the
 night an id is gone its partition gets one row for it: the id, ``deleted`` true, the job
 fingerprint and run id, every other column null. ``latest`` leaves such ids out
-(incremental.latest_rows); an id that comes back is computed again.
+(history.latest_rows); an id that comes back is computed again.
 
 Restated rows: a backfill of night D writes rows at D; an id it writes that the next
 published night N has no row for would read D's row as of N (``latest`` takes each id's
@@ -27,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lepton_batch.output.history import as_of, latest_rows, scan_output
 from lepton_batch.output.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
-from lepton_batch.plan.incremental import RowPlan, as_of, latest_rows, scan_output
-from lepton_batch.run.worker import RunContext
+from lepton_batch.plan.incremental import RowPlan
+from lepton_batch.plan.work import ShardWork
 from lepton_batch.store import OutputPath
 
 # Their parts' names in place of a shard fingerprint: run_date=D/part-deleted-<run id>.parquet
@@ -63,7 +64,7 @@ def restated_table(parts: list[OutputPath], schema: pa.Schema, id_column: str, d
     return pa.table({f.name: rows[f.name].cast(f.type) for f in schema}, schema=schema)
 
 
-def write_driver_rows(ctx: RunContext, id_column: str, rows_plan: RowPlan, run_date: date,
+def write_driver_rows(ctx: ShardWork, id_column: str, rows_plan: RowPlan, run_date: date,
                       parts: list[OutputPath], compression: str
                       ) -> list[tuple[ShardRecord, str]]:
     """Write this run's tombstones and restated rows, each set as a part with its record;
@@ -91,7 +92,7 @@ def write_driver_rows(ctx: RunContext, id_column: str, rows_plan: RowPlan, run_d
     return out
 
 
-def _write(ctx: RunContext, name: str, table: pa.Table, day: date, source: str,
+def _write(ctx: ShardWork, name: str, table: pa.Table, day: date, source: str,
            compression: str) -> ShardRecord:
     start = time.perf_counter()
     meta = {**ctx.file_metadata, "shard": name, "source": source}

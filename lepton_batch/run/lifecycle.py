@@ -8,30 +8,26 @@ Reporting comes after the publish and can only warn.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 
 from lepton_batch.faults import checkpoint
-from lepton_batch.job.spec import JobSpec
 from lepton_batch.output.dataset import init_output, published_parts, run_dir
 from lepton_batch.output.lock import output_lock
 from lepton_batch.output.manifest import ShardRecord
 from lepton_batch.output.sink import make_sink
-from lepton_batch.plan.build import Plan, estimate_work
+from lepton_batch.plan.build import Plan
+from lepton_batch.plan.estimate import estimate_work
 from lepton_batch.plan.incremental import RowPlan
-from lepton_batch.run.cluster import run_shards
+from lepton_batch.plan.work import shard_work
+from lepton_batch.run.cluster import StartedCluster, run_shards
 from lepton_batch.run.progress import RunProgress
-from lepton_batch.run.startup import EarlyCluster
-from lepton_batch.run.worker import RunContext
 from lepton_batch.store import OutputPath
 
 log = logging.getLogger(__name__)
@@ -133,30 +129,6 @@ class RunResult:
         return out
 
 
-def _file_metadata(plan: Plan, run_id: str) -> dict[str, str]:
-    versions = {p: version(p) for p in ("lepton-batch", "torch", "transformers", "pyarrow")}
-    return {
-        "job_name": plan.job.name,
-        "job_fingerprint": plan.job_fingerprint,
-        "task": plan.job.task.kind,
-        "model": plan.model.path.name,
-        "model_path": str(plan.model.path),
-        "model_revision": plan.model.revision,
-        # the resolved max_length / pooling / normalize / prompt, so a reader can tell
-        # which settings made these values (see settings.py)
-        "settings": json.dumps(plan.settings.values(), sort_keys=True),
-        "run_id": run_id,
-        "versions": ",".join(f"{k}=={v}" for k, v in versions.items()),
-    }
-
-
-def _default_threads(job: JobSpec) -> int | None:
-    """On an embedded cluster, split this machine's cores between the workers."""
-    if job.engine.threads or job.cluster.address:
-        return job.engine.threads
-    return max(1, (os.cpu_count() or 1) // job.cluster.n_workers)
-
-
 def _sum_counts(histograms: list[list[int]]) -> list[int]:
     out = [0] * max((len(h) for h in histograms), default=0)
     for h in histograms:
@@ -226,7 +198,7 @@ def write_report(report_dir: OutputPath, document: dict) -> list[str]:
 def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
             on_shard: Callable[[ShardRecord], None] | None = None,
             on_progress: Callable[[RunProgress], None] | None = None,
-            early: EarlyCluster | None = None) -> RunResult:
+            early: StartedCluster | None = None) -> RunResult:
     """Run every shard not already done; publish the dataset and ``_SUCCESS`` when all are.
 
     ``on_start(result)``: once the cluster is up (``result.progress`` is then set);
@@ -268,14 +240,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
                                       len(plan.shards), result.skipped)
         report = run_dir(root, run_id)
         result.report_dir = str(report)
-        threads = _default_threads(job)
-        if threads != job.engine.threads:
-            engine = job.engine.model_copy(update={"threads": threads})
-            job = job.model_copy(update={"engine": engine})
-        ctx = RunContext(run_id=run_id, job_fingerprint=plan.job_fingerprint, output_root=root,
-                         staging=sink.staging, model=plan.model, settings=plan.settings,
-                         schema=plan.schema, sink=sink,
-                         file_metadata=_file_metadata(plan, run_id))
+        ctx = shard_work(plan, run_id, sink)
 
         def started_cluster(dashboard: str | None) -> None:
             result.dashboard = dashboard
@@ -303,7 +268,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
         if todo:
             # Dask writes its report to a local file; an object-store output goes without.
             dask_report = report / "dask-report.html" if isinstance(report, Path) else None
-            run_shards(todo, job, ctx, dask_report, started_cluster, finished, failed,
+            run_shards(todo, ctx, job.cluster, dask_report, started_cluster, finished, failed,
                        rows=rows_plan.rows if rows_plan else None, on_progress=progressed,
                        early=early)
         else:

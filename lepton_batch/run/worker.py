@@ -2,6 +2,8 @@
 
 read (only the needed columns) -> prepare text (bad rows recorded) -> tokenize -> token-
 budget batches -> pipeline -> Arrow table in input order -> part file (atomic) -> record.
+What to do comes in one :class:`~lepton_batch.plan.work.ShardWork`, planned on the driver;
+the worker keeps its engines and pipelines between shards.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,55 +28,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lepton_batch.engine import BatchStats, EngineCache, EngineConfig, Tokenized
+from lepton_batch.engine import BatchStats, EngineCache, Tokenized
 from lepton_batch.engine.calibration import gate_sample
 from lepton_batch.faults import checkpoint
-from lepton_batch.job.modeldir import ModelInfo
-from lepton_batch.job.settings import Settings
 from lepton_batch.job.shards import Shard, read_shard, redact
-from lepton_batch.job.spec import EngineSpec, JobSpec
+from lepton_batch.job.spec import EngineSpec
 from lepton_batch.output.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
-from lepton_batch.output.sink import Sink
 from lepton_batch.pipelines import Pipeline, encoder_task, make_pipeline
 from lepton_batch.plan.incremental import content_hashes, first_occurrences
-from lepton_batch.store import OutputPath
+from lepton_batch.plan.work import ShardWork
 
 if TYPE_CHECKING:
     from lepton_batch.engine.decoder import Decoder
     from lepton_batch.engine.encoder import Engine
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What every shard of one run shares; small and picklable, sent with each task."""
-
-    run_id: str
-    job_fingerprint: str
-    output_root: OutputPath  # a local directory or a RemotePath (picklable either way)
-    staging: str  # folder under output_root where this run's shard records wait
-    model: ModelInfo
-    settings: Settings  # resolved from the job and the model directory (plan.settings)
-    schema: pa.Schema  # the output's columns, the same for every part (plan.schema)
-    sink: Sink  # the output format's: where each part goes (output/sink.py)
-    file_metadata: dict[str, str] = field(default_factory=dict)
-
-    def engine_config(self, job: JobSpec, head: str) -> EngineConfig:
-        return EngineConfig(
-            model_dir=str(self.model.path),
-            head=head,
-            dtype=job.model.dtype,
-            device=job.model.device,
-            max_length=self.settings.max_length,
-            trust_remote_code=job.model.trust_remote_code,
-            allow_pickle=job.model.allow_pickle,
-            threads=job.engine.threads,
-            quantization=job.model.quantization,
-            packed=job.engine.packed,
-            compile=job.engine.compile,
-            min_cosine=job.quality.min_cosine,
-            min_label_agreement=job.quality.min_label_agreement,
-            on_fail=job.quality.on_fail,
-        )
 
 
 Meter = Callable[[str], AbstractContextManager]
@@ -156,7 +122,7 @@ def _merge_errors(errors: pa.Array, rows: np.ndarray, reasons: list[str]) -> pa.
                                 pa.array([reasons[j] for j in order], pa.string()))
 
 
-def _compute(pipeline: Pipeline, table: pa.Table, job: JobSpec, ctx: RunContext, cache: EngineCache,
+def _compute(pipeline: Pipeline, table: pa.Table, work: ShardWork, cache: EngineCache,
              stats: BatchStats, stage: Stages
              ) -> tuple[dict[str, pa.Array], Engine | Decoder, float, np.ndarray]:
     """The task's columns plus ``num_tokens``, ``truncated``, ``error`` for ``table``'s rows
@@ -166,7 +132,7 @@ def _compute(pipeline: Pipeline, table: pa.Table, job: JobSpec, ctx: RunContext,
     n = table.num_rows
     with stage("prepare"):
         texts, prep = pipeline.prepare(table)
-    loads, config = cache.loads, ctx.engine_config(job, pipeline.head)
+    loads, config = cache.loads, work.engine
     chunkable = getattr(pipeline, "chunkable", False)
     pre = None
     if chunkable:  # the first shard of a warming worker: tokenize while it imports
@@ -175,17 +141,17 @@ def _compute(pipeline: Pipeline, table: pa.Table, job: JobSpec, ctx: RunContext,
     with stage("warm_up"):  # what is left of the worker's imports and CUDA context
         cache.wait_for_warm_up()
     with stage("load"):
-        engine = cache.get(config, lambda: gate_sample(texts, job.quality.sample_rows,
-                                                        ctx.settings.apply))
+        engine = cache.get(config, lambda: gate_sample(texts, work.quality_sample_rows,
+                                                        work.settings.apply))
     load_seconds = stage.seconds["load"] if cache.loads > loads else 0.0
     if chunkable:
-        results, lengths, truncated = _run_chunks(pipeline, engine, texts, job.engine, stats,
-                                                  stage, engine.adopt(pre))
+        results, lengths, truncated = _run_chunks(pipeline, engine, texts, work.batching,
+                                                  stats, stage, engine.adopt(pre))
     else:
         with stage("tokenize"):
             tok = pipeline.tokenize(engine, texts)
         with stage("compute"):
-            results = pipeline.run(engine, tok, job.engine, stats)
+            results = pipeline.run(engine, tok, work.batching, stats)
         lengths, truncated = tok.lengths, tok.truncated
     # Rows the engine could not run (out of memory even alone): null results, an error.
     failed = prep.valid[np.asarray(stats.failed_rows, dtype=np.int64)]
@@ -256,28 +222,63 @@ def _run_chunks(pipeline: Pipeline, engine: Engine, texts: list[str], spec: Engi
     return results, np.concatenate(lengths), np.concatenate(truncated)
 
 
-def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCache,
-                  rows: np.ndarray | None = None, *, meter: Meter | None = None,
-                  stats: BatchStats | None = None) -> ShardRecord:
-    """Run the job's task over one shard and write its part file and manifest record.
+class PipelineCache:
+    """The pipelines built in this process for the work it serves, next to its engines:
+    built once per worker, not per shard. A pipeline keeps one shard's state between
+    ``prepare`` and ``run``, so each shard running at the same time (a worker with
+    several threads) checks out its own; a new work (another run) drops the old ones."""
+
+    def __init__(self) -> None:
+        self._key: tuple[str, str] | None = None
+        self._idle: list[Pipeline] = []
+        self._lock = threading.Lock()
+        self.builds = 0
+
+    @contextlib.contextmanager
+    def checkout(self, work: ShardWork) -> Iterator[Pipeline]:
+        """An idle pipeline for ``work``, built if there is none; back when the block ends."""
+        with self._lock:
+            if work.key != self._key:
+                self._key, self._idle = work.key, []
+            pipeline = self._idle.pop() if self._idle else None
+        if pipeline is None:
+            pipeline = make_pipeline(work.task, work.model, work.settings, work.input)
+            with self._lock:
+                self.builds += 1
+        try:
+            yield pipeline
+        finally:
+            with self._lock:
+                if self._key == work.key:
+                    self._idle.append(pipeline)
+
+
+def process_shard(shard: Shard, work: ShardWork, cache: EngineCache,
+                  rows: np.ndarray | None = None, *, pipelines: PipelineCache | None = None,
+                  meter: Meter | None = None, stats: BatchStats | None = None) -> ShardRecord:
+    """Run the work's task over one shard and write its part file and manifest record.
 
     ``rows``: (m,) int64 positions inside the shard to compute (an incremental run's
     changed rows); None computes every row. Rows with the same content (and, for sampled
     generation, the same id) are computed once and the result copied to each.
+    ``pipelines``: this worker's pipelines (None: one built for this shard alone).
     ``meter``: see :class:`Stages`. ``stats``: filled as batches finish, so that another
     thread can report progress inside the shard.
     """
     start = time.perf_counter()
-    stage = Stages(meter)
     stats = BatchStats() if stats is None else stats
-    inp = job.input
-    if not encoder_task(job.task):
+    if not encoder_task(work.task):
         cache.wait_for_warm_up()  # an encoder's rows are read and tokenized meanwhile
-    pipeline = make_pipeline(job.task, ctx.model, ctx.settings, inp)
-    columns = [inp.id_column, *inp.passthrough_columns]
-    columns += [c for c in pipeline.columns if c not in columns]
+    with (pipelines or PipelineCache()).checkout(work) as pipeline:
+        return _process(shard, work, pipeline, cache, rows, Stages(meter), stats, start)
+
+
+def _process(shard: Shard, ctx: ShardWork, pipeline: Pipeline, cache: EngineCache,
+             rows: np.ndarray | None, stage: Stages, stats: BatchStats,
+             start: float) -> ShardRecord:
+    inp = ctx.input
     with stage("read"):
-        table = read_shard(shard, columns)
+        table = read_shard(shard, list(ctx.columns))
         if rows is not None:
             table = table.take(pa.array(rows, pa.int64()))
     n = table.num_rows
@@ -287,8 +288,8 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
             pipeline.row_keyed) else hashes
         first, inverse = first_occurrences(keys)
         unique = table.take(pa.array(first)) if len(first) < n else table
-    computed, engine, load_seconds, lengths = _compute(pipeline, unique, job, ctx, cache,
-                                                       stats, stage)
+    computed, engine, load_seconds, lengths = _compute(pipeline, unique, ctx, cache, stats,
+                                                       stage)
     if len(first) < n:
         fan_out = pa.array(inverse, pa.int64())
         computed = {name: arr.take(fan_out) for name, arr in computed.items()}
@@ -315,7 +316,7 @@ def process_shard(shard: Shard, job: JobSpec, ctx: RunContext, cache: EngineCach
         lengths, ctx.settings.max_length or int(lengths.max(initial=1)))
 
     rel = Path(ctx.sink.part_path(shard.fingerprint))  # readers see it once the sink says
-    codec = None if job.output.compression == "none" else job.output.compression
+    codec = None if ctx.compression == "none" else ctx.compression
     checkpoint("shard-computed")
     with stage("write"):
         write_atomic(ctx.output_root / rel, lambda fh: pq.write_table(out, fh, compression=codec))

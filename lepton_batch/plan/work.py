@@ -1,0 +1,134 @@
+"""One shard's work, described once on the driver: what every task of a run ships.
+
+``shard_work`` turns a :class:`~lepton_batch.plan.build.Plan` and the run's id and output
+sink into a :class:`ShardWork`: the task, the resolved settings, the engine to load (its
+head and threads decided here), the input columns to read and the output to write. A
+worker needs nothing else: no job file, no second look at the model directory. It is
+small and picklable, and the same for every shard of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib.metadata import version
+
+import pyarrow as pa
+
+from lepton_batch.engine.config import EngineConfig
+from lepton_batch.job.modeldir import ModelInfo
+from lepton_batch.job.settings import Settings
+from lepton_batch.job.spec import EngineSpec, InputSpec, JobSpec, TaskSpec
+from lepton_batch.output.sink import Sink
+from lepton_batch.plan.build import Plan
+from lepton_batch.store import OutputPath
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """What every shard of one run does; built once per run (:func:`shard_work`)."""
+
+    run_id: str
+    job_name: str
+    job_fingerprint: str
+    task: TaskSpec
+    input: InputSpec  # the id, text and passthrough columns (input.path is not read)
+    model: ModelInfo
+    settings: Settings  # resolved from the job and the model directory (plan.settings)
+    engine: EngineConfig  # the engine to load: head, dtype, threads, quality gate, ...
+    batching: EngineSpec  # batch sizes, chunking, KV cache (the job's engine section)
+    quality_sample_rows: int  # rows of the first shard the quality gate checks
+    columns: tuple[str, ...]  # what a shard reads: id, passthrough, then the task's columns
+    task_columns: tuple[str, ...]  # the task's input columns: what content_hash covers
+    output_root: OutputPath  # a local directory or a RemotePath (picklable either way)
+    sink: Sink  # the output format's: where each part goes, what waits for publish
+    schema: pa.Schema  # the output's columns, the same for every part (plan.schema)
+    compression: str = "zstd"  # the part files' codec; "none": uncompressed
+    file_metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def staging(self) -> str:
+        """The folder under output_root where this run's shard records wait for publish."""
+        return self.sink.staging
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Identifies this work on a worker (its pipelines are built once per key)."""
+        return self.run_id, self.job_fingerprint
+
+
+def default_threads(job: JobSpec) -> int | None:
+    """Torch threads per worker: the job's; on an embedded cluster, this machine's cores
+    split between the workers."""
+    if job.engine.threads or job.cluster.address:
+        return job.engine.threads
+    return max(1, (os.cpu_count() or 1) // job.cluster.n_workers)
+
+
+def engine_config(plan: Plan, threads: int | None) -> EngineConfig:
+    """The engine the plan's task runs on (the cache on each worker is keyed by it)."""
+    job = plan.job
+    return EngineConfig(
+        model_dir=str(plan.model.path),
+        head=plan.head,
+        dtype=job.model.dtype,
+        device=job.model.device,
+        max_length=plan.settings.max_length,
+        trust_remote_code=job.model.trust_remote_code,
+        allow_pickle=job.model.allow_pickle,
+        threads=threads,
+        quantization=job.model.quantization,
+        packed=job.engine.packed,
+        compile=job.engine.compile,
+        min_cosine=job.quality.min_cosine,
+        min_label_agreement=job.quality.min_label_agreement,
+        on_fail=job.quality.on_fail,
+    )
+
+
+def file_metadata(plan: Plan, run_id: str) -> dict[str, str]:
+    """What every part file of the run states about how it was made (its ``lepton_batch``
+    schema metadata, beside the shard's own entries)."""
+    versions = {p: version(p) for p in ("lepton-batch", "torch", "transformers", "pyarrow")}
+    return {
+        "job_name": plan.job.name,
+        "job_fingerprint": plan.job_fingerprint,
+        "task": plan.job.task.kind,
+        "model": plan.model.path.name,
+        "model_path": str(plan.model.path),
+        "model_revision": plan.model.revision,
+        # the resolved max_length / pooling / normalize / prompt, so a reader can tell
+        # which settings made these values (see settings.py)
+        "settings": json.dumps(plan.settings.values(), sort_keys=True),
+        "run_id": run_id,
+        "versions": ",".join(f"{k}=={v}" for k, v in versions.items()),
+    }
+
+
+def shard_work(plan: Plan, run_id: str, sink: Sink) -> ShardWork:
+    """The run's :class:`ShardWork`: ``plan`` with the run's id and its output sink."""
+    job = plan.job
+    inp = job.input
+    threads = default_threads(job)
+    columns = [inp.id_column, *inp.passthrough_columns]
+    columns += [c for c in plan.task_columns if c not in columns]
+    return ShardWork(
+        run_id=run_id,
+        job_name=job.name,
+        job_fingerprint=plan.job_fingerprint,
+        task=job.task,
+        input=inp,
+        model=plan.model,
+        settings=plan.settings,
+        engine=engine_config(plan, threads),
+        batching=job.engine.model_copy(update={"threads": threads}),
+        quality_sample_rows=job.quality.sample_rows,
+        columns=tuple(columns),
+        task_columns=tuple(plan.task_columns),
+        output_root=plan.output_root,
+        sink=sink,
+        schema=plan.schema,
+        compression=job.output.compression,
+        file_metadata=file_metadata(plan, run_id),
+    )
