@@ -77,3 +77,15 @@ def test_the_slug_follows_github():
     assert _slug("Causal LMs: `generate`, `score`, likelihood `classify`") == \
         "causal-lms-generate-score-likelihood-classify"
     assert _slug("What happens when…") == "what-happens-when"
+
+
+SOURCE = re.compile(r"(?<![\w/.-])((?:lepton_batch/)?[a-z_]+/[a-z_]+\.py)\b")
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: p.name)
+def test_every_source_file_a_page_names_exists(page):
+    """A page that names a module (``run/worker.py``, ``lepton_batch/bench/embed.py``) names
+    one that is there: the layout moves, the pages follow."""
+    missing = sorted({rel for rel in SOURCE.findall(page.read_text())
+                      if not (REPO / rel).exists() and not (REPO / "lepton_batch" / rel).exists()})
+    assert missing == []
