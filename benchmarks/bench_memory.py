@@ -155,7 +155,7 @@ def measure(job: Path, rows: int, out: Path, interval: float, log: Path,
     if popen.wait() != 0:
         sys.exit(f"submit failed (exit {popen.returncode}); its output is in {log}:\n"
                  + log.read_text()[-3000:])
-    from lepton_batch.output.dataset import PARTS_GLOB
+    from lepton_batch.output.layout import PARTS_GLOB
 
     written = sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob(PARTS_GLOB))
     if written != rows:

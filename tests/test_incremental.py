@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from lepton_batch.cli.app import app
 from lepton_batch.job.spec import JobSpecError, fill_path, load_job
 from lepton_batch.output.contract import SCHEMA_FILE
-from lepton_batch.output.dataset import OutputError
+from lepton_batch.output.layout import OutputError
 from lepton_batch.plan.build import make_plan
 from lepton_batch.plan.incremental import content_hashes, first_occurrences
 from lepton_batch.run.lifecycle import run_job

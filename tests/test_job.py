@@ -20,7 +20,7 @@ from conftest import LABELS, write_corpus, write_job
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from lepton_batch.job.spec import JobSpecError, load_job
-from lepton_batch.output.dataset import OutputError
+from lepton_batch.output.layout import OutputError
 from lepton_batch.plan.build import make_plan
 from lepton_batch.run.lifecycle import run_job
 

@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from lepton_batch.engine import BatchStats, Engine, EngineConfig, is_oom
 from lepton_batch.job.spec import load_job
-from lepton_batch.output.dataset import PARTS_GLOB
+from lepton_batch.output.layout import PARTS_GLOB
 from lepton_batch.plan.build import make_plan
 from lepton_batch.run.lifecycle import run_job
 

@@ -22,7 +22,8 @@ from lepton_batch.cli.common import (
 )
 from lepton_batch.job.spec import JobSpecError
 from lepton_batch.output import lock
-from lepton_batch.output.dataset import SUCCESS, OutputError, published_parts, staged_count
+from lepton_batch.output.dataset import published_parts, staged_count
+from lepton_batch.output.layout import SUCCESS, OutputError
 
 if TYPE_CHECKING:
     from lepton_batch.plan.build import Plan

@@ -24,7 +24,7 @@ from lepton_batch.cli.common import (
 )
 from lepton_batch.cli.validate import plan_table
 from lepton_batch.job.spec import JobSpec, JobSpecError
-from lepton_batch.output.dataset import OutputError
+from lepton_batch.output.layout import OutputError
 from lepton_batch.run.stopping import held, stoppable
 
 ProgressOpt = Annotated[str, typer.Option(
@@ -191,7 +191,7 @@ def _report_again(root, run_id: str) -> None:
     """``submit --report-only RUN_ID``: report.html again from the run's report.json."""
     import json
 
-    from lepton_batch.output.dataset import RUNS_DIR
+    from lepton_batch.output.layout import RUNS_DIR
     from lepton_batch.run.lifecycle import write_report
 
     runs = root / RUNS_DIR

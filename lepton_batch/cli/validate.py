@@ -22,7 +22,7 @@ from lepton_batch.cli.common import (
     warn,
 )
 from lepton_batch.job.spec import JobSpecError
-from lepton_batch.output.dataset import OutputError
+from lepton_batch.output.layout import OutputError
 
 
 def validate(

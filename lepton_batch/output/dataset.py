@@ -30,6 +30,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lepton_batch.output.contract import SCHEMA_FILE, contract_problem, read_contract
+from lepton_batch.output.layout import (
+    DELTA_LOG,
+    JOURNAL,
+    LOCK,
+    MARKER,
+    PARTITION_GLOB,
+    PARTS_GLOB,
+    RUNS_DIR,
+    STAGING,
+    SUCCESS,
+    OutputError,
+)
 from lepton_batch.output.manifest import (
     MANIFEST_DIR,
     ShardRecord,
@@ -41,21 +53,7 @@ from lepton_batch.store import OutputPath, RemotePath, remove_tree
 
 log = logging.getLogger(__name__)
 
-SUCCESS = "_SUCCESS"
-RUNS_DIR = "_runs"
-STAGING = "_staging"
-JOURNAL = "_publish.json"
-MARKER = "_lepton_batch.json"
-LOCK = "_lock"
-DELTA_LOG = "_delta_log"  # output.format delta: the table's log (delta.py)
-PARTITION_COLUMN = "run_date"
-PARTITION_GLOB = f"{PARTITION_COLUMN}=*"
-PARTS_GLOB = f"{PARTITION_GLOB}/*.parquet"  # every published part, relative to root
 _OURS = (MARKER, MANIFEST_DIR, SUCCESS, RUNS_DIR, STAGING, JOURNAL, LOCK, SCHEMA_FILE, DELTA_LOG)
-
-
-class OutputError(ValueError):
-    """The output directory cannot be used as asked."""
 
 
 @dataclass(frozen=True)

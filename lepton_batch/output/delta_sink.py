@@ -29,10 +29,6 @@ import pyarrow as pa
 from lepton_batch.faults import checkpoint
 from lepton_batch.output.contract import schema_of
 from lepton_batch.output.dataset import (
-    PARTITION_COLUMN,
-    PARTS_GLOB,
-    STAGING,
-    OutputError,
     OutputTarget,
     output_problem,
     prepare_root,
@@ -41,6 +37,7 @@ from lepton_batch.output.dataset import (
     write_contract,
     write_success,
 )
+from lepton_batch.output.layout import PARTITION_COLUMN, PARTS_GLOB, STAGING, OutputError
 from lepton_batch.output.manifest import (
     MANIFEST_DIR,
     ShardRecord,

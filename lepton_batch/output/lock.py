@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
-from lepton_batch.output.dataset import LOCK, OutputError
+from lepton_batch.output.layout import LOCK, OutputError
 from lepton_batch.store import OutputPath, RemotePath
 
 

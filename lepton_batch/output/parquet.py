@@ -17,11 +17,6 @@ from pathlib import Path
 from lepton_batch.faults import checkpoint
 from lepton_batch.output.contract import read_contract
 from lepton_batch.output.dataset import (
-    JOURNAL,
-    PARTITION_GLOB,
-    STAGING,
-    SUCCESS,
-    OutputError,
     OutputTarget,
     inside,
     output_problem,
@@ -31,6 +26,7 @@ from lepton_batch.output.dataset import (
     write_contract,
     write_success,
 )
+from lepton_batch.output.layout import JOURNAL, PARTITION_GLOB, STAGING, SUCCESS, OutputError
 from lepton_batch.output.manifest import (
     MANIFEST_DIR,
     ShardRecord,

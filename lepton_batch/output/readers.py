@@ -26,15 +26,9 @@ import pyarrow as pa
 
 from lepton_batch.output import lock
 from lepton_batch.output.contract import SCHEMA_FILE, read_contract, schema_of
-from lepton_batch.output.dataset import (
-    MARKER,
-    RUNS_DIR,
-    SUCCESS,
-    is_ours,
-    published_parts,
-    published_records,
-)
+from lepton_batch.output.dataset import is_ours, published_parts, published_records
 from lepton_batch.output.history import latest_rows, scan_output
+from lepton_batch.output.layout import MARKER, RUNS_DIR, SUCCESS
 from lepton_batch.output.manifest import MANIFEST_DIR, ShardRecord, read_records
 from lepton_batch.store import OutputPath
 

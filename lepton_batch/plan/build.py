@@ -77,7 +77,8 @@ class Plan:
 
     def backfill_note(self) -> str | None:
         """Mode incremental, a run date before the newest published night: what it does."""
-        from lepton_batch.output.dataset import RUNS_DIR, published_parts
+        from lepton_batch.output.dataset import published_parts
+        from lepton_batch.output.layout import RUNS_DIR
         from lepton_batch.plan.incremental import backfill_note, newest_night
 
         root = self.output_root
