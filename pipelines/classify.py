@@ -29,7 +29,7 @@ from lepton_batch.pipelines.text import PreparedText, encoder_texts
 if TYPE_CHECKING:  # built (and planned with) before torch is imported
     import torch
 
-    from lepton_batch.engine.encoder import Engine
+    from lepton_batch.engine.encoder import Encoder
 
 
 def top_labels(scores: torch.Tensor, names: list[str], k: int,
@@ -112,10 +112,10 @@ class ClassifyPipeline:
         which rows they are; bad rows are recorded, not raised."""
         return encoder_texts(table[self.text_column], self.settings)
 
-    def tokenize(self, engine: Engine, texts: list[str]) -> Tokenized:
+    def tokenize(self, engine: Encoder, texts: list[str]) -> Tokenized:
         return engine.tokenize(texts)
 
-    def _scores(self, engine: Engine, tok: Tokenized, spec: EngineSpec,
+    def _scores(self, engine: Encoder, tok: Tokenized, spec: EngineSpec,
                 stats: BatchStats) -> torch.Tensor:
         """(n, num_labels) float32 scores for the tokenized rows."""
         import torch
@@ -133,7 +133,7 @@ class ClassifyPipeline:
         logits = engine.logits(tok, budget, rows, stats)
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
 
-    def run(self, engine: Engine, tok: Tokenized, spec: EngineSpec,
+    def run(self, engine: Encoder, tok: Tokenized, spec: EngineSpec,
             stats: BatchStats) -> dict[str, pa.Array]:
         """Top-k labels and scores for the tokenized rows, in their order."""
         return top_labels(self._scores(engine, tok, spec, stats), self.names,

@@ -18,10 +18,10 @@ from lepton_batch.pipelines.shape import TaskShape
 from lepton_batch.pipelines.text import PreparedText, encoder_texts
 
 if TYPE_CHECKING:  # built (and planned with) before torch is imported
-    from lepton_batch.engine.encoder import Engine
+    from lepton_batch.engine.encoder import Encoder
 
 
-def prompt_tokens(engine: Engine, settings: Settings) -> int:
+def prompt_tokens(engine: Encoder, settings: Settings) -> int:
     """Leading tokens to leave out of pooling: none, unless the model's Pooling module has
     ``include_prompt: false``; then the prompt's tokens (with the first special token, not
     a trailing one), counted as sentence-transformers counts them."""
@@ -62,10 +62,10 @@ class EmbedPipeline:
         which rows they are; bad rows are recorded, not raised."""
         return encoder_texts(table[self.text_column], self.settings)
 
-    def tokenize(self, engine: Engine, texts: list[str]) -> Tokenized:
+    def tokenize(self, engine: Encoder, texts: list[str]) -> Tokenized:
         return engine.tokenize(texts)
 
-    def run(self, engine: Engine, tok: Tokenized, spec: EngineSpec,
+    def run(self, engine: Encoder, tok: Tokenized, spec: EngineSpec,
             stats: BatchStats) -> dict[str, pa.Array]:
         """Embeddings for the tokenized rows, in their order."""
         budget = engine.token_budget(spec.max_tokens_per_batch)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from conftest import sample_texts, write_job
 from transformers import AutoModel, AutoTokenizer
 
-from lepton_batch.engine import Engine, EngineConfig
+from lepton_batch.engine import Encoder, EngineConfig
 from lepton_batch.job.shards import count_duplicate_ids
 from lepton_batch.job.spec import JobSpecError, load_job
 from lepton_batch.plan.build import make_plan
@@ -368,9 +368,9 @@ def test_model_with_pickle_only_weights_is_refused(tmp_path, pickle_model):
 def test_engine_refuses_pickle_without_allow_pickle(pickle_model, tiny_bert):
     # Defence in depth: a plan built elsewhere still cannot make the engine unpickle.
     with pytest.raises(OSError, match="model.safetensors"):
-        Engine(EngineConfig(model_dir=str(pickle_model), head="base"))
+        Encoder(EngineConfig(model_dir=str(pickle_model), head="base"))
     # allow_pickle still prefers safetensors when a model has them.
-    assert Engine(EngineConfig(model_dir=str(tiny_bert), head="base", allow_pickle=True))
+    assert Encoder(EngineConfig(model_dir=str(tiny_bert), head="base", allow_pickle=True))
 
 
 def test_model_with_pickle_only_weights_runs_with_allow_pickle(tmp_path, pickle_model,

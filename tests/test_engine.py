@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import sample_texts
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from lepton_batch.engine import BatchStats, Engine, EngineCache, EngineConfig, plan_batches
+from lepton_batch.engine import BatchStats, Encoder, EngineCache, EngineConfig, plan_batches
 
 
 def test_plan_batches_respects_budget_and_covers_all():
@@ -47,7 +47,7 @@ def _reference_embed(model_dir, texts, max_length, pooling="mean"):
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_embed_matches_unbatched_forward(tiny_bert, pooling):
     texts = sample_texts(120)
-    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+    engine = Encoder(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
                                  dtype="float32"))
     tok = engine.tokenize(texts)
     stats = BatchStats()
@@ -60,7 +60,7 @@ def test_embed_matches_unbatched_forward(tiny_bert, pooling):
 
 
 def test_truncation_is_flagged(tiny_bert):
-    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=16,
+    engine = Encoder(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=16,
                                  dtype="float32"))
     long_text = " ".join(sample_texts(50))
     tok = engine.tokenize(["short text", long_text])
@@ -81,7 +81,7 @@ def test_tokenize_gives_the_hugging_face_ids(tiny_bert, tmp_path, side):
     shutil.copytree(tiny_bert, model)
     hf = AutoTokenizer.from_pretrained(model, truncation_side=side)
     hf.save_pretrained(model)
-    engine = Engine(EngineConfig(model_dir=str(model), head="base", max_length=16,
+    engine = Encoder(EngineConfig(model_dir=str(model), head="base", max_length=16,
                                  dtype="float32"))
     words = " ".join(sample_texts(30)).split()
     texts = [" ".join(words[:k]) for k in range(0, 40)] + sample_texts(60)
@@ -96,7 +96,7 @@ def test_tokenize_gives_the_hugging_face_ids(tiny_bert, tmp_path, side):
 
 def test_logits_match_direct_forward(tiny_bert_cls):
     texts = sample_texts(40)
-    engine = Engine(EngineConfig(model_dir=str(tiny_bert_cls), head="classifier", max_length=64,
+    engine = Encoder(EngineConfig(model_dir=str(tiny_bert_cls), head="classifier", max_length=64,
                                  dtype="float32"))
     got = engine.logits(engine.tokenize(texts), max_tokens=256, max_rows=8)
     tok = AutoTokenizer.from_pretrained(tiny_bert_cls)
@@ -116,7 +116,7 @@ def test_pretokenized_ids_are_the_engines_own(tiny_bert):
     cfg = EngineConfig(model_dir=str(tiny_bert), head="base", max_length=32, dtype="float32")
     texts = sample_texts(40) + [" ".join(sample_texts(30))]  # the last row is cut
     pre = EngineCache(warming=lambda: True).pretokenize(cfg, texts)
-    engine = Engine(cfg)
+    engine = Encoder(cfg)
     got, want = engine.adopt(pre), engine.tokenize(texts)
     assert got is not None and want.truncated[-1] and not want.truncated[0]
     for name in ("flat", "offsets", "lengths", "truncated"):

@@ -184,13 +184,13 @@ def test_first_shard_tokenized_while_the_worker_warms_up(tmp_path, tiny_bert, co
     those ids and tokenizes only the rest. Same values, token counts, flags and errors as
     a run that tokenized every row itself."""
     from lepton_batch.engine import tokens
-    from lepton_batch.engine.encoder import Engine
+    from lepton_batch.engine.encoder import Encoder
     from lepton_batch.run import cluster
 
     monkeypatch.setattr(tokens, "PRETOKENIZE_ROWS", 4)
     adopted: list = []
-    adopt = Engine.adopt
-    monkeypatch.setattr(Engine, "adopt",
+    adopt = Encoder.adopt
+    monkeypatch.setattr(Encoder, "adopt",
                         lambda self, pre: adopted.append(adopt(self, pre)) or adopted[-1])
     chunks = [f"engine.tokenize_chunk_rows={chunk}"] if chunk else []
     frames = {}

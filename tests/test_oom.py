@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import sample_texts, write_job
 from transformers import AutoModel, AutoTokenizer
 
-from lepton_batch.engine import BatchStats, Engine, EngineConfig, is_oom
+from lepton_batch.engine import BatchStats, Encoder, EngineConfig, is_oom
 from lepton_batch.job.spec import load_job
 from lepton_batch.output.layout import PARTS_GLOB
 from lepton_batch.plan.build import make_plan
@@ -28,7 +28,7 @@ class Injected:
     batch that holds the ``poison`` row (matched by its exact token ids), with an
     allocation error; records every attempt as (rows, longest row, refused).
 
-    ``target`` is an :class:`Engine` (its packed forward, or the Hugging Face model's when
+    ``target`` is an :class:`Encoder` (its packed forward, or the Hugging Face model's when
     it runs padded) or a Hugging Face model."""
 
     def __init__(self, target, max_rows: int | None = None, poison: list[int] | None = None,
@@ -36,10 +36,10 @@ class Injected:
         self.max_rows, self.error = max_rows, error
         self.poison = torch.tensor(poison) if poison is not None else None
         self.attempts: list[tuple[int, int, bool]] = []
-        if isinstance(target, Engine) and target.packed is not None:
+        if isinstance(target, Encoder) and target.packed is not None:
             self.owner, self.name = target.packed, "hidden"
         else:
-            self.owner = target.model if isinstance(target, Engine) else target
+            self.owner = target.model if isinstance(target, Encoder) else target
             self.name = "forward"
         self.forward = getattr(self.owner, self.name)
         setattr(self.owner, self.name, self)
@@ -82,12 +82,12 @@ def texts() -> list[str]:
 
 
 @pytest.fixture(params=[True, False], ids=["packed", "padded"])
-def engine(tiny_bert, request) -> Engine:
-    return Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+def engine(tiny_bert, request) -> Encoder:
+    return Encoder(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
                                dtype="float32", packed=request.param))
 
 
-def _embed(engine: Engine, tok, stats=None, max_tokens=1024, max_rows=32):
+def _embed(engine: Encoder, tok, stats=None, max_tokens=1024, max_rows=32):
     return engine.embed(tok, "mean", True, max_tokens=max_tokens, max_rows=max_rows,
                         stats=stats)
 
@@ -172,13 +172,13 @@ def test_job_gives_the_refused_row_an_error_and_the_rest_their_embeddings(
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     poison = tokenizer(victim["text"], truncation=True, max_length=48)["input_ids"]
 
-    real_init = Engine.__init__
+    real_init = Encoder.__init__
 
     def init_then_inject(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         Injected(self, poison=poison)
 
-    monkeypatch.setattr(Engine, "__init__", init_then_inject)
+    monkeypatch.setattr(Encoder, "__init__", init_then_inject)
     path = write_job(
         tmp_path / "job.yaml", name="oom-job",
         input={"path": str(tmp_path / "in"), "text_column": "text", "id_column": "id",

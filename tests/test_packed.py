@@ -14,7 +14,7 @@ from conftest import LABELS, _bert_config, _tokenizer, built_once, sample_texts
 
 from lepton_batch.engine import (
     BatchStats,
-    Engine,
+    Encoder,
     EngineConfig,
     QualityError,
     collate,
@@ -66,7 +66,7 @@ def test_plans_cover_every_row_once_within_budget(packed):
 
 
 def test_collate_packed_and_padded_hold_the_same_tokens(tiny_bert, texts):
-    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64))
+    engine = Encoder(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64))
     tok = engine.tokenize(texts)
     rows = np.array([5, 0, 77, 3])
     padded = collate(tok, rows, engine.pad_id, packed=False, device="cpu")
@@ -81,7 +81,7 @@ def test_collate_packed_and_padded_hold_the_same_tokens(tiny_bert, texts):
 
 
 def _embed(model_dir, texts, pooling, **config):
-    engine = Engine(EngineConfig(model_dir=str(model_dir), head="base", max_length=64,
+    engine = Encoder(EngineConfig(model_dir=str(model_dir), head="base", max_length=64,
                                  **config))
     stats = BatchStats()
     out = engine.embed(engine.tokenize(texts), pooling, True, 1024, 32, stats)
@@ -108,7 +108,7 @@ def test_packed_equals_padded_in_fp32(request, model, pooling, texts):
 
 def test_packed_classifier_logits_equal_padded(tiny_bert_cls, texts):
     def logits(packed):
-        e = Engine(EngineConfig(model_dir=str(tiny_bert_cls), head="classifier", max_length=64,
+        e = Encoder(EngineConfig(model_dir=str(tiny_bert_cls), head="classifier", max_length=64,
                                 dtype="float32", packed=packed))
         return e.logits(e.tokenize(texts), 1024, 32)
 
@@ -119,7 +119,7 @@ def test_packed_classifier_logits_equal_padded(tiny_bert_cls, texts):
 @pytest.mark.parametrize("packed", [True, False])
 def test_bf16_agrees_with_fp32_and_passes_the_gate(tiny_bert, texts, packed):
     _, want, _ = _embed(tiny_bert, texts, "mean", dtype="float32", packed=False)
-    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+    engine = Encoder(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
                                  dtype="bfloat16", packed=packed), sample=texts[:32])
     got = engine.embed(engine.tokenize(texts), "mean", True, 1024, 32)
     cos = F.cosine_similarity(got, want, dim=-1)
@@ -132,7 +132,7 @@ def test_bf16_agrees_with_fp32_and_passes_the_gate(tiny_bert, texts, packed):
 
 def test_gate_falls_back_to_fp32_when_the_precision_is_too_lossy(tiny_bert, texts):
     # No bf16 result equals fp32 to the last bit: a threshold of 1.0 must refuse it.
-    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+    engine = Encoder(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
                                  dtype="bfloat16", min_cosine=1.0), sample=texts[:16])
     q = engine.quality
     assert not q.passed and q.candidate == "bfloat16" and q.used == "float32" and q.value < 1
@@ -144,13 +144,13 @@ def test_gate_falls_back_to_fp32_when_the_precision_is_too_lossy(tiny_bert, text
 
 def test_gate_with_on_fail_error_refuses_to_run(tiny_bert, texts):
     with pytest.raises(QualityError, match=r"bfloat16 disagrees with float32.*min_cosine"):
-        Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+        Encoder(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
                             dtype="bfloat16", min_cosine=1.0, on_fail="error"),
                sample=texts[:16])
 
 
 def test_classifier_gate_measures_label_agreement(tiny_bert_cls, texts):
-    engine = Engine(EngineConfig(model_dir=str(tiny_bert_cls), head="classifier",
+    engine = Encoder(EngineConfig(model_dir=str(tiny_bert_cls), head="classifier",
                                  max_length=64, dtype="bfloat16"), sample=texts[:40])
     q = engine.quality
     assert q.metric == "label_agreement" and 0 <= q.value <= 1 and q.sample_rows == 40
@@ -162,7 +162,7 @@ def test_int8_engine_agrees_with_fp32_and_records_the_gate(tiny_bert, texts):
     from lepton_batch.kernels.int8 import Int8Linear
 
     _, want, _ = _embed(tiny_bert, texts, "mean", dtype="float32", packed=False)
-    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+    engine = Encoder(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
                                  dtype="float32", quantization="int8"), sample=texts[:48])
     swapped = [m for m in engine.model.modules() if isinstance(m, Int8Linear)]
     assert swapped and engine.quantization == "int8"
@@ -184,7 +184,7 @@ def test_dense_layers_see_few_row_counts_on_cpu(tiny_bert, texts):
     fp32 packed-vs-padded test above)."""
     from lepton_batch.engine.packed import PACK_BUCKET
 
-    engine = Engine(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
+    engine = Encoder(EngineConfig(model_dir=str(tiny_bert), head="base", max_length=64,
                                  dtype="float32"))
     seen: list[int] = []
     qkv = engine.packed._qkv
@@ -233,7 +233,7 @@ def test_onednn_layers_equal_the_plain_packed_forward(tmp_path, hidden_act, text
 
     model_dir = _save_tiny_model(tmp_path, BertModel, 5, hidden_act=hidden_act)
     for dtype in ("float32", "bfloat16"):
-        engine = Engine(EngineConfig(model_dir=str(model_dir), head="base", max_length=64,
+        engine = Encoder(EngineConfig(model_dir=str(model_dir), head="base", max_length=64,
                                      dtype=dtype))
         if not engine.packed.onednn:
             pytest.skip(engine.packed.layer_path)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 from conftest import sample_texts, write_corpus, write_job
 
-from lepton_batch.engine import BatchStats, Engine, EngineConfig
+from lepton_batch.engine import BatchStats, Encoder, EngineConfig
 from lepton_batch.job.modeldir import inspect_model_dir
 from lepton_batch.job.settings import DEFAULT, Settings, SettingsError, resolve_settings
 from lepton_batch.job.spec import EngineSpec, InputSpec, JobSpecError, ModelSpec, TaskSpec, load_job
@@ -185,7 +185,7 @@ def _ours(model_dir: Path, texts: list[str], **task) -> np.ndarray:
     spec = TaskSpec(**{"kind": "embed", **task})
     settings = resolve_settings(info, ModelSpec(path=str(model_dir)), spec)
     pipeline = make_pipeline(spec, info, settings, InputSpec(path="unused"))
-    engine = Engine(EngineConfig(model_dir=str(model_dir), head="base",
+    engine = Encoder(EngineConfig(model_dir=str(model_dir), head="base",
                                  max_length=settings.max_length, dtype="float32"))
     texts, _ = pipeline.prepare(pa.table({"text": texts}))
     tok = pipeline.tokenize(engine, texts)

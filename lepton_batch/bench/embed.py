@@ -115,12 +115,12 @@ def _engine(ctx: Inputs, dtype: str, quantization: str | None = None,
             compile: bool = False) -> Method:
     """lepton-batch's engine in this process, as a shard runs it: tokenize, token-budget
     batches, embed."""
-    from lepton_batch.engine import BatchStats, Engine, EngineConfig
+    from lepton_batch.engine import BatchStats, Encoder, EngineConfig
     from lepton_batch.pipelines.embed import prompt_tokens
 
     extra = {"quantization": quantization} if quantization else {}
     # As a job does: a sample of the rows calibrates int8 and feeds the quality gate.
-    eng = Engine(EngineConfig(model_dir=str(ctx.model_dir), head="base", dtype=dtype,
+    eng = Encoder(EngineConfig(model_dir=str(ctx.model_dir), head="base", dtype=dtype,
                               device=ctx.cfg.device, max_length=ctx.settings.max_length,
                               threads=torch.get_num_threads(), compile=compile, **extra),
                  ctx.texts[: ctx.cfg.tune_rows])

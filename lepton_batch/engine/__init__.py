@@ -27,13 +27,13 @@ from lepton_batch.engine.config import EngineConfig
 
 if TYPE_CHECKING:
     from lepton_batch.engine.decoder import Decoder
-    from lepton_batch.engine.encoder import Engine, is_oom
+    from lepton_batch.engine.encoder import Encoder, is_oom
     from lepton_batch.engine.load import resolve_device, resolve_dtype
     from lepton_batch.engine.pooling import pool
     from lepton_batch.engine.quality import QualityCheck, QualityError
     from lepton_batch.engine.tokens import Pretokenized
 
-_LAZY = {"Engine": "encoder", "is_oom": "encoder", "pool": "pooling",
+_LAZY = {"Encoder": "encoder", "is_oom": "encoder", "pool": "pooling",
          "resolve_device": "load", "resolve_dtype": "load",
          "QualityCheck": "quality", "QualityError": "quality"}
 
@@ -65,7 +65,7 @@ class EngineCache:
 
     def __init__(self, warming: Callable[[], bool] = _never,
                  wait: Callable[[], None] = _nothing) -> None:
-        self._engines: dict[EngineConfig, Engine] = {}
+        self._engines: dict[EngineConfig, Encoder] = {}
         self._lock = threading.Lock()  # worker threads share the cache; load each model once
         self._warming, self._wait = warming, wait
         self.loads = 0
@@ -82,7 +82,7 @@ class EngineCache:
         on another without holding the GIL, so these ids cost the shard little time. None when
         the engine is loaded already, nothing is warming or the model has no
         ``tokenizer.json``; the engine checks the tokenizer before it uses the ids
-        (``Engine.adopt``)."""
+        (``Encoder.adopt``)."""
         if config in self._engines or not texts or not self._warming():
             return None
         from lepton_batch.engine.tokens import PRETOKENIZE_ROWS, Pretokenized, file_tokenizer
@@ -100,7 +100,7 @@ class EngineCache:
         return Pretokenized(tokenizer.to_str(), Tokenized.concat(parts)) if parts else None
 
     def get(self, config: EngineConfig,
-            sample: Callable[[], list[str]] | None = None) -> Engine | Decoder:
+            sample: Callable[[], list[str]] | None = None) -> Encoder | Decoder:
         """The engine for ``config``, loaded on first use; ``sample()`` (some of the job's
         texts, only asked for when the engine loads) calibrates and checks a reduced
         precision (see ``quality.py``)."""
@@ -113,13 +113,13 @@ class EngineCache:
 
                     self._engines[config] = Decoder(config)
                 else:
-                    from lepton_batch.engine.encoder import Engine
+                    from lepton_batch.engine.encoder import Encoder
 
-                    self._engines[config] = Engine(config, sample() if sample else None)
+                    self._engines[config] = Encoder(config, sample() if sample else None)
                 self.loads += 1
             return self._engines[config]
 
 
-__all__ = ["Batch", "BatchStats", "Engine", "EngineCache", "EngineConfig", "QualityCheck",
+__all__ = ["Batch", "BatchStats", "Encoder", "EngineCache", "EngineConfig", "QualityCheck",
            "QualityError", "Tokenized", "collate", "is_oom", "plan_batches", "pool",
            "resolve_device", "resolve_dtype"]

@@ -50,7 +50,7 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
 
 
-class Engine:
+class Encoder:
     """A tokenizer and a model loaded from a local directory, ready for batched inference.
 
     ``sample``: some of the job's own texts (prompt applied), or a :class:`GateSample`

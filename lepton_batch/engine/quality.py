@@ -8,7 +8,7 @@ compared by the cosine of their mean-pooled last hidden states (the worst row co
 classifier heads by how often the top label agrees.
 
 The gate only measures: :func:`judge` returns a :class:`Verdict` and changes nothing.
-The engine acts on it (``Engine._gate`` in encoder.py): below the threshold it falls back
+The engine acts on it (``Encoder._gate`` in encoder.py): below the threshold it falls back
 to the fp32 reference (or, with ``on_fail: error``, refuses to run); either way the figure
 goes into the file metadata as a :class:`QualityCheck`.
 """
@@ -31,7 +31,7 @@ class QualityError(RuntimeError):
 
 
 class Gated(Protocol):
-    """What the gate reads of an engine (``encoder.Engine``); it calls, never sets."""
+    """What the gate reads of an engine (``encoder.Encoder``); it calls, never sets."""
 
     config: EngineConfig
     device: str

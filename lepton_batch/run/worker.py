@@ -40,7 +40,7 @@ from lepton_batch.plan.work import ShardWork
 
 if TYPE_CHECKING:
     from lepton_batch.engine.decoder import Decoder
-    from lepton_batch.engine.encoder import Engine
+    from lepton_batch.engine.encoder import Encoder
 
 
 Meter = Callable[[str], AbstractContextManager]
@@ -124,7 +124,7 @@ def _merge_errors(errors: pa.Array, rows: np.ndarray, reasons: list[str]) -> pa.
 
 def _compute(pipeline: Pipeline, table: pa.Table, work: ShardWork, cache: EngineCache,
              stats: BatchStats, stage: Stages
-             ) -> tuple[dict[str, pa.Array], Engine | Decoder, float, np.ndarray]:
+             ) -> tuple[dict[str, pa.Array], Encoder | Decoder, float, np.ndarray]:
     """The task's columns plus ``num_tokens``, ``truncated``, ``error`` for ``table``'s rows
     (in row order), the engine that ran them, the seconds it took to load (0.0 when the
     worker's cached engine was reused) and the token lengths of the rows that ran.
@@ -178,10 +178,10 @@ def chunk_bounds(n: int, chunk_rows: int | None) -> list[tuple[int, int]]:
     return bounds
 
 
-def _run_chunks(pipeline: Pipeline, engine: Engine, texts: list[str], spec: EngineSpec,
+def _run_chunks(pipeline: Pipeline, engine: Encoder, texts: list[str], spec: EngineSpec,
                 stats: BatchStats, stage: Stages, ready: Tokenized | None = None
                 ) -> tuple[dict[str, pa.Array], np.ndarray, np.ndarray]:
-    """Tokenize and run ``texts`` in chunks (``Engine.tokenize_chunk_rows``: on CUDA 8192
+    """Tokenize and run ``texts`` in chunks (``Encoder.tokenize_chunk_rows``: on CUDA 8192
     by default), the next chunk tokenized on a helper thread while the engine runs this
     one: on a GPU the device no longer waits for the whole shard's tokenization. Returns
     the task's arrays and the rows' token lengths and truncation flags, in row order.
