@@ -35,6 +35,7 @@ from lepton_batch.output.layout import (
     JOURNAL,
     LOCK,
     MARKER,
+    PARTITION_COLUMN,
     PARTITION_GLOB,
     PARTS_GLOB,
     RUNS_DIR,
@@ -173,7 +174,7 @@ def published_records(root: OutputPath, shard_fps: set[str], job_fp: str,
     for fp, rec in records.items():
         part = inside(root, rec.part)
         if (fp in shard_fps and rec.job_fingerprint == job_fp and part is not None
-                and part.is_file() and rec.part.startswith("run_date=")):
+                and part.is_file() and rec.part.startswith(f"{PARTITION_COLUMN}=")):
             keep[fp] = rec
     return keep
 

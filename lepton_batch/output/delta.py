@@ -32,9 +32,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from lepton_batch.output.layout import PARTITION_COLUMN
+
 log = logging.getLogger(__name__)
 
-PARTITION_COLUMN = "run_date"
 _TXN_PREFIX = "lepton-batch:"  # app transaction id of a file: prefix + its relative path
 _STRING_STATS_MAX = 32  # longer strings get no min/max: a truncated max would be wrong
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lepton_batch.output.layout import PARTITION_COLUMN
 from lepton_batch.store import OutputPath
 
 
@@ -29,7 +30,7 @@ def scan_output(parts: list[OutputPath], columns: list[str] | None = None):
         table = pq.read_table(p.path, filesystem=p.fs, columns=None if columns is None else
                               [c for c in columns if c in names])
         day = date.fromisoformat(p.parent.name.partition("=")[2])
-        tables.append(table.append_column("run_date", pa.array([day] * table.num_rows,
+        tables.append(table.append_column(PARTITION_COLUMN, pa.array([day] * table.num_rows,
                                                                   pa.date32())))
     return pl.from_arrow(pa.concat_tables(tables)).lazy()
 
@@ -43,7 +44,7 @@ def latest_rows(frame, id_column: str, keep_deleted: bool = False):
     run_date desc, run_id desc) = 1``, then ``where not deleted``."""
     import polars as pl
 
-    order = pl.col("run_date").cast(pl.String) + "/" + pl.col("run_id")
+    order = pl.col(PARTITION_COLUMN).cast(pl.String) + "/" + pl.col("run_id")
     newest = frame.filter(order == order.max().over(id_column))
     if keep_deleted or "deleted" not in frame.collect_schema().names():
         return newest
@@ -54,4 +55,4 @@ def as_of(frame, day: date):
     """The output as it stood for night ``day``: its partitions up to and including it."""
     import polars as pl
 
-    return frame.filter(pl.col("run_date") <= pl.lit(day))
+    return frame.filter(pl.col(PARTITION_COLUMN) <= pl.lit(day))

@@ -26,7 +26,14 @@ from lepton_batch.output.dataset import (
     write_contract,
     write_success,
 )
-from lepton_batch.output.layout import JOURNAL, PARTITION_GLOB, STAGING, SUCCESS, OutputError
+from lepton_batch.output.layout import (
+    JOURNAL,
+    PARTITION_COLUMN,
+    PARTITION_GLOB,
+    STAGING,
+    SUCCESS,
+    OutputError,
+)
 from lepton_batch.output.manifest import (
     MANIFEST_DIR,
     ShardRecord,
@@ -112,8 +119,9 @@ def publish(root: OutputPath, staging: str, shard_fps: set[str], job_fp: str, mo
         keep, suffix = {fp: rec for fp, rec in keep.items() if fp not in staged}, ""
     missing = shard_fps - set(staged) - set(keep)
     assert not missing, f"publish called with {len(missing)} shard(s) not done"
+    days = partitions or {}
     moves = [(fp, f"{staging}/{Path(rec.part).name}",
-              f"run_date={(partitions or {}).get(fp, run_date)}/part-{fp}{suffix}.parquet")
+              f"{PARTITION_COLUMN}={days.get(fp, run_date)}/part-{fp}{suffix}.parquet")
              for fp, rec in sorted(staged.items())]
     deletes: list[str] = []
     drop: list[str] = []

@@ -28,7 +28,7 @@ from lepton_batch.output import lock
 from lepton_batch.output.contract import SCHEMA_FILE, read_contract, schema_of
 from lepton_batch.output.dataset import is_ours, published_parts, published_records
 from lepton_batch.output.history import latest_rows, scan_output
-from lepton_batch.output.layout import MARKER, RUNS_DIR, SUCCESS
+from lepton_batch.output.layout import MARKER, PARTITION_COLUMN, RUNS_DIR, SUCCESS
 from lepton_batch.output.manifest import MANIFEST_DIR, ShardRecord, read_records
 from lepton_batch.store import OutputPath
 
@@ -68,7 +68,7 @@ def scan(root: Path) -> pl.LazyFrame | None:
         return None
     frame = pl.from_arrow(schema.empty_table())
     assert isinstance(frame, pl.DataFrame), "an Arrow table converts to a DataFrame"
-    return frame.lazy().with_columns(pl.lit(None, pl.Date).alias("run_date"))
+    return frame.lazy().with_columns(pl.lit(None, pl.Date).alias(PARTITION_COLUMN))
 
 
 def id_column(root: Path, frame: pl.LazyFrame) -> str:
@@ -114,15 +114,15 @@ def row_count(view: pl.LazyFrame, idc: str) -> tuple[int, int]:
 def partitions(view: pl.LazyFrame) -> pl.DataFrame:
     """One row per ``run_date``: rows, errors and (with a run_id column) runs."""
     has_runs = "run_id" in view.collect_schema().names()
-    return (view.group_by("run_date")
+    return (view.group_by(PARTITION_COLUMN)
             .agg(pl.len().alias("rows"), pl.col("error").is_not_null().sum().alias("errors"),
                  *([pl.col("run_id").n_unique().alias("runs")] if has_runs else []))
-            .sort("run_date").collect())
+            .sort(PARTITION_COLUMN).collect())
 
 
 def part_files(root: Path, run_date: object) -> int:
     """Part files in partition ``run_date=...``."""
-    return len(list(root.glob(f"run_date={run_date}/*.parquet")))
+    return len(list(root.glob(f"{PARTITION_COLUMN}={run_date}/*.parquet")))
 
 
 def value_counts(view: pl.LazyFrame, column: str, score: str | None = None) -> pl.DataFrame:
@@ -246,7 +246,8 @@ def published_rows(root: Path) -> tuple[int, int, list[str]]:
     if not parts:
         return 0, 0, []
     rows = scan_output(parts).select(pl.len()).collect().item()
-    return rows, len(parts), sorted({p.parent.name.removeprefix("run_date=") for p in parts})
+    days = {p.parent.name.removeprefix(f"{PARTITION_COLUMN}=") for p in parts}
+    return rows, len(parts), sorted(days)
 
 
 def current_rows(root: OutputPath, id_column: str, columns: list[str] | None = None

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from lepton_batch.job.shards import InputReadError, Shard, read_shards
 from lepton_batch.output.history import as_of, latest_rows, scan_output
+from lepton_batch.output.layout import PARTITION_COLUMN
 from lepton_batch.store import OutputPath
 
 log = logging.getLogger(__name__)
@@ -144,13 +145,13 @@ def _restate(history, idc: str, day: date, written, tombstones: bool, id_type: p
     already), that N has no row for; their rows are the ones N saw (runs up to its own)."""
     import polars as pl
 
-    later = history.filter(pl.col("run_date") > pl.lit(day))
-    night = later.select(pl.col("run_date").min()).collect().item()
+    later = history.filter(pl.col(PARTITION_COLUMN) > pl.lit(day))
+    night = later.select(pl.col(PARTITION_COLUMN).min()).collect().item()
     if night is None:
         return {}
-    there = later.filter(pl.col("run_date") == pl.lit(night))
+    there = later.filter(pl.col(PARTITION_COLUMN) == pl.lit(night))
     cutoff = there.select(pl.col("run_id").max()).collect().item()
-    since = history.filter((pl.col("run_date") == pl.lit(day)) & (pl.col("run_id") > cutoff))
+    since = history.filter((pl.col(PARTITION_COLUMN) == pl.lit(day)) & (pl.col("run_id") > cutoff))
     affected = pl.concat([written, since.select(idc).drop_nulls().collect()],
                          how="vertical_relaxed").unique().join(
         there.select(idc).unique().collect(), on=idc, how="anti")
