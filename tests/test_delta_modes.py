@@ -18,7 +18,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import built_once, sample_texts, write_job
+from conftest import built_once, invoke_cli, sample_texts, table_rows, write_job
 
 from lepton_batch.faults import FAULT_ENV
 from lepton_batch.job.spec import JobSpecError, load_job
@@ -100,6 +100,17 @@ def test_overwrite_is_one_commit_and_the_version_before_keeps_the_old_rows(tmp_p
     assert _ids(root, 1) == OLD and _ids(root, 2) == NEW
     assert {str(p.relative_to(root)) for p in root.glob("run_date=*/*.parquet")} == (
         _files(root, 1) | _files(root, 2) | _files(root, 3))
+    # inspect reads the current version: its rows, its part files (not the older versions'
+    # files still on disk), and the norms of list<float> embeddings (Delta has no fixed-size
+    # lists, which Parquet output's embeddings are).
+    code, out = invoke_cli("inspect", root)
+    assert code == 0, out
+    (partition,) = table_rows(out, "part files")
+    assert partition["rows"] == f"{len(NEW)}" and partition["part files"] == str(
+        len(_files(root, 3)))
+    (norms,) = table_rows(out, "rows with an embedding")
+    assert norms["dim"] == str(len(latest.column("embedding")[0].as_py()))
+    assert norms["rows with an embedding"] == f"{len(NEW)}"
 
 
 def test_resume_commits_each_shard_and_then_only_what_changed(tmp_path, tiny_bert):

@@ -121,8 +121,10 @@ def partitions(view: pl.LazyFrame) -> pl.DataFrame:
 
 
 def part_files(root: Path, run_date: object) -> int:
-    """Part files in partition ``run_date=...``."""
-    return len(list(root.glob(f"{PARTITION_COLUMN}={run_date}/*.parquet")))
+    """Published part files in partition ``run_date=...`` (a Delta table's: the current
+    version's, not the files older versions keep until a vacuum)."""
+    folder = f"{PARTITION_COLUMN}={run_date}"
+    return sum(p.parent.name == folder for p in published_parts(root))
 
 
 def value_counts(view: pl.LazyFrame, column: str, score: str | None = None) -> pl.DataFrame:
@@ -142,8 +144,10 @@ def embedding_norms(view: pl.LazyFrame) -> dict:
     """L2 norms of the embeddings (1.0 when the job normalizes), over rows that have one:
     ``n``, ``dim``, ``min``, ``mean``, ``max`` (None where no row has one)."""
     e = pl.col("embedding")
-    norm = e.arr.to_list().list.eval(pl.element().cast(pl.Float64) ** 2).list.sum().sqrt()
-    return view.select(e.is_not_null().sum().alias("n"), e.arr.len().max().alias("dim"),
+    if isinstance(view.collect_schema()["embedding"], pl.Array):  # Parquet: fixed-size lists
+        e = e.arr.to_list()  # Delta has no fixed-size lists: list<float> there already
+    norm = e.list.eval(pl.element().cast(pl.Float64) ** 2).list.sum().sqrt()
+    return view.select(e.is_not_null().sum().alias("n"), e.list.len().max().alias("dim"),
                        norm.min().alias("min"), norm.mean().alias("mean"),
                        norm.max().alias("max")).collect().row(0, named=True)
 
