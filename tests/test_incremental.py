@@ -205,6 +205,11 @@ def test_run_date_placeholders_pick_the_nights_input(tmp_path, tiny_bert):
     assert fill_path("x/{run_date}/{{literal}}", NIGHTS[0]) == "x/2026-03-01/{literal}"
     with pytest.raises(JobSpecError, match=r"input.path: .*\{today\} is not a placeholder"):
         _plan(tmp_path, tiny_bert, NIGHTS[0], path=str(tmp_path / "{today}"))
+    # A night with no export names the night it looked for and where that date came from.
+    missing = str(tmp_path / "in" / "dt={run_date:%Y%m%d}")
+    with pytest.raises(JobSpecError, match=r"dt=20260303 does not exist.*"
+                       r"dt=\{run_date:%Y%m%d\} was filled in for 2026-03-03, from --run-date"):
+        _plan(tmp_path, tiny_bert, NIGHTS[2], path=missing)
 
 
 def test_identical_rows_share_one_result_in_every_mode(tmp_path, tiny_bert):

@@ -110,7 +110,9 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
     """
     from lepton_batch.pipelines import task_shape
 
+    given = run_date
     run_date = run_date or today()
+    written = job.input.path
     job = job.model_copy(update={"input": job.input.model_copy(
         update={"path": fill_path(job.input.path, run_date)})})
     problems: list[str] = []
@@ -145,7 +147,11 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
     try:
         files, bad = describe_files(job.input.path)
     except (FileNotFoundError, OSError, ValueError) as exc:
-        problems.append(str(exc) if str(exc).startswith("input.") else f"input.path: {exc}")
+        problem = str(exc) if str(exc).startswith("input.") else f"input.path: {exc}"
+        if isinstance(exc, FileNotFoundError) and written != job.input.path:
+            day = "--run-date" if given else "today (UTC); another night: --run-date YYYY-MM-DD"
+            problem += f"; {written} was filled in for {run_date.isoformat()}, from {day}"
+        problems.append(problem)
     if bad and not files:
         problems += [f"input.path: {b.path}: {b.reason}" for b in bad]
     for b in bad:
