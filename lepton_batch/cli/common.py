@@ -46,20 +46,10 @@ def setup_light_logging(level: int = logging.WARNING) -> None:
 def setup_logging(verbose: bool) -> None:
     """Logging for the commands that start Dask workers (validate, submit, bench)."""
     setup_light_logging(logging.INFO if verbose else logging.WARNING)
-    # run/ is the layer that imports Dask, which sets its loggers' levels on import: import
-    # it first, quiet them after (only run/ imports distributed itself)
-    import lepton_batch.run.monitor  # noqa: F401
-
     if not verbose:
-        # The dashboard's web server (bokeh on tornado) logs a traceback at ERROR when a
-        # browser tab closes mid-load; Dask sets tornado.application to ERROR itself. The
-        # console shows our progress, not the dashboard's internals: only --verbose shows them.
-        for name in ["bokeh", "tornado", *logging.root.manager.loggerDict]:
-            top = name.split(".")[0]
-            if top in ("bokeh", "tornado"):
-                logging.getLogger(name).setLevel(logging.CRITICAL)
-            elif top in ("distributed", "transformers"):
-                logging.getLogger(name).setLevel(logging.ERROR)
+        from lepton_batch.run.monitor import quiet_logs
+
+        quiet_logs()
 
 
 def load_plan(job_file: Path, overrides: list[str] | None, run_date: str | None = None,

@@ -235,3 +235,16 @@ class MetricsPlugin(SchedulerPlugin):
     def log_event(self, topic: str, msg) -> None:
         if topic == TOPIC and isinstance(msg, dict) and self.totals is not None:
             self.totals.add(msg)
+
+
+def quiet_logs() -> None:
+    """Keep the console for the run's own progress: Dask's and transformers' loggers at ERROR,
+    the dashboard's web server (bokeh on tornado) silent. That server logs a traceback at
+    ERROR when a browser tab closes mid-load, and Dask sets tornado.application to ERROR
+    itself, on import (this module imports distributed first, so it runs after that)."""
+    for name in ["bokeh", "tornado", *logging.root.manager.loggerDict]:
+        top = name.split(".")[0]
+        if top in ("bokeh", "tornado"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        elif top in ("distributed", "transformers"):
+            logging.getLogger(name).setLevel(logging.ERROR)
