@@ -20,3 +20,21 @@ def top_level_folder(init_file: str) -> list[str]:
     init = Path(init_file)
     installed = init.with_suffix("")
     return [str(installed if installed.is_dir() else init.parents[1] / init.stem)]
+
+
+# The Python API (lepton_batch/api/), imported on first use: ``import lepton_batch`` stays
+# light (no torch, Dask or polars), and ``lepton_batch.submit`` is there when asked for.
+__all__ = ["Interrupted", "JobError", "OutputInUse", "RunFailed", "RunResult", "read",
+           "submit", "validate"]
+
+
+def __getattr__(name: str) -> object:
+    if name in __all__:
+        import lepton_batch.api  # the one import of the root from a layer above it
+
+        return getattr(lepton_batch.api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -38,6 +38,7 @@ class JobSpecError(ValueError):
 
     def __init__(self, problems: list[str], source: str = "job file") -> None:
         self.problems = problems
+        self.source = source
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
 
@@ -287,11 +288,19 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise JobSpecError([f"not valid YAML: {exc}"], source) from None
-    if data is None:
-        data = {}
+    return validate_job({} if data is None else data, overrides, source)
+
+
+def validate_job(data: dict[str, Any], overrides: list[str] | None = None,
+                 source: str = "job") -> JobSpec:
+    """A job given as a dict (a job file's content) with ``--set`` overrides applied,
+    validated as :func:`load_job` validates a file: every problem in one JobSpecError
+    naming its field. ``data`` itself is not changed."""
+    import copy
+
     if not isinstance(data, dict):
         raise JobSpecError([f"the top level must be a mapping, got {type(data).__name__}"], source)
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(copy.deepcopy(data), overrides or [])
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
@@ -301,4 +310,4 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
 __all__ = ["CAUSAL_KINDS", "GENERATE_FIELDS", "RESOLVED_TASK_FIELDS", "SAMPLING_FIELDS",
            "ClusterSpec", "EngineSpec", "InputSpec", "JobSpec", "JobSpecError", "ModelSpec",
            "OutputSpec", "QualitySpec", "TaskSpec", "apply_overrides", "fill_path",
-           "is_remote_url", "load_job", "parse_overrides", "template_fields"]
+           "is_remote_url", "load_job", "parse_overrides", "template_fields", "validate_job"]

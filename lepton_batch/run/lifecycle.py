@@ -49,6 +49,7 @@ class RunResult:
     published: bool = False
     started: float = 0.0  # epoch seconds the run started (run_job's call)
     progress: RunProgress | None = None  # live figures while the shards run
+    output: str = ""  # the output's root (output.path resolved)
 
     @property
     def started_at(self) -> str:
@@ -80,6 +81,33 @@ class RunResult:
     @property
     def deduplicated_rows(self) -> int:
         return sum(r.deduplicated_rows for r in self.records)
+
+    @property
+    def shards_run(self) -> int:
+        return len(self.records)
+
+    @property
+    def shards_failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / max(self.seconds, 1e-9)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def report_path(self) -> str:
+        """The run's ``report.html`` when it was written, else its ``report.json`` (or its
+        folder, before the report is written)."""
+        if "://" in self.report_dir or not self.report_dir:
+            return self.report_dir
+        for name in ("report.html", "report.json"):
+            if (Path(self.report_dir) / name).is_file():
+                return str(Path(self.report_dir) / name)
+        return self.report_dir
 
     @property
     def first_batch_seconds(self) -> float | None:
@@ -234,7 +262,7 @@ def run_job(plan: Plan, on_start: Callable[[RunResult], None] | None = None,
         result = RunResult(run_id=run_id, planned=len(plan.shards),
                            skipped=len(plan.shards) - len(todo), mode=mode,
                            run_date=plan.run_date.isoformat(), rows_plan=rows_plan,
-                           started=now.timestamp())
+                           started=now.timestamp(), output=str(root))
         work = estimate_work(plan, rows_plan.rows if rows_plan else None) if todo else {}
         result.progress = RunProgress({s.index: work[s.index] for s in todo if s.index in work},
                                       len(plan.shards), result.skipped)
