@@ -93,7 +93,7 @@ def validate(job: Job, *, set: list[str] | None = None,
 
     >>> plan = lepton_batch.validate("jobs/quickstart.yaml", set=["output.path=/tmp/q"])
     >>> len(plan.shards), plan.rows, plan.schema.names[:2]
-    (10, 5000, ['id', 'source'])
+    (6, 2230, ['id', 'source'])
     """
     return _plan(job, set, run_date)
 
@@ -116,7 +116,7 @@ def submit(job: Job, *, set: list[str] | None = None,
 
     >>> result = lepton_batch.submit("jobs/quickstart.yaml", set=["output.path=/tmp/q"])
     >>> result.rows, result.published, result.output
-    (5000, True, '/tmp/q')
+    (2230, True, '/tmp/q')
     """
     from lepton_batch.run.stopping import stoppable
 
