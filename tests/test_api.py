@@ -80,9 +80,9 @@ def test_a_bad_field_is_a_job_error_naming_it(tmp_path, tiny_bert, corpus):
 def test_an_output_in_use_names_its_holder(tmp_path, tiny_bert, corpus):
     root = tmp_path / "out"
     init_output(root)
-    with output_lock(root, "20261126T000000-abcdef"):
-        with pytest.raises(lepton_batch.OutputInUse) as caught:
-            lepton_batch.submit(_sections(tmp_path, tiny_bert))
+    with (output_lock(root, "20261126T000000-abcdef"),
+          pytest.raises(lepton_batch.OutputInUse) as caught):
+        lepton_batch.submit(_sections(tmp_path, tiny_bert))
     assert caught.value.holder["run_id"] == "20261126T000000-abcdef"
     assert caught.value.holder["pid"] == os.getpid()
     assert "is being written by another lepton-batch run" in str(caught.value)

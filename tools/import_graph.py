@@ -24,7 +24,8 @@ PACKAGE = "lepton_batch"
 # A folder may import the folders listed here, and its own modules; nothing else of ours.
 # "base": the package root's helpers (filesystem view, fault injection, package inits).
 ALLOWED = {
-    "cli": {"api", "bench", "run", "plan", "output", "job", "pipelines", "engine", "kernels", "base"},
+    "cli": {"api", "bench", "run", "plan", "output", "job", "pipelines", "engine", "kernels",
+            "base"},
     "api": {"run", "plan", "output", "job", "pipelines", "engine", "kernels", "base"},
     "bench": {"run", "plan", "output", "job", "pipelines", "engine", "kernels", "base"},
     "run": {"plan", "output", "job", "pipelines", "engine", "kernels", "base"},
