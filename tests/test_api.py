@@ -55,6 +55,16 @@ def test_submit_from_python_equals_the_cli_row_for_row(tmp_path, tiny_bert, corp
     # a dict job with --set overrides, and a resume: nothing left to run
     again = lepton_batch.submit(_sections(tmp_path, tiny_bert), set=["task.kind=embed"])
     assert (again.shards_run, again.skipped, again.rows) == (0, 9, 0)
+    with pytest.raises(lepton_batch.JobError, match="error_if_exists"):  # a bad output
+        lepton_batch.submit(job, set=["output.mode=error_if_exists"])
+
+    # a Delta table of the same job reads back as the same rows
+    pytest.importorskip("deltalake")
+    delta = lepton_batch.submit(job, set=["output.format=delta",
+                                          f"output.path={tmp_path / 'delta'}"])
+    assert delta.published and _rows(tmp_path / "delta").height == 135
+    for column in ("id", "embedding", "error"):
+        assert _rows(tmp_path / "delta")[column].to_list() == ours[column].to_list()
 
 
 def test_validate_plans_without_running(tmp_path, tiny_bert, corpus):
