@@ -1,4 +1,9 @@
-"""lepton-batch: batch offline inference for large text corpora."""
+"""lepton-batch: batch offline inference for large text corpora.
+
+From Python: ``lepton_batch.submit(job)`` runs a job (a path, a dict or a JobSpec) as
+``lepton-batch submit`` does, ``lepton_batch.validate(job)`` plans it, and
+``lepton_batch.read(output)`` returns its published rows as a polars LazyFrame
+(docs/python-api.md)."""
 
 from pathlib import Path
 

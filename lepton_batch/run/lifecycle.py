@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
+    """One run of a job, as ``run_job`` (and ``lepton_batch.submit``) returns it: what the
+    CLI's summary prints (``rows``, ``error_rows``, ``tokens``, ``seconds``,
+    ``rows_per_second``, ``shards_run`` / ``skipped`` / ``shards_failed``, ``output``,
+    ``report_path``, ``run_id``, ``published``).
+
+    >>> result = lepton_batch.submit("jobs/quickstart.yaml")
+    >>> f"{result.rows} rows, {result.shards_run} run, {result.skipped} skipped"
+    '2230 rows, 6 run, 0 skipped'
+    """
+
     run_id: str
     planned: int
     skipped: int
