@@ -72,6 +72,10 @@ def test_validate_plans_without_running(tmp_path, tiny_bert, corpus):
     assert len(plan.shards) == 9 and plan.rows == 135 and "embedding" in plan.schema.names
     assert plan.run_date.isoformat() == "2026-03-01"
     assert not (tmp_path / "out").exists()
+    spec = plan.job  # a JobSpec, with overrides validated again as a file's would be
+    assert len(lepton_batch.validate(spec, set=["input.rows_per_shard=45"]).shards) == 3
+    with pytest.raises(lepton_batch.JobError, match="input.rows_per_shard"):
+        lepton_batch.validate(spec, set=["input.rows_per_shard=-1"])
 
 
 def test_a_bad_field_is_a_job_error_naming_it(tmp_path, tiny_bert, corpus):

@@ -39,7 +39,7 @@ def _job_spec(job: Job, overrides: list[str] | None) -> tuple[JobSpec, str]:
     """The job validated, and the name its problems are reported under."""
     if isinstance(job, JobSpec):
         if overrides:  # overrides go through the same validation as a file's
-            return validate_job(job.model_dump(), overrides, "job"), "job"
+            return validate_job(job.model_dump(exclude_unset=True), overrides, "job"), "job"
         return job, "job"
     if isinstance(job, Mapping):
         return validate_job(dict(job), overrides, "job"), "job"
