@@ -57,3 +57,15 @@ def test_no_source_file_over_400_lines():
     long = {str(p.relative_to(REPO)): n for p in sources
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_every_folder_of_the_package_is_installed():
+    """pyproject.toml lists its packages by name: a new folder missing there is missing from
+    every wheel (the source checkout would not notice)."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    folders = {".".join(p.parent.relative_to(REPO).parts)
+               for p in (REPO / "lepton_batch").rglob("__init__.py")}
+    assert folders <= listed, folders - listed
