@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lepton_batch.api.errors import Interrupted, JobError, OutputInUse, RunFailed
-from lepton_batch.job.spec import JobSpec, JobSpecError, load_job, validate_job
+from lepton_batch.job.spec import (
+    JobSpec,
+    JobSpecError,
+    load_job,
+    parse_run_date,
+    validate_job,
+)
 from lepton_batch.output.layout import OutputError
 from lepton_batch.output.lock import OutputLocked
 
@@ -23,16 +29,6 @@ if TYPE_CHECKING:
     from lepton_batch.run.lifecycle import RunResult
 
 Job = str | PathLike | Mapping[str, Any] | JobSpec
-
-
-def _run_day(run_date: str | date | None) -> date | None:
-    if run_date is None or isinstance(run_date, date):
-        return run_date
-    try:
-        return date.fromisoformat(run_date)
-    except ValueError:
-        raise JobError([f"run_date: {run_date!r} is not a date; write YYYY-MM-DD"],
-                       "arguments") from None
 
 
 def _job_spec(job: Job, overrides: list[str] | None) -> tuple[JobSpec, str]:
@@ -57,7 +53,7 @@ def _plan(job: Job, set: list[str] | None, run_date: str | date | None,
     from lepton_batch.plan.build import make_plan
 
     try:
-        day = _run_day(run_date)
+        day = parse_run_date(run_date, "run_date", "arguments")
         spec, source = _job_spec(job, list(set or []))
         if on_valid is not None:
             on_valid(spec)

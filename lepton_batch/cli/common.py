@@ -15,7 +15,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from lepton_batch.cli.help import OutputConsole
-from lepton_batch.job.spec import JobSpec, JobSpecError, load_job
+from lepton_batch.job.spec import JobSpec, load_job, parse_run_date
 
 console = OutputConsole(highlight=False)  # not cut at 80 columns in a log
 
@@ -56,17 +56,9 @@ def load_plan(job_file: Path, overrides: list[str] | None, run_date: str | None 
               on_valid: Callable[[JobSpec], None] | None = None):
     """The job file validated and planned. ``on_valid(job)``: called between the two (the
     embedded cluster starts there, so its workers warm up while the driver plans)."""
-    from datetime import date
-
     from lepton_batch.plan.build import make_plan
 
-    day = None
-    if run_date is not None:
-        try:
-            day = date.fromisoformat(run_date)
-        except ValueError:
-            raise JobSpecError([f"--run-date: {run_date!r} is not a date; write YYYY-MM-DD"],
-                               "command line") from None
+    day = parse_run_date(run_date, "--run-date", "command line")
     job = load_job(job_file, overrides or [])
     if on_valid is not None:
         on_valid(job)

@@ -57,6 +57,19 @@ def is_remote_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def parse_run_date(value: str | date | None, field: str, source: str) -> date | None:
+    """A run date given as ``YYYY-MM-DD`` (or a date, or None: today's, decided later);
+    ``field`` and ``source`` name where it came from in the error (``--run-date``, the
+    command line)."""
+    if value is None or isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise JobSpecError([f"{field}: {value!r} is not a date; write YYYY-MM-DD"],
+                           source) from None
+
+
 def fill_path(path: str, run_date: date) -> str:
     """``path`` with ``{run_date}`` / ``{yesterday}`` filled (a format spec such as
     ``{run_date:%Y/%m/%d}`` is allowed; default ISO ``YYYY-MM-DD``)."""
