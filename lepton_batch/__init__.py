@@ -2,8 +2,9 @@
 
 From Python: ``lepton_batch.submit(job)`` runs a job (a path, a dict or a JobSpec) as
 ``lepton-batch submit`` does, ``lepton_batch.validate(job)`` plans it, and
-``lepton_batch.read(output)`` returns its published rows as a polars LazyFrame
-(docs/python-api.md)."""
+``lepton_batch.read(output)`` returns its published rows as a polars LazyFrame, and
+``lepton_batch.map_partitions(ddf, model=..., task=...)`` appends a task's columns to a Dask
+DataFrame (docs/python-api.md)."""
 
 from pathlib import Path
 
@@ -29,8 +30,8 @@ def top_level_folder(init_file: str) -> list[str]:
 
 # The Python API (lepton_batch/api/), imported on first use: ``import lepton_batch`` stays
 # light (no torch, Dask or polars), and ``lepton_batch.submit`` is there when asked for.
-__all__ = ["Interrupted", "JobError", "OutputInUse", "RunFailed", "RunResult", "read",
-           "submit", "validate"]
+__all__ = ["Interrupted", "JobError", "OutputInUse", "RunFailed", "RunResult",
+           "map_partitions", "read", "submit", "validate"]
 
 
 def __getattr__(name: str) -> object:

@@ -1,4 +1,5 @@
-"""The Python face of lepton-batch: ``submit``, ``validate`` and ``read``, the exceptions
+"""The Python face of lepton-batch: ``submit``, ``validate``, ``read`` and
+``map_partitions``, the exceptions
 ``submit`` raises and the ``RunResult`` it returns. Re-exported lazily by ``lepton_batch``
 itself (``lepton_batch.submit``); docs/python-api.md."""
 
@@ -7,13 +8,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lepton_batch.api.errors import Interrupted, JobError, OutputInUse, RunFailed
+from lepton_batch.api.frame import map_partitions
 from lepton_batch.api.run import read, submit, validate
 
 if TYPE_CHECKING:
     from lepton_batch.run.lifecycle import RunResult
 
-__all__ = ["Interrupted", "JobError", "OutputInUse", "RunFailed", "RunResult", "read",
-           "submit", "validate"]
+__all__ = ["Interrupted", "JobError", "OutputInUse", "RunFailed", "RunResult",
+           "map_partitions", "read", "submit", "validate"]
 
 
 def __getattr__(name: str) -> object:

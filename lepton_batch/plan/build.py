@@ -34,6 +34,7 @@ from lepton_batch.plan.fingerprint import job_fingerprint
 from lepton_batch.store import OutputPath, RemotePath, remote_root
 
 if TYPE_CHECKING:
+    from lepton_batch.pipelines import TaskShape
     from lepton_batch.plan.incremental import RowPlan
 
 log = logging.getLogger(__name__)
@@ -103,18 +104,13 @@ def today() -> date:
     return datetime.now(timezone.utc).date()
 
 
-def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = None) -> Plan:
-    """Check the model directory, the input files and columns, the output; cut shards.
-
-    ``run_date`` (default today, UTC) fills ``{run_date}`` / ``{yesterday}`` in input.path.
-    """
+def resolve_task(job: JobSpec) -> tuple[ModelInfo | None, Settings | None,
+                                       TaskShape | None, list[str]]:
+    """The job's model directory checked, its settings resolved and its task's shape
+    (engine head, input columns, output fields), with every problem found on the way; what
+    a job and :func:`lepton_batch.map_partitions` both plan from. Loads no weights."""
     from lepton_batch.pipelines import task_shape
 
-    given = run_date
-    run_date = run_date or today()
-    written = job.input.path
-    job = job.model_copy(update={"input": job.input.model_copy(
-        update={"path": fill_path(job.input.path, run_date)})})
     problems: list[str] = []
     model = settings = None
     try:
@@ -142,6 +138,20 @@ def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = No
             shape = task_shape(job.task, model, settings, job.input)
         except ValueError as exc:
             problems.append(str(exc))
+    return model, settings, shape, problems
+
+
+def make_plan(job: JobSpec, source: str = "job file", run_date: date | None = None) -> Plan:
+    """Check the model directory, the input files and columns, the output; cut shards.
+
+    ``run_date`` (default today, UTC) fills ``{run_date}`` / ``{yesterday}`` in input.path.
+    """
+    given = run_date
+    run_date = run_date or today()
+    written = job.input.path
+    job = job.model_copy(update={"input": job.input.model_copy(
+        update={"path": fill_path(job.input.path, run_date)})})
+    model, settings, shape, problems = resolve_task(job)
     files: list[InputFile] = []
     bad: list[BadFile] = []
     try:

@@ -13,10 +13,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from lepton_batch.engine.config import EngineConfig
+from lepton_batch.engine.config import EngineConfig, Head
 from lepton_batch.job.modeldir import ModelInfo
 from lepton_batch.job.settings import Settings
 from lepton_batch.job.spec import EngineSpec, InputSpec, JobSpec, TaskSpec
@@ -24,10 +25,15 @@ from lepton_batch.output.sink import Sink
 from lepton_batch.plan.build import Plan
 from lepton_batch.store import OutputPath
 
+if TYPE_CHECKING:
+    from lepton_batch.pipelines import TaskShape
+
 
 @dataclass(frozen=True)
-class ShardWork:
-    """What every shard of one run does; built once per run (:func:`shard_work`)."""
+class TaskWork:
+    """What computing a table of rows takes, with no output attached: the task, its
+    resolved settings, the engine to load. A job's shards get a :class:`ShardWork`;
+    :func:`lepton_batch.map_partitions` ships this to the partitions of a Dask DataFrame."""
 
     run_id: str
     job_name: str
@@ -38,9 +44,20 @@ class ShardWork:
     settings: Settings  # resolved from the job and the model directory (plan.settings)
     engine: EngineConfig  # the engine to load: head, dtype, threads, quality gate, ...
     batching: EngineSpec  # batch sizes, chunking, KV cache (the job's engine section)
-    quality_sample_rows: int  # rows of the first shard the quality gate checks
-    columns: tuple[str, ...]  # what a shard reads: id, passthrough, then the task's columns
+    quality_sample_rows: int  # rows of the first table the quality gate checks
     task_columns: tuple[str, ...]  # the task's input columns: what content_hash covers
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Identifies this work on a worker (its pipelines are built once per key)."""
+        return self.run_id, self.job_fingerprint
+
+
+@dataclass(frozen=True)
+class ShardWork(TaskWork):
+    """What every shard of one run does; built once per run (:func:`shard_work`)."""
+
+    columns: tuple[str, ...]  # what a shard reads: id, passthrough, then the task's columns
     output_root: OutputPath  # a local directory or a RemotePath (picklable either way)
     sink: Sink  # the output format's: where each part goes, what waits for publish
     schema: pa.Schema  # the output's columns, the same for every part (plan.schema)
@@ -52,11 +69,6 @@ class ShardWork:
         """The folder under output_root where this run's shard records wait for publish."""
         return self.sink.staging
 
-    @property
-    def key(self) -> tuple[str, str]:
-        """Identifies this work on a worker (its pipelines are built once per key)."""
-        return self.run_id, self.job_fingerprint
-
 
 def default_threads(job: JobSpec) -> int | None:
     """Torch threads per worker: the job's; on an embedded cluster, this machine's cores
@@ -66,15 +78,15 @@ def default_threads(job: JobSpec) -> int | None:
     return max(1, (os.cpu_count() or 1) // job.cluster.n_workers)
 
 
-def engine_config(plan: Plan, threads: int | None) -> EngineConfig:
-    """The engine the plan's task runs on (the cache on each worker is keyed by it)."""
-    job = plan.job
+def engine_config(job: JobSpec, model: ModelInfo, head: Head, settings: Settings,
+                  threads: int | None) -> EngineConfig:
+    """The engine the job's task runs on (the cache on each worker is keyed by it)."""
     return EngineConfig(
-        model_dir=str(plan.model.path),
-        head=plan.head,
+        model_dir=str(model.path),
+        head=head,
         dtype=job.model.dtype,
         device=job.model.device,
-        max_length=plan.settings.max_length,
+        max_length=settings.max_length,
         trust_remote_code=job.model.trust_remote_code,
         allow_pickle=job.model.allow_pickle,
         threads=threads,
@@ -121,7 +133,7 @@ def shard_work(plan: Plan, run_id: str, sink: Sink) -> ShardWork:
         input=inp,
         model=plan.model,
         settings=plan.settings,
-        engine=engine_config(plan, threads),
+        engine=engine_config(job, plan.model, plan.head, plan.settings, threads),
         batching=job.engine.model_copy(update={"threads": threads}),
         quality_sample_rows=job.quality.sample_rows,
         columns=tuple(columns),
@@ -131,4 +143,25 @@ def shard_work(plan: Plan, run_id: str, sink: Sink) -> ShardWork:
         schema=plan.schema,
         compression=job.output.compression,
         file_metadata=file_metadata(plan, run_id),
+    )
+
+
+def task_work(job: JobSpec, model: ModelInfo, settings: Settings, shape: TaskShape,
+              run_id: str, job_fp: str) -> TaskWork:
+    """The :class:`TaskWork` of a job with no input files or output (the Dask DataFrame
+    path): ``model``, ``settings`` and ``shape`` as :func:`~lepton_batch.plan.build.
+    resolve_task` returns them. Torch threads: the job's, else torch's default."""
+    threads = job.engine.threads
+    return TaskWork(
+        run_id=run_id,
+        job_name=job.name,
+        job_fingerprint=job_fp,
+        task=job.task,
+        input=job.input,
+        model=model,
+        settings=settings,
+        engine=engine_config(job, model, shape.head, settings, threads),
+        batching=job.engine,
+        quality_sample_rows=job.quality.sample_rows,
+        task_columns=tuple(shape.columns),
     )

@@ -190,15 +190,24 @@ def _warm_imports(model_dir: str, done: threading.Event) -> None:
         done.set()
 
 
-def _worker_cache() -> tuple[EngineCache, PipelineCache]:
+class _Process:
+    """Where the caches live when a task runs outside a Dask worker (Dask's local
+    schedulers, for a Dask DataFrame computed without a distributed Client)."""
+
+
+def worker_caches() -> tuple[EngineCache, PipelineCache]:
     """The engine and pipeline caches that live on this Dask worker (created on first
-    use): a model loads, and a pipeline is built, once per worker."""
-    worker = get_worker()
+    use): a model loads, and a pipeline is built, once per worker. Outside a worker: once
+    per process."""
+    try:
+        holder: object = get_worker()
+    except ValueError:  # not in a distributed worker
+        holder = _Process
     with _CACHE_LOCK:
-        caches = getattr(worker, _CACHE_ATTR, None)
+        caches = getattr(holder, _CACHE_ATTR, None)
         if caches is None:
             caches = EngineCache(warming=_warming, wait=_after_warm_up), PipelineCache()
-            setattr(worker, _CACHE_ATTR, caches)
+            setattr(holder, _CACHE_ATTR, caches)
     return caches
 
 
@@ -207,7 +216,7 @@ def _run_shard(shard: Shard, work: ShardWork, rows: np.ndarray | None) -> ShardR
     fine performance metrics) and its progress posted on :data:`~lepton_batch.run.monitor.TOPIC`."""
     worker = get_worker()
     stats = BatchStats()
-    engines, pipelines = _worker_cache()
+    engines, pipelines = worker_caches()
     with ShardWatch(lambda event: worker.log_event(TOPIC, event), work.job_name, work.run_id,
                     shard.index, stats) as watch:
         record = process_shard(shard, work, engines, rows, pipelines=pipelines,

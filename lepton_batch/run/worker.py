@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +37,7 @@ from lepton_batch.job.spec import EngineSpec
 from lepton_batch.output.manifest import MANIFEST_DIR, ShardRecord, write_atomic, write_record
 from lepton_batch.pipelines import Pipeline, encoder_task, make_pipeline
 from lepton_batch.plan.incremental import content_hashes, first_occurrences
-from lepton_batch.plan.work import ShardWork
+from lepton_batch.plan.work import ShardWork, TaskWork
 
 if TYPE_CHECKING:
     from lepton_batch.engine.decoder import Decoder
@@ -122,7 +123,42 @@ def _merge_errors(errors: pa.Array, rows: np.ndarray, reasons: list[str]) -> pa.
                                 pa.array([reasons[j] for j in order], pa.string()))
 
 
-def _compute(pipeline: Pipeline, table: pa.Table, work: ShardWork, cache: EngineCache,
+@dataclass(frozen=True)
+class Computed:
+    """A table's rows computed (:func:`compute_rows`): the task's ``columns`` plus
+    ``num_tokens``, ``truncated``, ``error`` in row order, the engine that ran them, its
+    load time (0.0: reused), the token lengths of the rows that ran, every row's
+    ``content_hash`` and how many distinct rows were computed."""
+
+    columns: dict[str, pa.Array]
+    engine: Encoder | Decoder
+    load_seconds: float
+    lengths: np.ndarray
+    hashes: pa.Array
+    unique_rows: int
+
+
+def compute_rows(table: pa.Table, work: TaskWork, pipeline: Pipeline, cache: EngineCache,
+                 stats: BatchStats, stage: Stages) -> Computed:
+    """The task over ``table``'s rows (a shard, or a Dask DataFrame's partition), bad rows
+    recorded in ``error``. Rows with the same content (and, for sampled generation, the
+    same id) are computed once and the result copied to each."""
+    n = table.num_rows
+    with stage("prepare"):
+        hashes = content_hashes(table, pipeline.columns)
+        keys = content_hashes(table, [work.input.id_column, *pipeline.columns]) if (
+            pipeline.row_keyed) else hashes
+        first, inverse = first_occurrences(keys)
+        unique = table.take(pa.array(first)) if len(first) < n else table
+    computed, engine, load_seconds, lengths = _compute(pipeline, unique, work, cache, stats,
+                                                       stage)
+    if len(first) < n:
+        fan_out = pa.array(inverse, pa.int64())
+        computed = {name: arr.take(fan_out) for name, arr in computed.items()}
+    return Computed(computed, engine, load_seconds, lengths, hashes, len(first))
+
+
+def _compute(pipeline: Pipeline, table: pa.Table, work: TaskWork, cache: EngineCache,
              stats: BatchStats, stage: Stages
              ) -> tuple[dict[str, pa.Array], Encoder | Decoder, float, np.ndarray]:
     """The task's columns plus ``num_tokens``, ``truncated``, ``error`` for ``table``'s rows
@@ -235,7 +271,7 @@ class PipelineCache:
         self.builds = 0
 
     @contextlib.contextmanager
-    def checkout(self, work: ShardWork) -> Iterator[Pipeline]:
+    def checkout(self, work: TaskWork) -> Iterator[Pipeline]:
         """An idle pipeline for ``work``, built if there is none; back when the block ends."""
         with self._lock:
             if work.key != self._key:
@@ -282,17 +318,8 @@ def _process(shard: Shard, ctx: ShardWork, pipeline: Pipeline, cache: EngineCach
         if rows is not None:
             table = table.take(pa.array(rows, pa.int64()))
     n = table.num_rows
-    with stage("prepare"):
-        hashes = content_hashes(table, pipeline.columns)
-        keys = content_hashes(table, [inp.id_column, *pipeline.columns]) if (
-            pipeline.row_keyed) else hashes
-        first, inverse = first_occurrences(keys)
-        unique = table.take(pa.array(first)) if len(first) < n else table
-    computed, engine, load_seconds, lengths = _compute(pipeline, unique, ctx, cache, stats,
-                                                       stage)
-    if len(first) < n:
-        fan_out = pa.array(inverse, pa.int64())
-        computed = {name: arr.take(fan_out) for name, arr in computed.items()}
+    rows_out = compute_rows(table, ctx, pipeline, cache, stats, stage)
+    computed, engine, lengths = rows_out.columns, rows_out.engine, rows_out.lengths
 
     meta = {**ctx.file_metadata, "shard": shard.fingerprint, "source": redact(shard.path),
             "row_groups": ",".join(map(str, shard.row_groups)),
@@ -306,7 +333,7 @@ def _process(shard: Shard, ctx: ShardWork, pipeline: Pipeline, cache: EngineCach
     columns_out = {c: table[c].cast(schema.field(c).type)
                    for c in (inp.id_column, *inp.passthrough_columns)}
     columns_out |= {name: arr.cast(schema.field(name).type) for name, arr in computed.items()}
-    columns_out["content_hash"] = hashes
+    columns_out["content_hash"] = rows_out.hashes
     columns_out["job_fingerprint"] = pa.array([ctx.job_fingerprint] * n, pa.string())
     columns_out["run_id"] = pa.array([ctx.run_id] * n, pa.string())
     if "deleted" in schema.names:  # output.tombstones: a computed row is a live one
@@ -332,12 +359,12 @@ def _process(shard: Shard, ctx: ShardWork, pipeline: Pipeline, cache: EngineCach
         rows=n,
         error_rows=n - out["error"].null_count,
         truncated_rows=int(pc.sum(out["truncated"]).as_py() or 0),
-        deduplicated_rows=n - len(first),
+        deduplicated_rows=n - rows_out.unique_rows,
         tokens=stats.tokens,
         padded_tokens=stats.padded_tokens,
         batches=stats.batches,
         seconds=round(time.perf_counter() - start, 4),
-        model_load_seconds=round(load_seconds, 4),
+        model_load_seconds=round(rows_out.load_seconds, 4),
         worker=f"{socket.gethostname()}:{os.getpid()}",
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         oom_splits=stats.oom_splits,
