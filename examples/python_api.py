@@ -56,9 +56,9 @@ def frame_example(job, job_rows) -> None:
         ddf, model=job.model.model_dump(exclude_unset=True), task="embed",
         text_column="text", engine=job.engine.model_dump(exclude_unset=True))
     print(f"map_partitions meta: {dict(out.dtypes.astype(str).tail(4))}")
-    with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster:
-        with Client(cluster):
-            frame = out.compute().sort_values("id")
+    with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster, \
+            Client(cluster):
+        frame = out.compute().sort_values("id")
     ok = frame["error"].isna().to_numpy()
     job = job_rows.sort("id")
     assert frame["id"].tolist() == job["id"].to_list()

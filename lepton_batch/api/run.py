@@ -5,7 +5,8 @@ instead of exit codes. The functions underneath are the CLI's own: ``load_job`` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from datetime import date
 from os import PathLike
 from pathlib import Path
@@ -24,6 +25,7 @@ from lepton_batch.output.lock import OutputLocked
 
 if TYPE_CHECKING:
     import polars as pl
+    from rich.console import Console
 
     from lepton_batch.plan.build import Plan
     from lepton_batch.run.lifecycle import RunResult
@@ -45,7 +47,9 @@ def _job_spec(job: Job, overrides: list[str] | None) -> tuple[JobSpec, str]:
 def _as_job_error(exc: JobSpecError | OutputError) -> JobError:
     if isinstance(exc, JobSpecError):
         return JobError(exc.problems, exc.source)
-    return JobError([str(exc)], "output")
+    error = JobError([str(exc)], "output")
+    error.args = (str(exc),)  # the output's own message, as the CLI prints it
+    return error
 
 
 def _plan(job: Job, set: list[str] | None, run_date: str | date | None,
@@ -66,13 +70,14 @@ def _plan(job: Job, set: list[str] | None, run_date: str | date | None,
         raise _as_job_error(exc) from None
 
 
-def _in_use(exc: OutputLocked, output: str) -> OutputInUse:
+def _in_use(exc: OutputLocked, spec: JobSpec | None) -> OutputInUse:
     from lepton_batch.output.lock import holder
     from lepton_batch.plan.build import resolve_output_root
 
+    output = spec.output.path if spec is not None else ""
     try:
-        info = holder(resolve_output_root(output))
-    except (OSError, ValueError):
+        info = holder(resolve_output_root(output, spec.output.storage_options)) if spec else {}
+    except Exception:  # who holds it is extra detail: the refusal stands without it
         info = {}
     return OutputInUse(str(exc), output, info)
 
@@ -94,12 +99,19 @@ def validate(job: Job, *, set: list[str] | None = None,
     return _plan(job, set, run_date)
 
 
+PROGRESS = ("none", "plain", "rich", "auto")
+
+
 def submit(job: Job, *, set: list[str] | None = None,
-           run_date: str | date | None = None) -> RunResult:
+           run_date: str | date | None = None, progress: str = "none") -> RunResult:
     """Run a job as ``lepton-batch submit`` does: plan it, take the output's lock, skip
     the shards already done (mode resume) or the unchanged rows (mode incremental), run the
     rest on Dask workers (an embedded cluster, started while the job is planned, or
     ``cluster.address``), publish only when every shard is done, and write the run report.
+
+    ``progress``: ``"none"`` (default: print nothing), ``"plain"`` (a log line per finished
+    shard and every 30 s, on stdout), ``"rich"`` (the live bar: shards, rows, tokens/s,
+    padding, errors, ETA) or ``"auto"`` (rich on a terminal, else plain), as ``--progress``.
 
     Returns the :class:`~lepton_batch.run.lifecycle.RunResult`: ``rows``, ``error_rows``,
     ``tokens``, ``seconds``, ``rows_per_second``, ``shards_run`` / ``skipped`` /
@@ -114,14 +126,26 @@ def submit(job: Job, *, set: list[str] | None = None,
     >>> result.rows, result.published, result.output
     (2230, True, '/tmp/q')
     """
+    return run_submission(job, set, run_date, progress=progress)
+
+
+def run_submission(job: Job, set: list[str] | None, run_date: str | date | None, *,
+                   progress: str = "none", console: Console | None = None,
+                   on_plan: Callable[[Plan], None] | None = None,
+                   on_start: Callable[[RunResult], None] | None = None) -> RunResult:
+    """:func:`submit`, with the hooks ``lepton-batch submit`` prints from: ``on_plan``
+    once the job is planned, ``on_start`` as the run starts (shards to run known);
+    ``console``: where the progress display draws (default: stdout)."""
     from lepton_batch.run.stopping import stoppable
 
+    if progress not in PROGRESS:
+        raise JobError([f"progress: {progress!r} is not one of {', '.join(PROGRESS)}"],
+                       "arguments")
     early: list = []
-    output = ""
+    specs: list[JobSpec] = []
 
     def start_cluster(spec: JobSpec) -> None:
-        nonlocal output
-        output = spec.output.path
+        specs.append(spec)
         if not spec.cluster.address:
             from lepton_batch.run.startup import EarlyCluster
 
@@ -131,11 +155,11 @@ def submit(job: Job, *, set: list[str] | None = None,
     with stoppable(lambda: [cluster.close() for cluster in early]) as stop:
         try:
             plan = _plan(job, set, run_date, on_valid=start_cluster)
-            from lepton_batch.run.lifecycle import run_job
-
-            result = run_job(plan, early=early[0] if early else None)
+            if on_plan is not None:
+                on_plan(plan)
+            result = _run(plan, early[0] if early else None, progress, console, on_start)
         except OutputLocked as exc:
-            raise _in_use(exc, output) from None
+            raise _in_use(exc, specs[0] if specs else None) from None
         except OutputError as exc:  # a bad output found as the run starts
             raise _as_job_error(exc) from None
     if stop.signal:
@@ -144,6 +168,38 @@ def submit(job: Job, *, set: list[str] | None = None,
     if not result.ok:
         raise RunFailed(result)
     return result
+
+
+def _run(plan: Plan, early, progress: str, console: Console | None,
+         on_start: Callable[[RunResult], None] | None) -> RunResult:
+    """The planned job run, its progress drawn on ``console``."""
+    from rich.console import Console
+
+    from lepton_batch.run.lifecycle import run_job
+    from lepton_batch.run.progress import make_display
+
+    display = make_display(progress, console or Console())
+
+    def started(result: RunResult) -> None:
+        if on_start is not None:
+            on_start(result)
+        if result.progress is not None and result.skipped < result.planned:
+            display.start(result.progress)
+
+    try:
+        return run_job(plan, on_start=started,
+                       on_shard=lambda record: _quietly(display.update, True),
+                       on_progress=lambda _: _quietly(display.update), early=early)
+    finally:
+        display.stop()
+
+
+def _quietly(step, *args) -> None:
+    """A progress display update: it may fail (a closed terminal), the run goes on."""
+    try:
+        step(*args)
+    except Exception as exc:  # display only
+        logging.getLogger(__name__).debug("progress display: %s", exc)
 
 
 def read(output: str | PathLike, latest: bool = False) -> pl.LazyFrame:

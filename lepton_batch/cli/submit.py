@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from lepton_batch.api.errors import Interrupted, RunFailed
+from lepton_batch.api.run import PROGRESS, run_submission
 from lepton_batch.cli.common import (
     JobArg,
     RunDateOpt,
@@ -23,9 +24,9 @@ from lepton_batch.cli.common import (
     warn,
 )
 from lepton_batch.cli.validate import plan_table
-from lepton_batch.job.spec import JobSpec, JobSpecError
+from lepton_batch.job.spec import JobSpecError, parse_run_date
 from lepton_batch.output.layout import OutputError
-from lepton_batch.run.stopping import held, stoppable
+from lepton_batch.run.stopping import held
 
 ProgressOpt = Annotated[str, typer.Option(
     "--progress", metavar="rich|plain|none", help="rich: a live bar (shards, rows, tokens/s, "
@@ -79,73 +80,65 @@ def submit(
     More: docs/job-file.md (fields), docs/nightly-runs.md, docs/monitoring.md,
     docs/performance.md.
     """
-    if progress not in ("auto", "rich", "plain", "none"):
+    if progress not in PROGRESS:
         fail(ValueError(f"--progress: {progress!r} is not one of rich, plain, none"))
     setup_logging(verbose)
-    early: list = []
-
-    def start_cluster(job: JobSpec) -> None:
-        if report_only is None and not job.cluster.address:
-            from lepton_batch.run.startup import EarlyCluster
-
-            early.append(EarlyCluster.for_job(job))  # the output's lock checked first
-
-    # Ctrl-C or SIGTERM: a clean stop, the cluster shut down before the last line
-    with stoppable(lambda: [cluster.close() for cluster in early]) as stop:
+    if report_only is not None:
         try:
-            plan = load_plan(job_file, set_, run_date, on_valid=start_cluster)
-            if report_only is not None:
-                _report_again(plan.output_root, report_only)
-                return
-            _run(plan, progress, early[0] if early else None)
+            plan = load_plan(job_file, set_, run_date)
         except (JobSpecError, OutputError) as exc:
             fail(exc)
-    if stop.signal:
-        console.print(f"[yellow]{escape(stop.line)}[/]")
-        raise typer.Exit(code=stop.exit_code)
+        _report_again(plan.output_root, report_only)
+        return
+    planned: list = []
+
+    def on_plan(plan) -> None:
+        planned.append(plan)
+        _show_plan(plan)
+
+    try:
+        day = parse_run_date(run_date, "--run-date", "command line")
+        result = run_submission(job_file, set_, day, progress=progress, console=console,
+                                on_plan=on_plan, on_start=lambda r: _show_start(planned[0], r))
+    except (JobSpecError, OutputError) as exc:  # JobError, OutputInUse
+        fail(exc)
+    except RunFailed as exc:
+        result = exc.result
+    except Interrupted as exc:  # stopped cleanly: the cluster is down, the lock released
+        console.print(f"[yellow]{escape(str(exc))}[/]")
+        raise typer.Exit(code=exc.exit_code) from None
+    with held():  # the data is committed, or the failure recorded: report undisturbed
+        _report(planned[0], result)
 
 
-def _run(plan, progress: str, early) -> None:
-    """submit, once the job is planned: run it, then report (which can only warn)."""
-    from lepton_batch.run.lifecycle import RunResult, run_job
-    from lepton_batch.run.progress import make_display
-
+def _show_plan(plan) -> None:
+    """What submit prints once the job is planned, before it runs."""
     console.print(plan_table(plan))
     if note := plan.backfill_note():
         warn(note)
     for bad in plan.bad_files:
         console.print(f"[bold red]unreadable input:[/] {bad.path}: {bad.reason}")
-    display = make_display(progress, console)
 
-    def on_start(result: RunResult) -> None:
-        if plan.job.cluster.address:
-            console.print(f"cluster: {escape(plan.job.cluster.address)}")
-        if result.dashboard:
-            console.print(f"dashboard: [link={result.dashboard}]{result.dashboard}[/link]")
-        rows = result.rows_plan
-        if rows is not None:
-            if rows.previous_fingerprints:
-                console.print(
-                    f"[yellow]new job fingerprint[/] {plan.job_fingerprint}: the output holds "
-                    f"{', '.join(rows.previous_fingerprints)} (the model revision or task "
-                    "settings changed), so every row is computed again")
-            console.print(f"incremental: {rows.describe()}")
-        elif result.skipped:
-            console.print(f"resume: {result.skipped} shard(s) already done, skipped")
-        if result.skipped == result.planned:
-            console.print("nothing to run: every shard is done (mode: overwrite recomputes)"
-                          if rows is None else "nothing to compute: no row is new or changed")
-        if result.progress is not None and result.skipped < result.planned:
-            display.start(result.progress)
 
-    try:
-        result = run_job(plan, on_start=on_start,
-                         on_shard=lambda record: _quietly(display.update, True),
-                         on_progress=lambda _: _quietly(display.update), early=early)
-    finally:
-        display.stop()
-    with held():  # the data is committed, or the failure recorded: report undisturbed
-        _report(plan, result)
+def _show_start(plan, result) -> None:
+    """What submit prints as the run starts: the cluster, and what is left to run."""
+    if plan.job.cluster.address:
+        console.print(f"cluster: {escape(plan.job.cluster.address)}")
+    if result.dashboard:
+        console.print(f"dashboard: [link={result.dashboard}]{result.dashboard}[/link]")
+    rows = result.rows_plan
+    if rows is not None:
+        if rows.previous_fingerprints:
+            console.print(
+                f"[yellow]new job fingerprint[/] {plan.job_fingerprint}: the output holds "
+                f"{', '.join(rows.previous_fingerprints)} (the model revision or task "
+                "settings changed), so every row is computed again")
+        console.print(f"incremental: {rows.describe()}")
+    elif result.skipped:
+        console.print(f"resume: {result.skipped} shard(s) already done, skipped")
+    if result.skipped == result.planned:
+        console.print("nothing to run: every shard is done (mode: overwrite recomputes)"
+                      if rows is None else "nothing to compute: no row is new or changed")
 
 
 def _report(plan, result) -> None:
@@ -177,14 +170,6 @@ def _label_counts(plan) -> Table:
 
     return label_counts_table(plan.output_root, plan.job.input.id_column,
                               plan.job.output.mode == "incremental")
-
-
-def _quietly(step, *args) -> None:
-    """A progress display update: it may fail (a closed terminal), the run goes on."""
-    try:
-        step(*args)
-    except Exception as exc:  # display only
-        logging.getLogger(__name__).debug("progress display: %s", exc)
 
 
 def _report_again(root, run_id: str) -> None:
