@@ -91,6 +91,18 @@ def test_a_bad_field_is_a_job_error_naming_it(tmp_path, tiny_bert, corpus):
         lepton_batch.validate(job)
 
 
+def test_progress_plain_prints_a_line_per_shard(tmp_path, tiny_bert, corpus, capsys):
+    quiet = lepton_batch.submit(_sections(tmp_path, tiny_bert))  # default: prints nothing
+    assert quiet.shards_run == 9 and "progress:" not in capsys.readouterr().out
+    result = lepton_batch.submit(_sections(tmp_path, tiny_bert), progress="plain",
+                                 set=["output.mode=overwrite"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("progress:")]
+    assert result.shards_run == 9 and len(lines) >= 9, lines
+    assert lines[-1].startswith("progress: shards 9/9 | rows 135/135"), lines[-1]
+    with pytest.raises(lepton_batch.JobError, match="progress: 'loud' is not one of"):
+        lepton_batch.submit(_sections(tmp_path, tiny_bert), progress="loud")
+
+
 def test_an_output_in_use_names_its_holder(tmp_path, tiny_bert, corpus):
     root = tmp_path / "out"
     init_output(root)
