@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from lepton_batch.engine import BatchStats
@@ -21,7 +22,7 @@ from lepton_batch.plan.build import resolve_task
 from lepton_batch.plan.fingerprint import job_fingerprint
 from lepton_batch.plan.work import TaskWork, task_work
 from lepton_batch.run.cluster import worker_caches
-from lepton_batch.run.worker import Stages, compute_rows
+from lepton_batch.run.worker import Stages, compute_rows, merge_errors
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,8 +34,8 @@ ROW_FIELDS = BOOKKEEPING[:3]  # num_tokens, truncated, error: per row, as in a j
 
 
 def frame_job(model: str | Mapping[str, Any], task: str | Mapping[str, Any],
-              text_column: str, id_column: str | None, engine: Mapping[str, Any] | None,
-              overrides: list[str] | None) -> dict[str, Any]:
+              text_column: str, id_column: str | None,
+              engine: Mapping[str, Any] | None) -> dict[str, Any]:
     """The job document map_partitions validates: the sections a job file would hold,
     with placeholders for the input and output paths it never reads."""
     return {
@@ -114,7 +115,6 @@ def _partition(frame: pd.DataFrame, work: TaskWork, fields: list[pa.Field]) -> p
     """One partition: the task run over its rows, the columns appended in row order."""
     import pandas as pd
 
-    out = frame.copy(deep=False)
     if not len(frame):
         return meta_frame(frame, fields)
     names = list(work.task_columns)
@@ -129,10 +129,9 @@ def _partition(frame: pd.DataFrame, work: TaskWork, fields: list[pa.Field]) -> p
         rows = compute_rows(pa.table(arrays), work, pipeline, engines, BatchStats(), Stages())
     columns = dict(rows.columns)
     if bad:  # the reason a value is no text, not "null text"
-        errors = columns["error"].to_pylist()
-        for i, reason in bad.items():
-            errors[i] = reason
-        columns["error"] = pa.array(errors, pa.string())
+        columns["error"] = merge_errors(columns["error"], np.fromiter(bad, np.int64, len(bad)),
+                                        list(bad.values()))
+    out = frame.copy(deep=False)
     for f in fields:
         array = pa.array(columns[f.name]).cast(f.type)
         out[f.name] = pd.Series(pd.arrays.ArrowExtensionArray(array), index=frame.index)
@@ -144,7 +143,7 @@ def map_partitions(ddf: DataFrame, *, model: str | Mapping[str, Any],
                    id_column: str | None = None, engine: Mapping[str, Any] | None = None,
                    set: list[str] | None = None) -> DataFrame:
     """See :func:`lepton_batch.map_partitions` (the documented entry point)."""
-    document = frame_job(model, task, text_column, id_column, engine, set)
+    document = frame_job(model, task, text_column, id_column, engine)
     work, fields = plan_frame(document, set, [str(c) for c in ddf.columns])
     meta = meta_frame(ddf._meta, fields)
     return ddf.map_partitions(_partition, work, fields, meta=meta,

@@ -112,7 +112,7 @@ def _expand(values: pa.Array, valid: np.ndarray, n: int,
     return values.take(pa.array(positions, mask=missing))
 
 
-def _merge_errors(errors: pa.Array, rows: np.ndarray, reasons: list[str]) -> pa.Array:
+def merge_errors(errors: pa.Array, rows: np.ndarray, reasons: list[str]) -> pa.Array:
     """``errors`` (n,) string with ``reasons[j]`` set at shard position ``rows[j]``."""
     if not len(rows):
         return errors
@@ -194,7 +194,7 @@ def _compute(pipeline: Pipeline, table: pa.Table, work: TaskWork, cache: EngineC
     out = {name: _expand(arr, prep.valid, n, failed) for name, arr in results.items()}
     out["num_tokens"] = _expand(pa.array(lengths, pa.int32()), prep.valid, n)
     out["truncated"] = _expand(pa.array(truncated, pa.bool_()), prep.valid, n)
-    out["error"] = _merge_errors(prep.errors, failed, stats.failed_reasons)
+    out["error"] = merge_errors(prep.errors, failed, stats.failed_reasons)
     return out, engine, load_seconds, np.asarray(lengths)
 
 
