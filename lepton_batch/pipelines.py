@@ -58,7 +58,7 @@ def pipeline_class(task: TaskSpec, info: ModelInfo, settings: Settings) -> type[
     if task.kind == "classify":
         return LikelihoodPipeline
     if task.kind == "generate":
-        if task.max_new_tokens >= settings.max_length:
+        if isinstance(task.max_new_tokens, int) and task.max_new_tokens >= settings.max_length:
             raise ValueError(f"task.max_new_tokens: {task.max_new_tokens} leaves no room for a "
                              f"prompt in the model's context of {settings.max_length} tokens "
                              "(model.max_length)")

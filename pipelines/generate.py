@@ -3,7 +3,11 @@
 Output columns: ``generation`` (the new text, cut before a stop string), ``finish_reason``
 (``eos``, ``stop`` or ``length``), ``prompt_tokens`` and ``generated_tokens``. A prompt too
 long for the model's context keeps its last tokens (``truncated``); sampling is resolved
-before the run (the job, else the model's ``generation_config.json``; see generation.py).
+before the run (the job, else the model's ``generation_config.json``; see generation.py),
+and may be read per row from columns (``per_row.py``). With ``task.response_format`` every
+generation is constrained to a JSON schema, choices or a regex (``job/structured.py``,
+``engine/grammar.py``), and a JSON answer is also parsed into typed columns; one that does
+not parse (cut by ``max_new_tokens``) keeps its text and gets ``error`` and nulls there.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ from lepton_batch.job.generation import resolve_generation
 from lepton_batch.job.modeldir import ModelInfo
 from lepton_batch.job.settings import Settings
 from lepton_batch.job.spec import EngineSpec, InputSpec, TaskSpec, template_fields
+from lepton_batch.job.structured import fields as structured_fields
+from lepton_batch.job.structured import grammar_text, typed_columns
+from lepton_batch.pipelines.per_row import row_values
 from lepton_batch.pipelines.prompts import chat_prompts, prepared, render, template
 from lepton_batch.pipelines.shape import TaskShape
 from lepton_batch.pipelines.text import PreparedText
 
 if TYPE_CHECKING:  # built (and planned with) before torch is imported
+    from lepton_batch.engine.continuous import RowSampling
     from lepton_batch.engine.decoder import Decoder
 
 
@@ -47,6 +55,23 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 
 OUTPUT_FIELDS = (pa.field("generation", pa.string()), pa.field("finish_reason", pa.string()),
                    pa.field("prompt_tokens", pa.int32()), pa.field("generated_tokens", pa.int32()))
+OUTPUT_NAMES = {f.name for f in OUTPUT_FIELDS} | {"num_tokens", "truncated", "error"}
+
+
+def typed_fields(task: TaskSpec, inp: InputSpec) -> list[pa.Field]:
+    """The typed columns of a JSON-schema ``response_format`` (none otherwise). Raises
+    ValueError when one would take the name of another output or kept input column."""
+    fmt = task.response_format
+    if fmt is None or fmt.type != "json_schema":
+        return []
+    out = structured_fields(fmt.schema(), fmt.column)
+    taken = OUTPUT_NAMES | {inp.id_column, *inp.passthrough_columns}
+    clash = sorted(f.name for f in out if f.name in taken)
+    if clash:
+        raise ValueError(f"task.response_format: the schema's {', '.join(clash)} would "
+                         "overwrite an output or input column of the same name; rename the "
+                         "property, or put the answer in one column (response_format.column)")
+    return out
 
 
 class GeneratePipeline:
@@ -70,11 +95,11 @@ class GeneratePipeline:
             raise ValueError(f"task.chat: the tokenizer in {info.path} has no chat template "
                              "(chat_template in tokenizer_config.json or chat_template.jinja);"
                              " write the prompt in task.prompt and set task.chat: false")
-        column = task.max_new_tokens_column
+        columns = [c for c in task.row_columns().values()]
         return TaskShape(
-            cls.head,
-            (*template_fields(template(task, inp.text_column)), *([column] if column else [])),
-            OUTPUT_FIELDS)
+            cls.head, tuple(dict.fromkeys(
+                [*template_fields(template(task, inp.text_column)), *columns])),
+            (*OUTPUT_FIELDS, *typed_fields(task, inp)))
 
     def __init__(self, task: TaskSpec, info: ModelInfo, settings: Settings,
                  inp: InputSpec) -> None:
@@ -85,37 +110,40 @@ class GeneratePipeline:
         self.template = template(task, inp.text_column)
         self.max_new = np.zeros(0, dtype=np.int64)
         self.seeds = np.zeros(0, dtype=np.int64)
+        self.stops: list[list[str]] | None = None
+        self.rows: RowSampling | None = None
+        fmt = self.generation.response_format
+        self.grammar = grammar_text(fmt) if fmt else None
+        self.typed = typed_fields(task, inp)
         self.id_column = inp.id_column
         # A sampled row's text depends on its id (the seed), not on its content only.
         self.row_keyed = self.generation.do_sample
 
     def fields(self) -> list[pa.Field]:
-        return list(OUTPUT_FIELDS)
+        return [*OUTPUT_FIELDS, *self.typed]
 
     def prepare(self, table: pa.Table) -> tuple[list[str], PreparedText]:
-        """The prompts of the usable rows; per-row limits and seeds kept for ``run``."""
+        """The prompts of the usable rows; their per-row settings kept for ``run``."""
         prompts, errors = render(table, self.template)
-        n = table.num_rows
-        limits = np.full(n, self.task.max_new_tokens, dtype=np.int64)
-        column = self.task.max_new_tokens_column
-        if column:
-            for i, value in enumerate(table[column].to_pylist()):
-                if value is None:
-                    continue
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                        value != int(value) or value < 1):
-                    if errors[i] is None:
-                        errors[i] = f"{column}: {value!r} is not a positive integer"
-                        prompts[i] = None
-                    continue
-                limits[i] = int(value)
-        from lepton_batch.engine.continuous import row_seed
+        per_row = row_values(table, self.generation)
+        for i, problem in enumerate(per_row.errors):
+            if problem is not None and errors[i] is None:
+                errors[i], prompts[i] = problem, None
+        from lepton_batch.engine.continuous import RowSampling, row_seed
 
         prep = prepared(prompts, errors)
+        valid = prep.valid
         ids = table[self.id_column].to_pylist()
-        self.max_new = limits[prep.valid]
-        self.seeds = np.fromiter((row_seed(self.task.seed, ids[i]) for i in prep.valid),
-                                 dtype=np.int64, count=len(prep.valid))
+        self.max_new = per_row.take("max_new_tokens", valid, np.int64)
+        self.seeds = np.fromiter((row_seed(per_row.values["seed"][i], ids[i]) for i in valid),
+                                 dtype=np.int64, count=len(valid))
+        columns = self.generation.columns
+        self.stops = [list(per_row.values["stop"][i]) for i in valid] \
+            if "stop" in columns else None
+        self.rows = RowSampling(per_row.take("temperature", valid, np.float64),
+                                per_row.take("top_k", valid, np.int64),
+                                per_row.take("top_p", valid, np.float64)) \
+            if columns.keys() & {"temperature", "top_k", "top_p"} else None
         return prep.texts, prep
 
     def tokenize(self, engine: Decoder, texts: list[str]) -> Tokenized:
@@ -135,26 +163,38 @@ class GeneratePipeline:
 
         gstats = GenerateStats()
         stats.started()  # the first step follows at once
+        stop = list(self.generation.stop)
         out = generate(engine, tok, self.max_new, self.seeds,
-                       Sampling(**self.generation.sampling_kwargs()), self.task.stop,
+                       Sampling(**self.generation.sampling_kwargs()), stop,
                        spec.max_num_seqs, spec.kv_cache_tokens,
                        engine.token_budget(spec.max_tokens_per_batch), gstats,
-                       graphs=spec.cuda_graphs and engine.device == "cuda")
+                       graphs=spec.cuda_graphs and engine.device == "cuda", rows=self.rows,
+                       stops=self.stops,
+                       grammars=[self.grammar] * len(tok) if self.grammar else None)
         texts = engine.tokenizer.batch_decode(out.tokens, skip_special_tokens=True) \
             if out.tokens else []
         finish = list(out.finish)
-        if self.task.stop:
-            for i, text in enumerate(texts):
-                texts[i], hit = cut_at_stop(text, self.task.stop)
+        for i, text in enumerate(texts):
+            row_stop = self.stops[i] if self.stops is not None else stop
+            if row_stop:
+                texts[i], hit = cut_at_stop(text, row_stop)
                 if hit:
                     finish[i] = "stop"
         stats.batches += gstats.prefills + gstats.decode_steps
         stats.tokens += gstats.prompt_tokens + gstats.generated_tokens
         stats.padded_tokens += gstats.padded_prefill_tokens + gstats.slot_steps
         stats.sizes += gstats.sizes
-        return {
+        results = {
             "generation": pa.array(texts, pa.string()),
             "finish_reason": pa.array(finish, pa.string()),
             "prompt_tokens": pa.array(tok.lengths, pa.int32()),
             "generated_tokens": pa.array([len(t) for t in out.tokens], pa.int32()),
         }
+        if self.typed:  # the answer parsed into typed columns; one that does not parse
+            typed, errors = typed_columns(texts, self.generation.response_format, self.typed)
+            for i, error in enumerate(errors):  # (cut by max_new_tokens or a stop string)
+                if error is not None:
+                    errors[i] = f"{error}; finish_reason {finish[i]}"
+            results |= typed
+            results["error"] = pa.array(errors, pa.string())
+        return results

@@ -87,7 +87,7 @@ def test_scheduler_keeps_to_the_prefill_budget_and_stops_on_a_stop_string():
     max_new = np.array([5, 5, 5, 5], dtype=np.int64)
     # 8 padded prompt tokens per prefill: two 4-token prompts at a time, into 4 slots.
     sched = Scheduler(lengths, max_new, [], 4, prefill_tokens=8,
-                      stop=lambda tokens: tokens[-2:] == [7, 7])
+                      stop=lambda row, tokens: tokens[-2:] == [7, 7])
     admitted = []
 
     def step(plan: StepPlan) -> np.ndarray:

@@ -273,6 +273,11 @@ class Decoder:
         """Most tokens (prompt + generated) one sequence may hold."""
         return self.config.max_length
 
+    @property
+    def vocab_size(self) -> int:
+        """Width of the logits (the output embedding's rows, at least the tokenizer's)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         return f"{dtype} on {self.device}, {self.attn_implementation}"

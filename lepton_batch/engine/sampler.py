@@ -18,6 +18,7 @@ import torch
 
 if TYPE_CHECKING:
     from lepton_batch.engine.batching import Tokenized
+    from lepton_batch.engine.grammar import Grammars
     from lepton_batch.engine.scheduler import StepPlan
 
 
@@ -66,6 +67,53 @@ class Sampling:
         return picked.clamp_(max=logits.shape[-1] - 1)
 
 
+@dataclass(frozen=True)
+class RowSampling:
+    """Per-row sampling values, (n,) arrays from the job's columns: ``temperature`` float64
+    (0: that row is greedy), ``top_k`` int64 (0: off), ``top_p`` float64. A row with the
+    same values as a :class:`Sampling` draws the same tokens as under it."""
+
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+
+    def process(self, logits: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """Temperature, top-k, top-p of each of ``rows`` (b,) on its logits (b, V), as
+        :meth:`Sampling.process` does with one value for all."""
+        t, k, p = self.temperature[rows], self.top_k[rows], self.top_p[rows]
+        dev = logits.device
+        sampled = t > 0
+        if (t[sampled] != 1.0).any():
+            scale = torch.as_tensor(np.where(sampled, t, 1.0), dtype=torch.float32,
+                                    device=dev)
+            logits = logits / scale[:, None]
+        vocab = logits.shape[-1]
+        k = np.where(sampled & (k > 0) & (k < vocab), k, 0)
+        if k.any():
+            top = torch.topk(logits, int(k.max()), dim=-1).values
+            kth = top.gather(1, torch.as_tensor(np.maximum(k - 1, 0), device=dev)[:, None])
+            cut = (logits < kth) & torch.as_tensor(k > 0, device=dev)[:, None]
+            logits = logits.masked_fill(cut, float("-inf"))
+        p = np.where(sampled, p, 1.0)
+        if (p < 1.0).any():
+            sorted_logits, order = torch.sort(logits, descending=False)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum <= torch.as_tensor(1 - p, dtype=torch.float32, device=dev)[:, None]
+            drop &= torch.as_tensor(p < 1.0, device=dev)[:, None]
+            drop[:, -1] = False  # keep at least the most likely token
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        return logits
+
+    def pick(self, logits: torch.Tensor, rows: np.ndarray,
+             uniforms: torch.Tensor) -> torch.Tensor:
+        """(b,) int64: argmax for the greedy rows, inverse-CDF draws for the others."""
+        greedy = logits.argmax(-1)
+        sampled = torch.as_tensor(self.temperature[rows] > 0, device=logits.device)
+        if not bool(sampled.any()):
+            return greedy
+        return torch.where(sampled, Sampling(do_sample=True).pick(logits, uniforms), greedy)
+
+
 def row_seed(seed: int, row_id: object) -> int:
     """A 63-bit seed for one row from the job's seed and the row's id (any type)."""
     digest = hashlib.blake2b(f"{seed}\x00{row_id!r}".encode(), digest_size=8).digest()
@@ -98,8 +146,10 @@ class Sampler:
     """
 
     def __init__(self, sampling: Sampling, tok: Tokenized, seeds: np.ndarray, slots: int,
-                 max_len: int, device: str) -> None:
+                 max_len: int, device: str, rows: RowSampling | None = None,
+                 grammars: Grammars | None = None) -> None:
         self.sampling, self.tok, self.seeds, self.device = sampling, tok, seeds, device
+        self.rows, self.grammars = rows, grammars
         self.history = None
         if sampling.repetition_penalty != 1.0:
             self.history = torch.zeros((slots, max_len), dtype=torch.int64, device=device)
@@ -121,10 +171,20 @@ class Sampler:
                 history[d + j, :len(row)] = row
                 history[d + j, len(row):] = row[0]
         hist = history[:b, :int(plan.next_pos.max()) + 1] if history is not None else None
+        if self.grammars is not None:
+            self.grammars.mask(logits, plan.rows.tolist())
         u = None
-        if self.sampling.do_sample:
+        if self.sampling.do_sample or self.rows is not None:
             u = torch.from_numpy(uniforms(self.seeds[plan.rows], plan.generated))
-        new = self.sampling.pick(self.sampling.process(logits, hist), u).cpu().numpy()
+        if self.rows is None:
+            new = self.sampling.pick(self.sampling.process(logits, hist), u)
+        else:  # per-row values: the penalty as for all, then each row's own
+            processed = Sampling(repetition_penalty=self.sampling.repetition_penalty).process(
+                logits, hist)
+            new = self.rows.pick(self.rows.process(processed, plan.rows), plan.rows, u)
+        new = new.cpu().numpy()
+        if self.grammars is not None:
+            self.grammars.consume(plan.rows.tolist(), new.tolist())
         if history is not None:
             history[torch.arange(b, device=self.device),
                     torch.as_tensor(plan.next_pos, device=self.device)] = torch.as_tensor(

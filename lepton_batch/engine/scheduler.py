@@ -84,16 +84,19 @@ def slot_count(max_seqs: int, rows: int, kv_tokens: int, max_len: int) -> int:
 
 
 class StopChecker:
-    """Finds stop strings in the tail of a row's decoded text."""
+    """Finds a row's stop strings in the tail of its decoded text; ``stops[r]``: row r's
+    (empty: none)."""
 
-    def __init__(self, tokenizer, stop: list[str]) -> None:
-        self.tokenizer, self.stop = tokenizer, stop
+    def __init__(self, tokenizer, stops: list[list[str]]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
         # A stop string of c characters spans at most c tokens (+2 for merges at the edge).
-        self.window = max(len(s) for s in stop) + 2 if stop else 0
+        self.windows = [max(map(len, s)) + 2 if s else 0 for s in stops]
 
-    def __call__(self, tokens: list[int]) -> bool:
-        tail = self.tokenizer.decode(tokens[-self.window:], skip_special_tokens=True)
-        return any(s in tail for s in self.stop)
+    def __call__(self, row: int, tokens: list[int]) -> bool:
+        if not self.windows[row]:
+            return False
+        tail = self.tokenizer.decode(tokens[-self.windows[row]:], skip_special_tokens=True)
+        return any(s in tail for s in self.stops[row])
 
 
 class Scheduler:
@@ -102,18 +105,20 @@ class Scheduler:
     lengths: (n,) int64 prompt tokens; max_new: (n,) int64 >= 1 new tokens per row; eos:
     end-of-sequence ids; slots: KV-cache slots; prefill_tokens: padded prompt tokens per
     prefill step; prefix: tokens of a prefix every prompt shares, in the cache already (not
-    counted against the prefill budget); stop: whether a row's tokens hit a stop string.
+    counted against the prefill budget); stop(row, tokens): whether a row's tokens hit a
+    stop string; ended(row): whether a row's grammar is complete (it ends with ``stop``).
     """
 
     def __init__(self, lengths: np.ndarray, max_new: np.ndarray, eos: list[int], slots: int,
                  prefill_tokens: int, prefix: int = 0,
-                 stop: Callable[[list[int]], bool] | None = None,
-                 stats: GenerateStats | None = None) -> None:
+                 stop: Callable[[int, list[int]], bool] | None = None,
+                 stats: GenerateStats | None = None,
+                 ended: Callable[[int], bool] | None = None) -> None:
         n = len(lengths)
         self.lengths, self.max_new = lengths, max_new
         self.eos = np.asarray(eos, dtype=np.int64)
         self.slots, self.prefill_tokens, self.prefix = slots, prefill_tokens, prefix
-        self.stop = stop
+        self.stop, self.ended = stop, ended
         self.stats = stats if stats is not None else GenerateStats()
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.finish = [""] * n
@@ -178,11 +183,13 @@ class Scheduler:
         self._retire(finished, move)
 
     def _done(self, r: int, token: int) -> str | None:
+        if self.ended is not None and self.ended(r):
+            return "stop"
         if len(self.eos) and token in self.eos:
             return "eos"
         if len(self.tokens[r]) >= self.max_new[r]:
             return "length"
-        if self.stop is not None and self.stop(self.tokens[r]):
+        if self.stop is not None and self.stop(r, self.tokens[r]):
             return "stop"
         return None
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lepton_batch.job.task import TaskSpec
+from lepton_batch.job.task import DEFAULT_MAX_NEW_TOKENS, Column, TaskSpec
 
 JOB = "job"
 DEFAULT = "lepton-batch default (as model.generate)"
@@ -41,6 +41,10 @@ class GenerationSettings:
     chat: bool = False
     system: str | None = None
     seed: int = 0
+    # {setting: input column} read per row (a null cell: the value above)
+    columns: dict[str, str] = field(default_factory=dict)
+    # task.response_format with its schema inline (structured.py), or None
+    response_format: dict[str, Any] | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def values(self) -> dict[str, Any]:
@@ -58,13 +62,25 @@ class GenerationSettings:
         if self.max_new_tokens_column:
             out["max_new_tokens_column"] = self.max_new_tokens_column
         out["stop"] = list(self.stop)
+        # Added after outputs were written: only when set, so earlier fingerprints hold.
+        columns = {k: v for k, v in self.columns.items() if k != "max_new_tokens"}
+        if columns:
+            out["columns"] = columns
+        if self.response_format is not None:
+            out["response_format"] = self.response_format
         return out
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(setting, value, where it came from) for ``validate``'s settings table; strings
         as Python literals (a trailing space or newline shows), the rest as JSON."""
+        values = self.values()
+        fmt = values.get("response_format")
+        if fmt is not None:  # the schema itself is in the output schema table below
+            values["response_format"] = {k: v for k, v in fmt.items() if k != "schema"} | (
+                {"properties": list(fmt["schema"].get("properties", {}))}
+                if "schema" in fmt else {})
         return [(name, repr(v) if isinstance(v, str) else json.dumps(v),
-                 self.sources.get(name, "")) for name, v in self.values().items()]
+                 self.sources.get(name, "")) for name, v in values.items()]
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``engine.continuous.Sampling``."""
@@ -100,23 +116,34 @@ def resolve_generation(model_dir: Path, task: TaskSpec, text_column: str) -> Gen
         sources[name] = model_source
         return value
 
+    columns = task.row_columns()
+
+    def job(name: str) -> Any:  # the job's value, None when it names a column
+        value = getattr(task, name)
+        return None if isinstance(value, Column) else value
+
     do_sample = task.samples
     if do_sample is not None and task.do_sample is None:
         sources["do_sample"] = ("job (temperature 0)" if task.temperature == 0 else
                                 "job (a sampling field is set)")
     else:
         do_sample = pick("do_sample", task.do_sample)
-    temperature = task.temperature or None  # 0 is greedy: its value is not a temperature
+    temperature = job("temperature") or None  # 0 is greedy: its value is not a temperature
     prompt = task.prompt if task.prompt is not None else "{" + text_column + "}"
     sources["prompt"] = JOB if task.prompt is not None else \
         "lepton-batch default (input.text_column)"
-    for name in ("chat", "system", "seed", "max_new_tokens", "max_new_tokens_column", "stop"):
+    for name in ("chat", "system", "seed", "max_new_tokens", "max_new_tokens_column", "stop",
+                 "response_format"):
         sources[name] = JOB if name in task.model_fields_set else "lepton-batch default"
+    for name, column in columns.items():
+        sources[name] = f"column {column} per row; a null cell: {sources.get(name, JOB)}"
     return GenerationSettings(
         prompt=prompt, do_sample=bool(do_sample),
         temperature=float(pick("temperature", temperature)),
-        top_k=int(pick("top_k", task.top_k)), top_p=float(pick("top_p", task.top_p)),
+        top_k=int(pick("top_k", job("top_k"))), top_p=float(pick("top_p", job("top_p"))),
         repetition_penalty=float(pick("repetition_penalty", task.repetition_penalty)),
-        max_new_tokens=task.max_new_tokens, max_new_tokens_column=task.max_new_tokens_column,
-        stop=tuple(task.stop), chat=task.chat, system=task.system, seed=task.seed,
+        max_new_tokens=job("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS,
+        max_new_tokens_column=columns.get("max_new_tokens"), stop=tuple(job("stop") or ()),
+        chat=task.chat, system=task.system, seed=job("seed") or 0, columns=columns,
+        response_format=task.response_format.resolved() if task.response_format else None,
         sources=sources)

@@ -26,6 +26,7 @@ from lepton_batch.job.task import (  # re-exported: the task section lives in ta
     CAUSAL_KINDS,
     GENERATE_FIELDS,
     RESOLVED_TASK_FIELDS,
+    ROW_FIELDS,
     SAMPLING_FIELDS,
     TaskSpec,
     _Strict,
@@ -250,7 +251,8 @@ def _describe(err: dict[str, Any]) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
     path = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        valid = _field_names(JobSpec, loc)
+        valid = _field_names(JobSpec, loc) or (["column"] if loc[-2:-1] and loc[-2] in
+                                                ROW_FIELDS else [])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
         return f"{path}: unknown key; {hint}"

@@ -6,16 +6,30 @@ Re-exported by :mod:`lepton_batch.job.spec`, where the rest of the job file live
 from __future__ import annotations
 
 import string
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PositiveInt,
+    Tag,
+    model_validator,
+)
+
+from lepton_batch.job.structured import ResponseFormat
 
 # Task fields that settings.py resolves against the model; the fingerprint hashes the result.
 RESOLVED_TASK_FIELDS = {"pooling", "normalize", "prompt", "prompt_name"}
 CAUSAL_KINDS = ("generate", "score")
 # Fields that only the causal-LM tasks read; each is refused with embed and classify.
 GENERATE_FIELDS = {"chat", "system", "max_new_tokens", "max_new_tokens_column", "do_sample",
-                   "temperature", "top_p", "repetition_penalty", "stop", "seed"}
+                   "temperature", "top_p", "repetition_penalty", "stop", "seed",
+                   "response_format"}
+# generate: fields that may name a column instead of a value ({column: name}), per row.
+DEFAULT_MAX_NEW_TOKENS = 128
+ROW_FIELDS = ("temperature", "top_p", "top_k", "max_new_tokens", "stop", "seed")
 # generate: setting one of these (temperature above 0) means sampling when do_sample is
 # unset, as in the OpenAI API and vLLM.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
@@ -24,7 +38,8 @@ ZERO_SHOT_FIELDS = ("label_template", "scores", "softmax_temperature")
 DEFAULT_SOFTMAX_TEMPERATURE = 0.05
 # Fields added after outputs were written: left out of the fingerprint while unset, so
 # existing jobs keep their fingerprint (and their outputs).
-LATER_FIELDS = {"label_template", "scores", "softmax_temperature", "min_score"}
+LATER_FIELDS = {"label_template", "scores", "softmax_temperature", "min_score",
+                "response_format"}
 
 
 def template_fields(template: str) -> list[str]:
@@ -62,6 +77,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Column(_Strict):
+    """``{column: name}``: a generate setting read per row from that input column (a null
+    there takes the job's value, else the model's)."""
+
+    column: str = Field(min_length=1)
+
+
+def _branch(value: Any) -> str:
+    return "[column]" if isinstance(value, (dict, Column)) else "[value]"
+
+
+def per_row(value_type: Any) -> Any:
+    """``value_type`` or ``{column: name}``; an error names only the branch the value took
+    (the bracketed tags drop out of the field path in job errors)."""
+    return Annotated[Union[Annotated[value_type, Tag("[value]")],  # noqa: UP007
+                           Annotated[Column, Tag("[column]")]], Discriminator(_branch)]
+
+
 class TaskSpec(_Strict):
     kind: Literal["embed", "classify", "generate", "score"]
     # None: the model directory's own setting (1_Pooling/, a Normalize module, the prompts in
@@ -89,7 +122,7 @@ class TaskSpec(_Strict):
     min_score: float | None = Field(default=None, ge=-1, le=1)
     # classify: how many top labels to write (default 1). generate: top-k sampling (0 off;
     # default: the model's generation_config.json, as for the other sampling fields).
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: per_row(Annotated[int, Field(ge=0)]) | None = None
     # classify with labels: "embedding" (zero-shot by cosine similarity, the default) or
     # "likelihood" (a causal LM scores each label as the continuation of task.prompt).
     method: Literal["embedding", "likelihood"] | None = None
@@ -98,18 +131,21 @@ class TaskSpec(_Strict):
     # `system` when given) instead of as plain text.
     chat: bool = False
     system: str | None = None
-    max_new_tokens: PositiveInt = 128
+    max_new_tokens: per_row(PositiveInt) = DEFAULT_MAX_NEW_TOKENS
     max_new_tokens_column: str | None = None  # per-row limit; null rows use max_new_tokens
     # Sampling, as in the OpenAI API and vLLM: temperature 0 is greedy; setting temperature
     # (above 0), top_p or top_k samples. do_sample states it outright (false with a sampling
     # field is an error). None everywhere: the model's generation_config.json, as
     # model.generate reads it; greedy when it says nothing.
     do_sample: bool | None = None
-    temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: per_row(Annotated[float, Field(ge=0)]) | None = None
+    top_p: per_row(Annotated[float, Field(gt=0, le=1)]) | None = None
     repetition_penalty: float | None = Field(default=None, gt=0)
-    stop: list[str] = Field(default_factory=list)  # generation ends before any of these
-    seed: int = 0  # a row samples from seed + its id: the same text in any batch or rerun
+    stop: per_row(list[str]) = Field(default_factory=list)  # generation ends before these
+    seed: per_row(int) = 0  # a row samples from seed + its id: the same text in any rerun
+    # generate: every generation JSON of a schema, one of some choices, or a regex match
+    # (structured.py); a JSON schema's answer also lands in typed columns.
+    response_format: ResponseFormat | None = None
     # score: log p(continuation | prompt) only, instead of the whole prompt's likelihood.
     continuation_column: str | None = None
 
@@ -147,9 +183,17 @@ class TaskSpec(_Strict):
             if self.system is not None and not self.chat:
                 raise ValueError("system is the chat template's system message; set "
                                  "task.chat: true or drop task.system")
-            if any(not s for s in self.stop):
+            if isinstance(self.stop, list) and any(not s for s in self.stop):
                 raise ValueError("stop may not hold an empty string")
+            if isinstance(self.max_new_tokens, Column) and self.max_new_tokens_column:
+                raise ValueError("give max_new_tokens: {column: ...} or max_new_tokens_column,"
+                                 " not both")
+            if self.response_format is not None and self.kind != "generate":
+                raise ValueError("response_format only applies to kind: generate")
             return self._check_sampling()
+        if isinstance(self.top_k, Column):
+            raise ValueError("top_k: {column: ...} is for kind: generate; classify writes "
+                             "the same number of labels for every row")
         if self.top_k == 0:
             raise ValueError("top_k must be at least 1 for classify")
         if self.prompt is not None and self.prompt_name is not None:
@@ -208,6 +252,14 @@ class TaskSpec(_Strict):
     def uses_template(self) -> bool:
         """task.prompt is a template over the row's columns (causal LMs), not a prefix."""
         return self.kind in CAUSAL_KINDS or self.method == "likelihood"
+
+    def row_columns(self) -> dict[str, str]:
+        """generate: the settings read per row, {field: input column}."""
+        out = {name: value.column for name in ROW_FIELDS
+               if isinstance(value := getattr(self, name), Column)}
+        if self.max_new_tokens_column:
+            out["max_new_tokens"] = self.max_new_tokens_column
+        return out
 
     @property
     def samples(self) -> bool | None:

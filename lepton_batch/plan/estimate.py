@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from lepton_batch.job.task import DEFAULT_MAX_NEW_TOKENS
 from lepton_batch.plan.build import Plan
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,9 @@ def estimate_work(plan: Plan, rows: dict[str, np.ndarray] | None = None
         log.warning("no token estimate for the ETA (%s); counting rows instead", exc)
         mean = 1.0
     task = plan.job.task
-    per_row = max(mean, 1.0) + (task.max_new_tokens if task.kind == "generate" else 0)
+    new_tokens = task.max_new_tokens if isinstance(task.max_new_tokens, int) else \
+        DEFAULT_MAX_NEW_TOKENS  # per row from a column: the default as the estimate
+    per_row = max(mean, 1.0) + (new_tokens if task.kind == "generate" else 0)
     out = {}
     for shard in plan.shards:
         n = shard.num_rows if rows is None else len(rows.get(shard.fingerprint, ()))

@@ -191,10 +191,15 @@ def _compute(pipeline: Pipeline, table: pa.Table, work: TaskWork, cache: EngineC
         lengths, truncated = tok.lengths, tok.truncated
     # Rows the engine could not run (out of memory even alone): null results, an error.
     failed = prep.valid[np.asarray(stats.failed_rows, dtype=np.int64)]
+    # A row that ran but whose result is unusable (a structured answer cut short) keeps its
+    # results and gets the pipeline's reason in ``error``.
+    ran_errors = results.pop("error", None)
     out = {name: _expand(arr, prep.valid, n, failed) for name, arr in results.items()}
     out["num_tokens"] = _expand(pa.array(lengths, pa.int32()), prep.valid, n)
     out["truncated"] = _expand(pa.array(truncated, pa.bool_()), prep.valid, n)
     out["error"] = merge_errors(prep.errors, failed, stats.failed_reasons)
+    if ran_errors is not None:
+        out["error"] = pc.coalesce(out["error"], _expand(ran_errors, prep.valid, n, failed))
     return out, engine, load_seconds, np.asarray(lengths)
 
 
