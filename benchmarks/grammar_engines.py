@@ -8,7 +8,7 @@ Run it with both installed beside the venv (xgrammar is not a dependency):
     PYTHONPATH=/tmp/gram .venv/bin/python benchmarks/grammar_engines.py
 
 It trains a 32k byte-level BPE tokenizer on the shipped samples (no hub here), compiles the
-extraction schema of ``jobs/extract.yaml`` for it, and walks 64 matchers in lock step along
+schema of ``jobs/extract.yaml`` for it, and walks 64 matchers in lock step along
 64 valid JSON answers, computing every step's bitmask for the whole batch as the engine
 does. Printed: compile time, and mask time per step (median of the steps) for the batch.
 """
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = json.loads((ROOT / "data/samples/extract_schema.json").read_text())
+SCHEMA = json.loads((ROOT / "data/samples/doc_facts.schema.json").read_text())
 BATCH = 64
 
 
@@ -47,13 +47,20 @@ def tokenizer(path: Path):
 
 
 def answers(n: int) -> list[str]:
+    """n valid answers of the schema, compact as the engine decodes them."""
     rng = np.random.default_rng(0)
-    words = ["Acme Corp", "Globex", "Initech", "Umbrella plc", "Stark Industries"]
-    events = ["quarterly earnings beat estimates", "CEO resigns", "merger announced",
-              "guidance cut for the year", "share buyback of 2 billion"]
-    return [json.dumps({"company": words[i % 5], "event": events[int(rng.integers(5))],
-                        "sentiment": ["positive", "negative", "neutral"][i % 3],
-                        "confidence": round(float(rng.random()), 2)}) for i in range(n)]
+    subjects = ["socket.socket.connect", "json.dumps", "with", "pathlib.Path", "asyncio"]
+    kinds = ["method", "function", "statement", "class", "module"]
+    out = []
+    for i in range(n):
+        answer = {"subject": subjects[i % 5], "kind": kinds[i % 5],
+                  "summary": "Connect the socket to a remote address and wait."[: 20 + i % 30]}
+        if i % 2:
+            answer["mentions"] = ["timeout", "OSError"][: 1 + i % 2]
+        if i % 3:
+            answer["deprecated"] = bool(rng.integers(2))
+        out.append(json.dumps(answer, separators=(",", ":")))
+    return out
 
 
 def paths(tok, texts: list[str]) -> list[list[int]]:
@@ -67,7 +74,9 @@ def run_llguidance(tok, walks: list[list[int]]) -> tuple[float, list[float]]:
 
     t0 = time.perf_counter()
     lltok = llguidance.hf.from_tokenizer(tok)
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA)
+    from lepton_batch.job.structured import grammar_text  # what the engine runs
+
+    grammar = grammar_text({"type": "json_schema", "schema": SCHEMA})
     matchers = [llguidance.LLMatcher(lltok, grammar) for _ in walks]
     compile_s = time.perf_counter() - t0
     executor = llguidance.LLExecutor()
@@ -89,7 +98,8 @@ def run_xgrammar(tok, walks: list[list[int]]) -> tuple[float, list[float]]:
 
     t0 = time.perf_counter()
     info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok))
-    compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA))
+    compiled = xgr.GrammarCompiler(info).compile_json_schema(  # compact, as ours
+        json.dumps(SCHEMA), any_whitespace=False, strict_mode=True)
     matchers = [xgr.GrammarMatcher(compiled) for _ in walks]
     compile_s = time.perf_counter() - t0
     batch = xgr.BatchGrammarMatcher()

@@ -379,20 +379,28 @@ def test_model_generation_config_sets_the_sampling_defaults(tmp_path):
 
 @pytest.mark.slow
 def test_example_jobs_run_on_a_local_model(tmp_path, tiny_llama, monkeypatch):
-    """jobs/summarize.yaml and jobs/perplexity.yaml, as written, with model.path set."""
+    """jobs/summarize.yaml, extract.yaml and perplexity.yaml, as written, with model.path
+    set (extract's answers cut at 6 tokens: each row an error row that keeps its text)."""
     from conftest import REPO
 
     monkeypatch.chdir(REPO)
-    for name, column in (("summarize", "generation"), ("perplexity", "perplexity")):
+    for name, column in (("summarize", "generation"), ("extract", "generation"),
+                         ("perplexity", "perplexity")):
         job = load_job(REPO / "jobs" / f"{name}.yaml", [
             f"model.path={tiny_llama}", f"output.path={tmp_path / name}",
-            "task.max_new_tokens=4" if name == "summarize" else "model.dtype=auto",
-            "cluster.processes=false"])
+            {"summarize": "task.max_new_tokens=4", "extract": "task.max_new_tokens=6"}.get(
+                name, "model.dtype=auto"), "cluster.processes=false"])
         result = run_job(make_plan(job))
         assert result.ok
         df = pl.read_parquet(sorted((tmp_path / name).glob("run_date=*/*.parquet")))
         assert df.height == sum(pq.read_metadata(f).num_rows
                                 for f in (REPO / "data" / "samples").glob("*.parquet"))
+        if name == "extract":
+            assert df.schema["mentions"] == pl.List(pl.String), df.schema
+            ran = df.filter(pl.col("generation").is_not_null())
+            assert ran["generation"].str.starts_with("{").all()
+            assert ran["error"].str.contains("not valid JSON").all()
+            continue
         assert df.filter(pl.col("error").is_null())[column].null_count() == 0
 
 

@@ -139,7 +139,8 @@ def run_structured_bench(cfg: GenConfig, schema_path: str,
                                         cfg.max_new)
         same = sum(a == b for a, b in zip(reference, tokens, strict=False)) / len(reference)
         valid = sum(_parses(dec.tokenizer.decode(t, skip_special_tokens=True)) for t in tokens)
-        bound.note += f"; {valid} of {len(tokens)} rows parse as JSON (the rest hit --max-new)"
+        bound.note += f"; {valid} of {len(tokens)} rows parse as JSON" + (
+            " (the rest hit --max-new)" if valid < len(tokens) else "")
         return GenResult(config=cfg, device=device, dtype=dtype_name(dec.dtype),
                          model=model_name, prompts=len(ids),
                          prompt_tokens=int(tok.lengths.sum()), planned_tokens=useful,

@@ -87,10 +87,14 @@ def plan_table(plan) -> Table:
     t = job.task
     task = t.kind + (f" (zero-shot, {t.method or 'embedding'})" if t.labels else "")
     if t.kind == "generate":
-        task += (f", at most {t.max_new_tokens} new tokens"
-                 + (f" (or {t.max_new_tokens_column})" if t.max_new_tokens_column else "")
+        gen = plan.settings.generation
+        per_row = ", ".join(f"{k} from {c}" for k, c in gen.columns.items())
+        fmt = gen.response_format
+        task += (f", at most {gen.max_new_tokens} new tokens"
                  + (", chat template" if t.chat else "")
-                 + (", sampled" if plan.settings.generation.do_sample else ", greedy"))
+                 + (", sampled" if gen.do_sample else ", greedy")
+                 + (f"; per row: {per_row}" if per_row else "")
+                 + (f"; every answer a {fmt['type'].replace('_', ' ')} match" if fmt else ""))
     table.add_row("task", escape(task))
     if t.uses_template:
         from lepton_batch.pipelines.prompts import template

@@ -39,6 +39,7 @@ class Grammars:
         self.live: dict[int, llguidance.LLMatcher] = {}
         self.executor = llguidance.LLExecutor()
         self._bits: dict[str, torch.Tensor] = {}
+        self._buffer: torch.Tensor | None = None  # (slots, words) int32, pinned on CUDA
 
     def any(self) -> bool:
         return any(t is not None for t in self.texts)
@@ -56,7 +57,11 @@ class Grammars:
         slots = [(live[r], s) for s, r in enumerate(rows) if r in live]
         if not slots:
             return
-        bitmask = llguidance.torch.allocate_token_bitmask(len(rows), self.vocab)
+        if self._buffer is None or len(self._buffer) < len(rows):  # once per call, mostly:
+            # pinning memory costs more than a step's mask, so the buffer is reused
+            self._buffer = llguidance.torch.allocate_token_bitmask(len(rows), self.vocab)
+        bitmask = self._buffer[: len(rows)]
+        bitmask.fill_(-1)  # unconstrained slots allow every token
         llguidance.torch.fill_next_token_bitmask_par(self.executor, slots, bitmask)
         logits.masked_fill_(~self._allowed(bitmask.to(logits.device, non_blocking=True),
                                            logits.shape[1]), float("-inf"))
