@@ -166,30 +166,41 @@ class GenResult:
         return asdict(self)
 
 
-def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) -> GenResult:
-    """Both methods, ``cfg.repeats`` rounds each, on the same prompts and planned lengths."""
-    from lepton_batch.engine import EngineConfig, Tokenized
-    from lepton_batch.engine.continuous import GenerateStats, Sampling, generate
+def bench_decoder(cfg: GenConfig, texts: list[str], tmp: Path, device: str, context: int,
+                  say: Callable[[str], None]):
+    """The benchmark's Decoder (``--model``, else a random Llama built in ``tmp``) and its
+    name; raises ValueError when our stack cannot generate with it."""
+    from lepton_batch.engine import EngineConfig
     from lepton_batch.engine.decoder import Decoder
     from lepton_batch.job.modeldir import resolve_model_dir
+
+    if cfg.model is None:
+        say(f"building a random Llama ({cfg.layers} layers x {cfg.hidden})")
+        model_dir = random_llama(tmp / "llama", texts[:2000], cfg.layers, cfg.hidden,
+                                 context=context)
+        model_name = f"random Llama {cfg.layers}x{cfg.hidden}"
+    else:
+        model_dir = resolve_model_dir(cfg.model)
+        model_name = str(model_dir)
+    say("loading the model")
+    dec = Decoder(EngineConfig(str(model_dir), "causal_lm", dtype=cfg.dtype, device=device,
+                               max_length=context))
+    if dec.stack is None:
+        raise ValueError(f"--model: {dec.forward_reason}")
+    return dec, model_name
+
+
+def run_generate_bench(cfg: GenConfig, say: Callable[[str], None] = log.info) -> GenResult:
+    """Both methods, ``cfg.repeats`` rounds each, on the same prompts and planned lengths."""
+    from lepton_batch.engine import Tokenized
+    from lepton_batch.engine.continuous import GenerateStats, Sampling, generate
 
     cfg.check()
     device = pick_device(cfg.device)
     texts, _ = load_rows(cfg.corpus, cfg.rows)
     with tempfile.TemporaryDirectory(prefix="lepton-bench-gen-") as tmp:
-        if cfg.model is None:
-            say(f"building a random Llama ({cfg.layers} layers x {cfg.hidden})")
-            model_dir = random_llama(Path(tmp) / "llama", texts[:2000], cfg.layers, cfg.hidden,
-                                     context=cfg.max_prompt + cfg.max_new)
-            model_name = f"random Llama {cfg.layers}x{cfg.hidden}"
-        else:
-            model_dir = resolve_model_dir(cfg.model)
-            model_name = str(model_dir)
-        say("loading the model")
-        dec = Decoder(EngineConfig(str(model_dir), "causal_lm", dtype=cfg.dtype, device=device,
-                                   max_length=cfg.max_prompt + cfg.max_new))
-        if dec.stack is None:
-            raise ValueError(f"--model: {dec.forward_reason}")
+        dec, model_name = bench_decoder(cfg, texts, Path(tmp), device,
+                                        cfg.max_prompt + cfg.max_new, say)
         dec.generation_config.eos_token_id = []  # lengths are planned; see the module doc
         ids = dec.tokenizer(texts, verbose=False)["input_ids"]
         if cfg.min_prompt is None:

@@ -22,7 +22,7 @@ import torch
 
 from lepton_batch.bench.common import dtype_name, pick_device, sync
 from lepton_batch.bench.corpus import load_rows
-from lepton_batch.bench.generate import GenConfig, GenMethod, GenResult, random_llama
+from lepton_batch.bench.generate import GenConfig, GenMethod, GenResult, bench_decoder
 
 PROMPT = ("Read the text and answer in JSON with the company (or project) it is about, "
           "the event, and its sentiment.\n\nText: {text}\n\nJSON: ")
@@ -63,10 +63,8 @@ def run_structured_bench(cfg: GenConfig, schema_path: str,
                          say: Callable[[str], None]) -> GenResult:
     """Constrained against unconstrained generation, ``cfg.repeats`` rounds, same prompts
     and the same tokens per row."""
-    from lepton_batch.engine import EngineConfig, Tokenized
+    from lepton_batch.engine import Tokenized
     from lepton_batch.engine.continuous import GenerateStats, Sampling, generate
-    from lepton_batch.engine.decoder import Decoder
-    from lepton_batch.job.modeldir import resolve_model_dir
     from lepton_batch.job.structured import ResponseFormat, grammar_text
 
     cfg.check()
@@ -80,17 +78,9 @@ def run_structured_bench(cfg: GenConfig, schema_path: str,
     device = pick_device(cfg.device)
     texts, _ = load_rows(cfg.corpus, cfg.rows)
     with tempfile.TemporaryDirectory(prefix="lepton-bench-json-") as tmp:
-        if cfg.model is None:
-            say(f"building a random Llama ({cfg.layers} layers x {cfg.hidden})")
-            model_dir = random_llama(Path(tmp) / "llama", texts[:2000], cfg.layers, cfg.hidden,
-                                     context=cfg.max_prompt + cfg.max_new + 64)
-            model_name = f"random Llama {cfg.layers}x{cfg.hidden}"
-        else:
-            model_dir, model_name = resolve_model_dir(cfg.model), cfg.model
-        dec = Decoder(EngineConfig(str(model_dir), "causal_lm", dtype=cfg.dtype, device=device,
-                                   max_length=cfg.max_prompt + cfg.max_new + 64))
-        if dec.stack is None:
-            raise ValueError(f"--model: {dec.forward_reason}")
+        dec, model_name = bench_decoder(cfg, texts, Path(tmp), device,
+                                        cfg.max_prompt + cfg.max_new + 64, say)
+        model_dir = dec.config.model_dir
         cut = [dec.tokenizer.decode(row[: cfg.max_prompt], skip_special_tokens=True)
                for row in dec.tokenizer(texts, verbose=False)["input_ids"]]
         ids = dec.tokenizer([PROMPT.format(text=t) for t in cut], verbose=False)["input_ids"]
